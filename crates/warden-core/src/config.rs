@@ -1,0 +1,412 @@
+//! The plugin configuration: the JSON a user puts in Envoy's `configuration` (or Istio's
+//! `pluginConfig`). Parsed once, in `on_configure`; every error names the field at fault.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use crate::error::ConfigError;
+
+/// Header names the filter stamps. Client copies of every one of them are removed before
+/// anything else runs, so a client can never forge its identity, session binding or step.
+pub const STAMPED_HEADER_PREFIX: &str = "x-warden-";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Decisions are enforced.
+    #[default]
+    Enforce,
+    /// Decisions are evaluated, counted and recorded, but never block.
+    Shadow,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureMode {
+    /// Refuse the request (fail closed). The default everywhere.
+    #[default]
+    Deny,
+    /// Let the request through and record that it was let through.
+    Allow,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    #[serde(default)]
+    pub mode: Mode,
+    pub policy: PolicyConfig,
+    #[serde(default)]
+    pub identity: IdentityConfig,
+    #[serde(default)]
+    pub session: SessionConfig,
+    #[serde(default)]
+    pub context: ContextConfig,
+    #[serde(default)]
+    pub token_cache: TokenCacheConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Rego modules, by file name. At least one.
+    pub modules: BTreeMap<String, String>,
+    /// The policy's `data` document.
+    #[serde(default)]
+    pub data: Option<serde_json::Value>,
+    /// The rule whose value is the decision, e.g. `data.warden.session.decision`.
+    #[serde(default = "default_entrypoint")]
+    pub entrypoint: String,
+    /// Request headers copied into `input.request.headers` (lower-case names).
+    #[serde(default = "default_input_headers")]
+    pub input_headers: Vec<String>,
+    /// What a policy runtime error (or an output of the wrong shape) does.
+    #[serde(default)]
+    pub on_error: FailureMode,
+    /// `Retry-After` seconds for `throttle` when the policy gives none.
+    #[serde(default = "default_retry_after")]
+    pub default_retry_after: u32,
+    /// Upper bound on RVM instructions per evaluation: a runaway policy fails (closed).
+    #[serde(default = "default_max_instructions")]
+    pub max_instructions: usize,
+}
+
+fn default_entrypoint() -> String {
+    "data.warden.session.decision".into()
+}
+fn default_input_headers() -> Vec<String> {
+    vec!["user-agent".into(), "content-type".into()]
+}
+fn default_retry_after() -> u32 {
+    5
+}
+fn default_max_instructions() -> usize {
+    200_000
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    #[serde(default)]
+    pub jwt: Option<JwtConfig>,
+    #[serde(default)]
+    pub api_keys: Option<ApiKeyConfig>,
+    #[serde(default)]
+    pub spiffe: Option<SpiffeConfig>,
+    /// Let requests without any credential reach the policy as `identity.kind = "anonymous"`.
+    /// Off by default: a request without a credential gets 401.
+    #[serde(default)]
+    pub allow_anonymous: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// Header carrying `Bearer <token>`.
+    #[serde(default = "default_jwt_header")]
+    pub header: String,
+    pub providers: Vec<JwtProviderConfig>,
+}
+
+fn default_jwt_header() -> String {
+    "authorization".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtProviderConfig {
+    pub name: String,
+    /// Required `iss`; tokens are routed to their provider by it.
+    pub issuer: String,
+    /// Accepted `aud` values; empty accepts any audience.
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    /// Inline JWKS document (an object with `keys`).
+    #[serde(default)]
+    pub jwks: Option<serde_json::Value>,
+    /// JWKS fetched from an Envoy cluster and refreshed on the root tick.
+    #[serde(default)]
+    pub jwks_uri: Option<JwksUriConfig>,
+    #[serde(default = "default_algorithms")]
+    pub algorithms: Vec<String>,
+    /// Clock skew tolerated on `exp`/`nbf`/`iat`, like Envoy jwt_authn's default of 60 s.
+    #[serde(default = "default_leeway")]
+    pub leeway_seconds: u64,
+    /// Tokens without `exp` are refused unless this is false.
+    #[serde(default = "default_true")]
+    pub require_exp: bool,
+    #[serde(default = "default_max_token_bytes")]
+    pub max_token_bytes: usize,
+}
+
+fn default_algorithms() -> Vec<String> {
+    vec!["RS256".into(), "ES256".into(), "EdDSA".into()]
+}
+fn default_leeway() -> u64 {
+    60
+}
+fn default_true() -> bool {
+    true
+}
+fn default_max_token_bytes() -> usize {
+    8192
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwksUriConfig {
+    /// Envoy cluster that serves the JWKS.
+    pub cluster: String,
+    /// Path of the JWKS on that cluster.
+    pub path: String,
+    /// `:authority` sent; defaults to the cluster name.
+    #[serde(default)]
+    pub authority: Option<String>,
+    #[serde(default = "default_refresh")]
+    pub refresh_seconds: u64,
+    #[serde(default = "default_fetch_timeout")]
+    pub timeout_ms: u64,
+}
+
+fn default_refresh() -> u64 {
+    300
+}
+fn default_fetch_timeout() -> u64 {
+    2000
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    #[serde(default = "default_api_key_header")]
+    pub header: String,
+    pub keys: Vec<ApiKeyEntry>,
+}
+
+fn default_api_key_header() -> String {
+    "x-api-key".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyEntry {
+    /// Hex SHA-256 of the key: the key itself never appears in the config.
+    pub sha256: String,
+    pub subject: String,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SpiffeConfig {
+    /// Accepted trust domains (e.g. `example.org`); empty accepts any.
+    #[serde(default)]
+    pub trust_domains: Vec<String>,
+    /// Downstream addresses (IP, no port) whose `x-forwarded-client-cert` is believed.
+    /// From any other peer the header is ignored (and stripped by Envoy's own settings).
+    #[serde(default)]
+    pub trusted_xfcc_hops: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionConfig {
+    /// Headers that carry the session id, in order of preference.
+    #[serde(default = "default_session_headers")]
+    pub headers: Vec<String>,
+    /// JWT claim that carries the session id when no header does.
+    #[serde(default = "default_session_claim")]
+    pub claim: String,
+    /// Sessions kept in the proxy when no state service is configured.
+    #[serde(default = "default_local_sessions")]
+    pub local_max_sessions: usize,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            headers: default_session_headers(),
+            claim: default_session_claim(),
+            local_max_sessions: default_local_sessions(),
+        }
+    }
+}
+
+fn default_session_headers() -> Vec<String> {
+    vec!["mcp-session-id".into(), "x-session-id".into()]
+}
+fn default_session_claim() -> String {
+    "sid".into()
+}
+fn default_local_sessions() -> usize {
+    10_000
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContextConfig {
+    #[serde(default = "default_region_header")]
+    pub region_header: String,
+    #[serde(default = "default_device_header")]
+    pub device_header: String,
+}
+
+impl Default for ContextConfig {
+    fn default() -> Self {
+        Self { region_header: default_region_header(), device_header: default_device_header() }
+    }
+}
+
+fn default_region_header() -> String {
+    "x-client-region".into()
+}
+fn default_device_header() -> String {
+    "x-device-id".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenCacheConfig {
+    #[serde(default = "default_cache_entries")]
+    pub max_entries: usize,
+}
+
+impl Default for TokenCacheConfig {
+    fn default() -> Self {
+        Self { max_entries: default_cache_entries() }
+    }
+}
+
+fn default_cache_entries() -> usize {
+    1024
+}
+
+/// Parse the plugin configuration. The error names the offending field by its path.
+pub fn parse(bytes: &[u8]) -> Result<PluginConfig, ConfigError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ConfigError::new("(root)", "configuration is empty: a JSON object with at least `policy` is required"));
+    }
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let cfg: PluginConfig = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path == "." { "(root)".to_string() } else { path };
+        ConfigError::new(&path, &e.into_inner().to_string())
+    })?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+impl PluginConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.policy.modules.is_empty() {
+            return Err(ConfigError::new("policy.modules", "at least one Rego module is required"));
+        }
+        if !self.policy.entrypoint.starts_with("data.") {
+            return Err(ConfigError::new("policy.entrypoint", "must be a rule path starting with `data.`"));
+        }
+        if let Some(jwt) = &self.identity.jwt {
+            if jwt.providers.is_empty() {
+                return Err(ConfigError::new("identity.jwt.providers", "at least one provider is required"));
+            }
+            for (i, p) in jwt.providers.iter().enumerate() {
+                let at = |f: &str| format!("identity.jwt.providers[{i}].{f}");
+                if p.issuer.is_empty() {
+                    return Err(ConfigError::new(&at("issuer"), "must not be empty"));
+                }
+                match (&p.jwks, &p.jwks_uri) {
+                    (None, None) => {
+                        return Err(ConfigError::new(&at("jwks"), "one of `jwks` (inline) or `jwks_uri` is required"))
+                    }
+                    (Some(_), Some(_)) => {
+                        return Err(ConfigError::new(&at("jwks_uri"), "give either `jwks` or `jwks_uri`, not both"))
+                    }
+                    _ => {}
+                }
+                if p.algorithms.is_empty() {
+                    return Err(ConfigError::new(&at("algorithms"), "at least one algorithm is required"));
+                }
+                for alg in &p.algorithms {
+                    if !matches!(alg.as_str(), "RS256" | "ES256" | "EdDSA" | "HS256") {
+                        return Err(ConfigError::new(
+                            &at("algorithms"),
+                            &format!("unsupported algorithm `{alg}` (supported: RS256, ES256, EdDSA, HS256)"),
+                        ));
+                    }
+                }
+                if let Some(u) = &p.jwks_uri {
+                    if u.cluster.is_empty() || !u.path.starts_with('/') {
+                        return Err(ConfigError::new(&at("jwks_uri"), "needs a `cluster` and a `path` starting with `/`"));
+                    }
+                    if u.refresh_seconds == 0 {
+                        return Err(ConfigError::new(&at("jwks_uri.refresh_seconds"), "must be at least 1"));
+                    }
+                }
+            }
+        }
+        if let Some(keys) = &self.identity.api_keys {
+            for (i, k) in keys.keys.iter().enumerate() {
+                let ok = k.sha256.len() == 64 && k.sha256.bytes().all(|b| b.is_ascii_hexdigit());
+                if !ok {
+                    return Err(ConfigError::new(
+                        &format!("identity.api_keys.keys[{i}].sha256"),
+                        "must be the 64-hex-digit SHA-256 of the key (never the key itself)",
+                    ));
+                }
+                if k.subject.is_empty() {
+                    return Err(ConfigError::new(&format!("identity.api_keys.keys[{i}].subject"), "must not be empty"));
+                }
+            }
+        }
+        if self.token_cache.max_entries == 0 {
+            return Err(ConfigError::new("token_cache.max_entries", "must be at least 1"));
+        }
+        if self.session.local_max_sessions == 0 {
+            return Err(ConfigError::new("session.local_max_sessions", "must be at least 1"));
+        }
+        if self.session.headers.iter().any(|h| h.starts_with(STAMPED_HEADER_PREFIX)) {
+            return Err(ConfigError::new("session.headers", "must not use the x-warden- prefix (those headers are stamped by the filter)"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(json: &str) -> String {
+        match parse(json.as_bytes()) {
+            Ok(_) => String::from("parsed"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn minimal_config_parses_with_defaults() {
+        let cfg = parse(br#"{"policy":{"modules":{"p.rego":"package warden.session"}}}"#).unwrap();
+        assert_eq!(cfg.mode, Mode::Enforce);
+        assert_eq!(cfg.policy.on_error, FailureMode::Deny);
+        assert_eq!(cfg.policy.entrypoint, "data.warden.session.decision");
+        assert_eq!(cfg.session.headers, vec!["mcp-session-id", "x-session-id"]);
+        assert!(!cfg.identity.allow_anonymous);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        assert!(err("").contains("configuration is empty"));
+        assert!(err("{}").contains("missing field `policy`"));
+        assert!(err(r#"{"policy":{"modules":{}}}"#).starts_with("policy.modules:"));
+        let e = err(r#"{"policy":{"modules":{"a":"b"}},"mode":"loud"}"#);
+        assert!(e.starts_with("mode:"), "{e}");
+        let e = err(r#"{"policy":{"modules":{"a":"b"}},"identity":{"jwt":{"providers":[{"name":"x","issuer":"i"}]}}}"#);
+        assert!(e.starts_with("identity.jwt.providers[0].jwks:"), "{e}");
+        let e = err(r#"{"policy":{"modules":{"a":"b"}},"identity":{"jwt":{"providers":[{"name":"x","issuer":"i","jwks":{},"algorithms":["none"]}]}}}"#);
+        assert!(e.contains("unsupported algorithm `none`"), "{e}");
+        let e = err(r#"{"policy":{"modules":{"a":"b"}},"identity":{"api_keys":{"keys":[{"sha256":"secret","subject":"s"}]}}}"#);
+        assert!(e.starts_with("identity.api_keys.keys[0].sha256:"), "{e}");
+        let e = err(r#"{"policy":{"modules":{"a":"b"}},"typo":1}"#);
+        assert!(e.contains("unknown field `typo`"), "{e}");
+    }
+}

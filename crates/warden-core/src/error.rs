@@ -1,0 +1,106 @@
+//! The project's own error types. Library errors (serde, regorus, jwt-simple) are wrapped here,
+//! at the boundary, so callers see stable reason codes and never another crate's internals.
+
+use std::fmt;
+
+/// A configuration that cannot be used. Rejected by `on_configure` with one log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Path of the field at fault, e.g. `identity.jwt.providers[0].jwks`.
+    pub field: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(field: &str, message: &str) -> Self {
+        Self { field: field.to_string(), message: message.to_string() }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Why a request's credential was not accepted. Each variant is a stable reason code that
+/// clients see in the 401 body and operators see in `warden.identity_failures.<code>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdentityError {
+    MissingCredential,
+    MalformedHeader,
+    TokenTooLarge,
+    MalformedToken,
+    AlgorithmNotAllowed,
+    UnknownIssuer,
+    UnknownKey,
+    KeysUnavailable,
+    BadSignature,
+    Expired,
+    NotYetValid,
+    IssuedInFuture,
+    MissingExp,
+    AudienceNotAllowed,
+    UnknownApiKey,
+    UntrustedSpiffeId,
+}
+
+impl IdentityError {
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::MissingCredential => "credential_missing",
+            Self::MalformedHeader => "header_malformed",
+            Self::TokenTooLarge => "token_too_large",
+            Self::MalformedToken => "token_malformed",
+            Self::AlgorithmNotAllowed => "token_algorithm_not_allowed",
+            Self::UnknownIssuer => "token_issuer_not_allowed",
+            Self::UnknownKey => "token_key_unknown",
+            Self::KeysUnavailable => "token_keys_unavailable",
+            Self::BadSignature => "token_signature_invalid",
+            Self::Expired => "token_expired",
+            Self::NotYetValid => "token_not_yet_valid",
+            Self::IssuedInFuture => "token_issued_in_future",
+            Self::MissingExp => "token_exp_missing",
+            Self::AudienceNotAllowed => "token_audience_not_allowed",
+            Self::UnknownApiKey => "api_key_unknown",
+            Self::UntrustedSpiffeId => "spiffe_id_not_trusted",
+        }
+    }
+
+    /// The RFC 6750 error code that goes in `WWW-Authenticate`.
+    pub fn bearer_error(self) -> Option<&'static str> {
+        match self {
+            Self::MissingCredential => None,
+            Self::MalformedHeader => Some("invalid_request"),
+            _ => Some("invalid_token"),
+        }
+    }
+
+    /// A bad header byte is a malformed request (400); everything else is unauthenticated (401).
+    pub fn status(self) -> u32 {
+        match self {
+            Self::MalformedHeader => 400,
+            _ => 401,
+        }
+    }
+}
+
+impl fmt::Display for IdentityError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.code())
+    }
+}
+
+/// A policy that failed to compile or to evaluate, or gave an output of the wrong shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyError(pub String);
+
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for PolicyError {}

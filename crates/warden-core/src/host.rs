@@ -1,0 +1,83 @@
+//! The little the core needs from its host. The proxy-wasm crate implements it over Envoy's
+//! host calls; `FakeHost` implements it for tests.
+
+use std::collections::HashMap;
+
+pub trait Host {
+    /// An Envoy attribute (`source.address`, `connection.uri_san_peer_certificate`, …) as raw bytes.
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
+    /// Wall-clock time, milliseconds since the Unix epoch.
+    fn now_ms(&self) -> u64;
+    /// Cryptographically random bytes (WASI `random_get` in the proxy).
+    fn fill_random(&mut self, buf: &mut [u8]);
+}
+
+/// Request headers by lower-case name, values as raw bytes: a header value is not guaranteed to
+/// be UTF-8, and reading it as a string must never trap the VM.
+#[derive(Debug, Default, Clone)]
+pub struct Headers {
+    map: HashMap<String, Vec<u8>>,
+}
+
+impl Headers {
+    pub fn from_pairs<I: IntoIterator<Item = (String, Vec<u8>)>>(pairs: I) -> Self {
+        let mut map = HashMap::new();
+        for (k, v) in pairs {
+            // The first value wins; a repeated credential header cannot smuggle a second one.
+            map.entry(k.to_ascii_lowercase()).or_insert(v);
+        }
+        Self { map }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        self.map.get(name).map(Vec::as_slice)
+    }
+
+    /// The value as text, if it is valid UTF-8.
+    pub fn get_str(&self, name: &str) -> Option<&str> {
+        self.get(name).and_then(|v| std::str::from_utf8(v).ok())
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.map.keys().map(String::as_str)
+    }
+}
+
+/// A host for tests: fixed properties, a settable clock, deterministic "randomness".
+#[derive(Debug, Default, Clone)]
+pub struct FakeHost {
+    pub properties: HashMap<String, Vec<u8>>,
+    pub now_ms: u64,
+    pub counter: u64,
+}
+
+impl FakeHost {
+    pub fn at(now_ms: u64) -> Self {
+        // Each fake host draws its own sequence, as two proxies would.
+        static SEED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let counter = SEED.fetch_add(0x9e37_79b9_7f4a_7c15, std::sync::atomic::Ordering::Relaxed);
+        Self { now_ms, counter, ..Default::default() }
+    }
+
+    pub fn with_property(mut self, path: &str, value: &str) -> Self {
+        self.properties.insert(path.to_string(), value.as_bytes().to_vec());
+        self
+    }
+}
+
+impl Host for FakeHost {
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        self.properties.get(&path.join(".")).cloned()
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.now_ms
+    }
+
+    fn fill_random(&mut self, buf: &mut [u8]) {
+        for b in buf.iter_mut() {
+            self.counter = self.counter.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            *b = (self.counter >> 33) as u8;
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! The policy input, built directly as regorus values (never through JSON text: that costs
+//! more than the evaluation itself). Its schema is `policies/input.schema.json`.
+
+use std::collections::BTreeMap;
+
+use regorus::Value;
+
+use crate::host::Headers;
+use crate::identity::Identity;
+use crate::session::{SessionRef, SessionState};
+
+pub struct Obj(BTreeMap<Value, Value>);
+
+impl Obj {
+    pub fn new() -> Self {
+        Self(BTreeMap::new())
+    }
+    pub fn set(mut self, k: &str, v: Value) -> Self {
+        self.0.insert(Value::from(k), v);
+        self
+    }
+    pub fn build(self) -> Value {
+        Value::from(self.0)
+    }
+}
+
+impl Default for Obj {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+pub fn s(v: &str) -> Value {
+    Value::from(v)
+}
+
+pub fn opt_s(v: Option<&str>) -> Value {
+    v.map(Value::from).unwrap_or(Value::Null)
+}
+
+pub fn opt_n(v: Option<u64>) -> Value {
+    v.map(Value::from).unwrap_or(Value::Null)
+}
+
+pub fn strings<'a, I: IntoIterator<Item = &'a String>>(items: I) -> Value {
+    Value::from(items.into_iter().map(|x| Value::from(x.as_str())).collect::<Vec<_>>())
+}
+
+/// Facts about the request that are not the identity or the session.
+pub struct RequestFacts<'a> {
+    pub headers: &'a Headers,
+    pub input_headers: &'a [String],
+    pub source_address: Option<&'a str>,
+    pub region: Option<&'a str>,
+    pub device: Option<&'a str>,
+}
+
+pub struct SessionFacts<'a> {
+    pub session: &'a SessionRef,
+    pub before: &'a SessionState,
+    pub is_new: bool,
+    pub unavailable: bool,
+}
+
+pub fn build(now_ms: u64, mode: &str, req: &RequestFacts<'_>, id: &Identity, sess: &SessionFacts<'_>) -> Value {
+    let h = req.headers;
+    let mut selected = Obj::new();
+    for name in req.input_headers {
+        if let Some(v) = h.get(name) {
+            selected = selected.set(name, Value::from(String::from_utf8_lossy(v).as_ref()));
+        }
+    }
+    let request = Obj::new()
+        .set("method", opt_s(h.get_str(":method")))
+        .set("path", opt_s(h.get_str(":path")))
+        .set("authority", opt_s(h.get_str(":authority")))
+        .set("scheme", opt_s(h.get_str(":scheme")))
+        .set("headers", selected.build())
+        .set(
+            "source",
+            Obj::new().set("address", opt_s(req.source_address)).set("principal", opt_s(id.workload.as_deref())).build(),
+        )
+        .set("mcp", Value::Null)
+        .build();
+
+    let tok = id.token.as_deref();
+    let identity = Obj::new()
+        .set("kind", s(id.kind.as_str()))
+        .set("subject", s(&id.subject))
+        .set("issuer", opt_s(id.issuer.as_deref()))
+        .set("provider", opt_s(tok.map(|t| t.provider.as_str())))
+        .set("scopes", strings(&id.scopes))
+        .set("claims", tok.map(|t| t.claims.clone()).unwrap_or_else(Value::new_object))
+        .set("delegation", strings(tok.map(|t| t.delegation.as_slice()).unwrap_or_default()))
+        .set("workload", opt_s(id.workload.as_deref()))
+        .build();
+
+    let credential = Obj::new()
+        .set("kind", s(id.kind.as_str()))
+        .set("fingerprint", opt_s(id.fingerprint.as_deref()))
+        .set("kid", opt_s(tok.and_then(|t| t.kid.as_deref())))
+        .set("jti", opt_s(tok.and_then(|t| t.jti.as_deref())))
+        .set("iat", opt_n(tok.and_then(|t| t.iat)))
+        .set("exp", opt_n(tok.and_then(|t| t.exp)))
+        .build();
+
+    let context = Obj::new()
+        .set("region", opt_s(req.region))
+        .set("device", opt_s(req.device))
+        .set("user_agent", opt_s(h.get_str("user-agent")))
+        .build();
+
+    let b = sess.before;
+    let ms_to_s = |ms: u64| Value::from(ms / 1000);
+    let session = Obj::new()
+        .set("id", s(&sess.session.id))
+        .set("source", s(sess.session.source.as_str()))
+        .set("new", Value::from(sess.is_new))
+        .set("started_at", ms_to_s(b.started_at_ms))
+        .set("last_seen_at", ms_to_s(b.last_seen_at_ms))
+        .set("steps", Value::from(b.steps))
+        .set("step", Value::from(b.steps + 1))
+        .set("subjects", strings(&b.subjects))
+        .set("credentials", strings(&b.credentials))
+        .set("workloads", strings(&b.workloads))
+        .set("regions", strings(&b.regions))
+        .set("devices", strings(&b.devices))
+        .set("tools", Value::new_array())
+        .set("risk", Value::from(0u64))
+        .set("flags", Value::new_array())
+        .set("revoked", Value::from(b.revoked))
+        .set("last_step_up", Value::Null)
+        .set("unavailable", Value::from(sess.unavailable))
+        .build();
+
+    Obj::new()
+        .set("now", Value::from(now_ms / 1000))
+        .set("now_ms", Value::from(now_ms))
+        .set("mode", s(mode))
+        .set("request", request)
+        .set("identity", identity)
+        .set("credential", credential)
+        .set("context", context)
+        .set("session", session)
+        .build()
+}

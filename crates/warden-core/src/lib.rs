@@ -1,0 +1,348 @@
+//! Session Warden's host-agnostic core. The proxy-wasm crate hands it the request headers and a
+//! `Host`; it answers with a `RequestOutcome` that says which headers to strip and stamp, or
+//! which local reply to send. Nothing here imports proxy_wasm, so all of it is tested natively.
+
+pub mod config;
+pub mod correlation;
+pub mod decision;
+pub mod error;
+pub mod hash;
+pub mod host;
+pub mod identity;
+pub mod input;
+pub mod metrics;
+pub mod policy;
+pub mod session;
+
+use config::{FailureMode, JwksUriConfig, Mode, PluginConfig};
+use correlation::{DECISION_HEADER, SESSION_HEADER, STEP_HEADER, SUBJECT_HEADER, TRACEPARENT};
+use decision::{Action, Decision};
+use error::{ConfigError, IdentityError};
+use host::{Headers, Host};
+use identity::jwks::{parse_jwks, KeySet};
+use identity::jwt::{JwtVerifier, Provider};
+use identity::Identifier;
+use policy::{Policy, PolicySource};
+use session::{BeginError, LocalSessions, SessionRef, Seen};
+
+/// A local reply in place of the upstream's response.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalReply {
+    pub status: u32,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+/// What the proxy does with one request.
+#[derive(Debug, Default)]
+pub struct RequestOutcome {
+    /// Client-sent copies of stamped headers, to remove before anything is forwarded.
+    pub remove_headers: Vec<String>,
+    /// Headers to set on the request that goes upstream.
+    pub set_headers: Vec<(String, String)>,
+    /// Refuse the request with this reply instead of forwarding it.
+    pub reply: Option<LocalReply>,
+    /// Headers for the client on the upstream's response.
+    pub response_headers: Vec<(String, String)>,
+    /// Counters to increment (names are documented in README).
+    pub metrics: Vec<String>,
+    /// The decision taken (enforced or, in shadow mode, the one that would have been).
+    pub decision: Option<Decision>,
+    pub decision_id: String,
+    pub session_id: Option<String>,
+    /// One line for the proxy's log when something noteworthy happened.
+    pub log: Option<String>,
+}
+
+/// A JWKS the proxy must fetch and keep fresh.
+#[derive(Debug, Clone)]
+pub struct JwksTarget {
+    pub provider: usize,
+    pub name: String,
+    pub uri: JwksUriConfig,
+}
+
+pub struct Warden {
+    pub config: PluginConfig,
+    identifier: Identifier,
+    policy: Policy,
+    sessions: LocalSessions,
+}
+
+impl Warden {
+    /// Parse, validate and compile a configuration: the one thing `on_configure` calls.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, ConfigError> {
+        Self::new(config::parse(bytes)?)
+    }
+
+    pub fn new(config: PluginConfig) -> Result<Self, ConfigError> {
+        let jwt = match &config.identity.jwt {
+            Some(j) => {
+                let mut providers = Vec::new();
+                for (i, p) in j.providers.iter().enumerate() {
+                    let keys = match &p.jwks {
+                        Some(doc) => parse_jwks(doc, &p.algorithms)
+                            .map_err(|e| ConfigError::new(&format!("identity.jwt.providers[{i}].jwks"), &e))?
+                            .0,
+                        None => KeySet::default(),
+                    };
+                    providers.push(Provider { config: p.clone(), keys });
+                }
+                Some(JwtVerifier::new(providers, config.token_cache.max_entries))
+            }
+            None => None,
+        };
+        let identifier = Identifier::new(&config.identity, jwt);
+        let policy = Policy::compile(&PolicySource {
+            modules: config.policy.modules.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(),
+            data: config.policy.data.as_ref(),
+            entrypoint: &config.policy.entrypoint,
+            max_instructions: config.policy.max_instructions,
+        })
+        .map_err(|e| ConfigError::new("policy", &e.0))?;
+        let sessions = LocalSessions::new(config.session.local_max_sessions);
+        Ok(Self { config, identifier, policy, sessions })
+    }
+
+    pub fn policy_version(&self) -> &str {
+        &self.policy.version
+    }
+
+    /// Why the policy runs on the interpreter rather than the RVM, if it does.
+    pub fn policy_fallback(&self) -> Option<&str> {
+        self.policy.fallback_reason.as_deref()
+    }
+
+    pub fn jwks_targets(&self) -> Vec<JwksTarget> {
+        let Some(jwt) = &self.config.identity.jwt else { return Vec::new() };
+        jwt.providers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| p.jwks_uri.clone().map(|uri| JwksTarget { provider: i, name: p.name.clone(), uri }))
+            .collect()
+    }
+
+    /// Install a fetched JWKS for a provider. On error the keys in use are kept.
+    pub fn install_jwks(&mut self, provider: usize, body: &[u8]) -> Result<usize, String> {
+        let algs = self
+            .config
+            .identity
+            .jwt
+            .as_ref()
+            .and_then(|j| j.providers.get(provider))
+            .map(|p| p.algorithms.clone())
+            .ok_or("no such provider")?;
+        let doc: serde_json::Value = serde_json::from_slice(body).map_err(|e| format!("JWKS is not JSON: {e}"))?;
+        let (keys, _) = parse_jwks(&doc, &algs)?;
+        let n = keys.keys.len();
+        if let Some(v) = self.identifier.jwt_mut() {
+            v.set_keys(provider, keys);
+        }
+        Ok(n)
+    }
+
+    /// The per-request flow of DESIGN.md: strip, identify, resolve the session, decide, stamp.
+    pub fn on_request(&mut self, headers: &Headers, host: &mut dyn Host) -> RequestOutcome {
+        let now_ms = host.now_ms();
+        let shadow = self.config.mode == Mode::Shadow;
+        let mut out = RequestOutcome { decision_id: correlation::new_decision_id(host), ..Default::default() };
+        out.metrics.push(metrics::REQUESTS.into());
+
+        // 1. Nothing a client sends under our names survives.
+        out.remove_headers =
+            headers.names().filter(|n| n.starts_with(config::STAMPED_HEADER_PREFIX)).map(str::to_string).collect();
+        let traceparent = match headers.get_str(TRACEPARENT) {
+            Some(tp) if correlation::is_valid_traceparent(tp) => tp.to_string(),
+            _ => correlation::new_traceparent(host),
+        };
+
+        // 2. Identify.
+        let identity = match self.identifier.identify(headers, host, now_ms / 1000) {
+            Ok(id) => id,
+            Err(e) => {
+                out.metrics.push(metrics::identity_failure(e.code()));
+                if shadow {
+                    out.metrics.push(metrics::shadow("unauthenticated"));
+                    out.log = Some(format!("shadow: would refuse the credential ({})", e.code()));
+                    out.set_headers.push((DECISION_HEADER.into(), out.decision_id.clone()));
+                    out.set_headers.push((TRACEPARENT.into(), traceparent));
+                    return out;
+                }
+                out.reply = Some(unauthenticated(e, &out.decision_id));
+                return out;
+            }
+        };
+        if identity.kind == identity::IdentityKind::Jwt {
+            out.metrics.push(if identity.token_cache_hit { metrics::JWT_CACHE_HIT } else { metrics::JWT_CACHE_MISS }.into());
+        }
+
+        // 3. Resolve the session and begin the step.
+        let session = match session::resolve(&self.config.session, headers, &identity, host) {
+            Ok(s) => s,
+            Err(session::MalformedSessionId) => {
+                return self.refuse(out, Decision::internal(Action::Deny, "session_id_malformed"), None, 400, shadow);
+            }
+        };
+        if session.source == session::SessionSource::Minted {
+            out.metrics.push(metrics::SESSIONS_NEW.into());
+        }
+        let region = headers.get_str(&self.config.context.region_header);
+        let device = headers.get_str(&self.config.context.device_header);
+        let seen = Seen { credential: identity.fingerprint.as_deref(), workload: identity.workload.as_deref(), region, device };
+        let (before, is_new) = match self.sessions.begin_step(&session.id, &identity.subject, &seen, now_ms) {
+            Ok(x) => x,
+            Err(BeginError::SubjectMismatch) => {
+                out.metrics.push(metrics::SESSION_BINDING_VIOLATIONS.into());
+                out.log = Some(format!("session {} presented by another subject", session.id));
+                return self.refuse(out, Decision::internal(Action::Deny, "session_bound_to_other_subject"), Some(&session), 403, shadow);
+            }
+            Err(BeginError::Revoked) => {
+                return self.refuse(out, Decision::internal(Action::Deny, "session_revoked"), Some(&session), 403, shadow);
+            }
+        };
+        let step = before.steps + 1;
+
+        // 4. Decide.
+        let source_address = host.property(&["source", "address"]).and_then(|v| String::from_utf8(v).ok());
+        let facts = input::RequestFacts {
+            headers,
+            input_headers: &self.config.policy.input_headers,
+            source_address: source_address.as_deref(),
+            region,
+            device,
+        };
+        let sess = input::SessionFacts { session: &session, before: &before, is_new, unavailable: false };
+        let mode = if shadow { "shadow" } else { "enforce" };
+        let input = input::build(now_ms, mode, &facts, &identity, &sess);
+        let decision = match self.policy.eval(input).and_then(|v| decision::parse_output(&v)) {
+            Ok(d) => d,
+            Err(e) => {
+                out.metrics.push(metrics::POLICY_ERRORS.into());
+                out.log = Some(format!("policy error: {e}"));
+                match self.config.policy.on_error {
+                    FailureMode::Deny => Decision::internal(Action::Deny, "policy_error"),
+                    FailureMode::Allow => Decision::internal(Action::Allow, "policy_error_allowed"),
+                }
+            }
+        };
+
+        // 5. Enforce.
+        if decision.action != Action::Allow {
+            if decision.action == Action::Terminate && !shadow {
+                self.sessions.revoke(&session.id);
+            }
+            let status = match decision.action {
+                Action::StepUp => 401,
+                Action::Throttle => 429,
+                _ => 403,
+            };
+            if !shadow {
+                return self.refuse(out, decision, Some(&session), status, false);
+            }
+            out.metrics.push(metrics::shadow(decision.action.as_str()));
+            out.log = Some(format!("shadow: would {} ({})", decision.action.as_str(), decision.reasons.join(",")));
+        } else {
+            out.metrics.push(metrics::decision(Action::Allow.as_str()));
+        }
+
+        // 6. Correlate.
+        out.set_headers.push((SESSION_HEADER.into(), session.id.clone()));
+        out.set_headers.push((STEP_HEADER.into(), step.to_string()));
+        out.set_headers.push((DECISION_HEADER.into(), out.decision_id.clone()));
+        if !identity.subject.is_empty() {
+            out.set_headers.push((SUBJECT_HEADER.into(), identity.subject.clone()));
+        }
+        out.set_headers.push((TRACEPARENT.into(), traceparent));
+        if decision.action == Action::Allow {
+            out.set_headers.extend(decision.headers.iter().cloned());
+        }
+        out.response_headers.push((SESSION_HEADER.into(), session.id.clone()));
+        out.response_headers.push((DECISION_HEADER.into(), out.decision_id.clone()));
+        out.session_id = Some(session.id);
+        out.decision = Some(decision);
+        out
+    }
+
+    /// Refuse with a local reply, or in shadow mode count what would have happened and go on.
+    fn refuse(&self, mut out: RequestOutcome, d: Decision, session: Option<&SessionRef>, status: u32, shadow: bool) -> RequestOutcome {
+        if shadow {
+            out.metrics.push(metrics::shadow(d.action.as_str()));
+            out.set_headers.push((DECISION_HEADER.into(), out.decision_id.clone()));
+            if let Some(s) = session {
+                out.set_headers.push((SESSION_HEADER.into(), s.id.clone()));
+                out.response_headers.push((SESSION_HEADER.into(), s.id.clone()));
+            }
+            out.response_headers.push((DECISION_HEADER.into(), out.decision_id.clone()));
+            out.session_id = session.map(|s| s.id.clone());
+            out.decision = Some(d);
+            return out;
+        }
+        out.metrics.push(metrics::decision(d.action.as_str()));
+        let mut headers = vec![
+            ("content-type".to_string(), "application/json".to_string()),
+            (DECISION_HEADER.to_string(), out.decision_id.clone()),
+        ];
+        if let Some(s) = session {
+            headers.push((SESSION_HEADER.to_string(), s.id.clone()));
+        }
+        let error = match d.action {
+            Action::StepUp => {
+                let mut challenge = String::from(
+                    "Bearer error=\"insufficient_user_authentication\", error_description=\"A stronger authentication is required for this session\"",
+                );
+                if let Some(acr) = &d.acr_values {
+                    challenge.push_str(&format!(", acr_values=\"{acr}\""));
+                }
+                if let Some(age) = d.max_age {
+                    challenge.push_str(&format!(", max_age={age}"));
+                }
+                headers.push(("www-authenticate".into(), challenge));
+                "step_up_required"
+            }
+            Action::Throttle => {
+                let secs = d.retry_after.unwrap_or(self.config.policy.default_retry_after);
+                headers.push(("retry-after".into(), secs.to_string()));
+                "throttled"
+            }
+            Action::Terminate => "session_terminated",
+            _ if status == 400 => "bad_request",
+            _ => "forbidden",
+        };
+        let body = serde_json::json!({
+            "error": error,
+            "action": d.action.as_str(),
+            "reasons": d.reasons,
+            "decision_id": out.decision_id,
+            "session_id": session.map(|s| s.id.as_str()),
+        });
+        out.reply = Some(LocalReply { status, headers, body: body.to_string().into_bytes() });
+        out.session_id = session.map(|s| s.id.clone());
+        out.decision = Some(d);
+        out
+    }
+}
+
+/// 401 (or 400 for an unreadable header) with an RFC 6750 challenge and a reason code.
+fn unauthenticated(e: IdentityError, decision_id: &str) -> LocalReply {
+    let challenge = match e.bearer_error() {
+        Some(code) => format!("Bearer realm=\"session-warden\", error=\"{code}\", error_description=\"{}\"", e.code()),
+        None => "Bearer realm=\"session-warden\"".to_string(),
+    };
+    let body = serde_json::json!({
+        "error": if e.status() == 400 { "bad_request" } else { "unauthenticated" },
+        "reason": e.code(),
+        "decision_id": decision_id,
+    });
+    LocalReply {
+        status: e.status(),
+        headers: vec![
+            ("content-type".into(), "application/json".into()),
+            ("www-authenticate".into(), challenge),
+            (DECISION_HEADER.into(), decision_id.to_string()),
+        ],
+        body: body.to_string().into_bytes(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,26 @@
+//! Counter names. Envoy shows them under `wasmcustom.` in `/stats` and as
+//! `envoy_wasmcustom_warden_…` on its Prometheus endpoint.
+
+pub const REQUESTS: &str = "warden.requests";
+pub const JWT_CACHE_HIT: &str = "warden.jwt_cache.hit";
+pub const JWT_CACHE_MISS: &str = "warden.jwt_cache.miss";
+pub const POLICY_ERRORS: &str = "warden.policy_errors";
+pub const SESSIONS_NEW: &str = "warden.sessions.new";
+pub const SESSION_BINDING_VIOLATIONS: &str = "warden.sessions.binding_violations";
+pub const JWKS_FETCH_OK: &str = "warden.jwks.fetch_ok";
+pub const JWKS_FETCH_FAILED: &str = "warden.jwks.fetch_failed";
+
+/// `warden.decisions.<action>`: what was enforced.
+pub fn decision(action: &str) -> String {
+    format!("warden.decisions.{action}")
+}
+
+/// `warden.shadow.<action>`: what shadow mode would have done but did not.
+pub fn shadow(action: &str) -> String {
+    format!("warden.shadow.{action}")
+}
+
+/// `warden.identity_failures.<reason>`.
+pub fn identity_failure(reason: &str) -> String {
+    format!("warden.identity_failures.{reason}")
+}

@@ -1,0 +1,147 @@
+//! The Rego session policy: compiled once per configuration and evaluated per request with
+//! regorus. The RVM is the fast path (compile once, one reused `RegoVM` per proxy VM, per request
+//! `set_input` + `execute`); a policy the RVM cannot compile falls back to the interpreter.
+
+use std::sync::Arc;
+
+use regorus::languages::rego::compiler::Compiler;
+use regorus::rvm::vm::RegoVM;
+use regorus::{Engine, Rc, Value};
+
+use crate::error::PolicyError;
+use crate::hash::{hex, sha256};
+
+/// The same engine set-up everywhere a policy runs: proxy, CLI and tests.
+pub struct PolicySource<'a> {
+    pub modules: Vec<(&'a str, &'a str)>,
+    pub data: Option<&'a serde_json::Value>,
+    pub entrypoint: &'a str,
+    pub max_instructions: usize,
+}
+
+enum Backend {
+    Rvm(Box<RegoVM>),
+    Interpreter { engine: Box<Engine>, entrypoint: String },
+}
+
+pub struct Policy {
+    backend: Backend,
+    /// Short hash of the modules and data: which policy made a decision.
+    pub version: String,
+    /// Why the interpreter is used instead of the RVM, if it is.
+    pub fallback_reason: Option<String>,
+}
+
+impl Policy {
+    pub fn compile(src: &PolicySource<'_>) -> Result<Self, PolicyError> {
+        let mut engine = Engine::new();
+        let mut fingerprint = Vec::new();
+        for (name, text) in &src.modules {
+            engine
+                .add_policy(name.to_string(), text.to_string())
+                .map_err(|e| PolicyError(format!("module {name}: {e}")))?;
+            fingerprint.extend_from_slice(name.as_bytes());
+            fingerprint.push(0);
+            fingerprint.extend_from_slice(text.as_bytes());
+            fingerprint.push(0);
+        }
+        let data = match src.data {
+            Some(d) => {
+                fingerprint.extend_from_slice(d.to_string().as_bytes());
+                let v = Value::from(d.clone());
+                if !matches!(v, Value::Object(_)) {
+                    return Err(PolicyError("data must be a JSON object".into()));
+                }
+                engine.add_data(v.clone()).map_err(|e| PolicyError(format!("data: {e}")))?;
+                Some(v)
+            }
+            None => None,
+        };
+        let version = hex(&sha256(&fingerprint)[..6]);
+        let entry: Rc<str> = src.entrypoint.into();
+        let compiled = engine
+            .compile_with_entrypoint(&entry)
+            .map_err(|e| PolicyError(format!("entrypoint {}: {e}", src.entrypoint)))?;
+
+        match Compiler::compile_from_policy(&compiled, &[src.entrypoint]) {
+            Ok(program) => {
+                let mut vm = RegoVM::new();
+                vm.load_program(Arc::clone(&program));
+                vm.set_max_instructions(src.max_instructions);
+                if let Some(d) = data {
+                    vm.set_data(d).map_err(|e| PolicyError(format!("data: {e}")))?;
+                }
+                Ok(Self { backend: Backend::Rvm(Box::new(vm)), version, fallback_reason: None })
+            }
+            Err(e) => Ok(Self {
+                backend: Backend::Interpreter { engine: Box::new(engine), entrypoint: src.entrypoint.to_string() },
+                version,
+                fallback_reason: Some(e.to_string()),
+            }),
+        }
+    }
+
+    pub fn uses_rvm(&self) -> bool {
+        matches!(self.backend, Backend::Rvm(_))
+    }
+
+    /// Evaluate the entrypoint for `input`. An undefined result is an error: the policy must
+    /// always say something.
+    pub fn eval(&mut self, input: Value) -> Result<Value, PolicyError> {
+        let out = match &mut self.backend {
+            Backend::Rvm(vm) => {
+                vm.set_input(input);
+                vm.execute().map_err(|e| PolicyError(format!("evaluation failed: {e}")))?
+            }
+            Backend::Interpreter { engine, entrypoint } => {
+                engine.set_input(input);
+                engine.eval_rule(entrypoint.clone()).map_err(|e| PolicyError(format!("evaluation failed: {e}")))?
+            }
+        };
+        if matches!(out, Value::Undefined) {
+            return Err(PolicyError("the entrypoint is undefined for this input".into()));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn compile(rego: &str) -> Result<Policy, PolicyError> {
+        Policy::compile(&PolicySource {
+            modules: vec![("t.rego", rego)],
+            data: None,
+            entrypoint: "data.t.decision",
+            max_instructions: 100_000,
+        })
+    }
+
+    #[test]
+    fn rvm_evaluates_and_is_reused() {
+        let mut p = compile("package t\nimport rego.v1\ndecision := {\"action\": a} if { a := input.want }").unwrap();
+        assert!(p.uses_rvm(), "{:?}", p.fallback_reason);
+        for want in ["allow", "deny", "allow"] {
+            let mut input = std::collections::BTreeMap::new();
+            input.insert(Value::from("want"), Value::from(want));
+            let out = p.eval(Value::from(input)).unwrap();
+            assert_eq!(out["action"], Value::from(want));
+        }
+    }
+
+    #[test]
+    fn undefined_and_broken_policies_are_errors() {
+        let mut p = compile("package t\nimport rego.v1\ndecision := 1 if { input.never }").unwrap();
+        assert!(p.eval(Value::new_object()).is_err());
+        let e = compile("package t\ndecision := {").err().unwrap();
+        assert!(e.0.contains("t.rego"), "{e}");
+    }
+
+    #[test]
+    fn runaway_policies_are_stopped() {
+        let rego = "package t\nimport rego.v1\ndecision := count([x | some x in numbers.range(1, 1000000)])";
+        let mut p = compile(rego).unwrap();
+        assert!(p.eval(Value::new_object()).is_err());
+    }
+}

@@ -1,0 +1,221 @@
+//! Session resolution (which session a request belongs to) and the proxy-local session table
+//! used when no session-state service is configured.
+
+use std::collections::HashMap;
+
+use crate::config::SessionConfig;
+use crate::correlation::new_session_id;
+use crate::host::{Headers, Host};
+use crate::identity::Identity;
+
+/// Where the session id came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionSource {
+    Header,
+    Claim,
+    Minted,
+}
+
+impl SessionSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Header => "header",
+            Self::Claim => "claim",
+            Self::Minted => "minted",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SessionRef {
+    pub id: String,
+    pub source: SessionSource,
+}
+
+pub const MAX_SESSION_ID_LEN: usize = 256;
+
+/// Session ids are visible ASCII (as MCP requires of `Mcp-Session-Id`) and bounded.
+pub fn is_valid_session_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= MAX_SESSION_ID_LEN && id.bytes().all(|b| (0x21..=0x7e).contains(&b))
+}
+
+/// A session id was presented but is not acceptable (400 `session_id_malformed`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MalformedSessionId;
+
+/// From the first configured header present, else the JWT claim, else a new id.
+pub fn resolve(cfg: &SessionConfig, headers: &Headers, identity: &Identity, host: &mut dyn Host) -> Result<SessionRef, MalformedSessionId> {
+    for name in &cfg.headers {
+        if let Some(raw) = headers.get(name) {
+            let id = std::str::from_utf8(raw).map_err(|_| MalformedSessionId)?;
+            if !is_valid_session_id(id) {
+                return Err(MalformedSessionId);
+            }
+            return Ok(SessionRef { id: id.to_string(), source: SessionSource::Header });
+        }
+    }
+    if let Some(id) = identity.token.as_ref().and_then(|t| t.claim_str(&cfg.claim)) {
+        if !is_valid_session_id(id) {
+            return Err(MalformedSessionId);
+        }
+        return Ok(SessionRef { id: id.to_string(), source: SessionSource::Claim });
+    }
+    Ok(SessionRef { id: new_session_id(host), source: SessionSource::Minted })
+}
+
+/// What the policy sees of a session, as it was before this step.
+#[derive(Debug, Clone, Default)]
+pub struct SessionState {
+    pub subject: String,
+    pub started_at_ms: u64,
+    pub last_seen_at_ms: u64,
+    /// Steps taken before this one.
+    pub steps: u64,
+    pub subjects: Vec<String>,
+    pub credentials: Vec<String>,
+    pub workloads: Vec<String>,
+    pub regions: Vec<String>,
+    pub devices: Vec<String>,
+    pub revoked: bool,
+}
+
+/// What this step adds to what the session has seen.
+pub struct Seen<'a> {
+    pub credential: Option<&'a str>,
+    pub workload: Option<&'a str>,
+    pub region: Option<&'a str>,
+    pub device: Option<&'a str>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BeginError {
+    /// The session is bound to another subject.
+    SubjectMismatch,
+    Revoked,
+}
+
+/// How many distinct values of each kind a session remembers.
+const MAX_SEEN: usize = 32;
+
+fn remember(list: &mut Vec<String>, v: Option<&str>) {
+    if let Some(v) = v {
+        if !v.is_empty() && !list.iter().any(|x| x == v) && list.len() < MAX_SEEN {
+            list.push(v.to_string());
+        }
+    }
+}
+
+/// The sessions one proxy VM has seen, bounded; the least recently seen are forgotten first.
+pub struct LocalSessions {
+    max: usize,
+    map: HashMap<String, SessionState>,
+}
+
+impl LocalSessions {
+    pub fn new(max: usize) -> Self {
+        Self { max: max.max(1), map: HashMap::new() }
+    }
+
+    /// Begin a step: create the session if new and bind it to `subject`, refuse another subject
+    /// or a revoked session, count the step, merge what was seen. Returns the state as it was
+    /// before this step and whether the session is new.
+    pub fn begin_step(&mut self, id: &str, subject: &str, seen: &Seen<'_>, now_ms: u64) -> Result<(SessionState, bool), BeginError> {
+        if !self.map.contains_key(id) && self.map.len() >= self.max {
+            self.evict();
+        }
+        let is_new = !self.map.contains_key(id);
+        let s = self.map.entry(id.to_string()).or_insert_with(|| SessionState {
+            subject: subject.to_string(),
+            started_at_ms: now_ms,
+            last_seen_at_ms: now_ms,
+            subjects: vec![subject.to_string()],
+            ..Default::default()
+        });
+        if s.subject != subject {
+            return Err(BeginError::SubjectMismatch);
+        }
+        if s.revoked {
+            return Err(BeginError::Revoked);
+        }
+        let before = s.clone();
+        s.steps += 1;
+        s.last_seen_at_ms = now_ms;
+        remember(&mut s.credentials, seen.credential);
+        remember(&mut s.workloads, seen.workload);
+        remember(&mut s.regions, seen.region);
+        remember(&mut s.devices, seen.device);
+        Ok((before, is_new))
+    }
+
+    pub fn revoke(&mut self, id: &str) {
+        if let Some(s) = self.map.get_mut(id) {
+            s.revoked = true;
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Forget the least recently seen eighth (at least one), in one pass.
+    fn evict(&mut self) {
+        let n = (self.map.len() / 8).max(1);
+        let mut ages: Vec<(u64, String)> = self.map.iter().map(|(k, v)| (v.last_seen_at_ms, k.clone())).collect();
+        ages.sort_unstable();
+        for (_, k) in ages.into_iter().take(n) {
+            self.map.remove(&k);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seen<'a>(cred: &'a str) -> Seen<'a> {
+        Seen { credential: Some(cred), workload: None, region: Some("eu"), device: None }
+    }
+
+    #[test]
+    fn steps_count_and_bind_to_the_first_subject() {
+        let mut t = LocalSessions::new(10);
+        let (s, new) = t.begin_step("s1", "alice", &seen("fp1"), 1000).unwrap();
+        assert!(new);
+        assert_eq!(s.steps, 0);
+        let (s, new) = t.begin_step("s1", "alice", &seen("fp2"), 2000).unwrap();
+        assert!(!new);
+        assert_eq!(s.steps, 1);
+        assert_eq!(s.credentials, vec!["fp1"]);
+        let (s, _) = t.begin_step("s1", "alice", &seen("fp2"), 3000).unwrap();
+        assert_eq!(s.credentials, vec!["fp1", "fp2"], "rotation by the same subject is recorded");
+        assert_eq!(s.started_at_ms, 1000);
+        assert_eq!(t.begin_step("s1", "mallory", &seen("fp3"), 4000).unwrap_err(), BeginError::SubjectMismatch);
+        t.revoke("s1");
+        assert_eq!(t.begin_step("s1", "alice", &seen("fp2"), 5000).unwrap_err(), BeginError::Revoked);
+    }
+
+    #[test]
+    fn the_table_is_bounded() {
+        let mut t = LocalSessions::new(16);
+        for i in 0..100u64 {
+            t.begin_step(&format!("s{i}"), "a", &seen("fp"), i).unwrap();
+        }
+        assert!(t.len() <= 16);
+        // The most recent session survived eviction.
+        let (s, new) = t.begin_step("s99", "a", &seen("fp"), 200).unwrap();
+        assert!(!new);
+        assert_eq!(s.steps, 1);
+    }
+
+    #[test]
+    fn session_ids_are_visible_ascii_and_bounded() {
+        assert!(is_valid_session_id("ses_abc-123"));
+        assert!(!is_valid_session_id(""));
+        assert!(!is_valid_session_id("has space"));
+        assert!(!is_valid_session_id(&"x".repeat(MAX_SESSION_ID_LEN + 1)));
+    }
+}

@@ -1,0 +1,377 @@
+//! The whole per-request flow, natively, with real signed tokens and the `FakeHost` double.
+
+use jwt_simple::prelude::*;
+use serde_json::json;
+
+use super::*;
+use crate::host::FakeHost;
+
+const ISS: &str = "https://issuer.test";
+
+const POLICY: &str = r#"
+package warden.session
+import rego.v1
+
+default decision := {"action": "allow", "reasons": [], "risk": 0}
+
+decision := {"action": "deny", "reasons": ["path_forbidden"], "risk": 90} if startswith(input.request.path, "/admin")
+decision := {"action": "step_up", "reasons": ["sensitive"], "risk": 50, "acr_values": "phr"} if input.request.path == "/secrets"
+decision := {"action": "throttle", "reasons": ["slow_down"], "retry_after": 9} if input.request.path == "/busy"
+decision := {"action": "terminate", "reasons": ["kill"]} if input.request.path == "/kill"
+decision := {"action": "allow", "reasons": [], "headers": {"x-policy-saw": input.identity.subject}} if input.request.path == "/echo-subject"
+decision := {"action": "allow", "reasons": [], "headers": {"x-delegation": concat(",", input.identity.delegation)}} if input.request.path == "/delegation"
+"#;
+
+struct Keys {
+    es: ES256KeyPair,
+    hs: HS256Key,
+}
+
+fn keys() -> Keys {
+    Keys { es: ES256KeyPair::generate().with_key_id("es1"), hs: HS256Key::from_bytes(&[7u8; 32]).with_key_id("hs1") }
+}
+
+fn config(k: &Keys, extra: serde_json::Value) -> Vec<u8> {
+    let mut es_jwk: serde_json::Value = serde_json::from_str(&k.es.public_key().to_jwk()).unwrap();
+    es_jwk["kid"] = json!("es1");
+    let hs = ct_codecs::Base64UrlSafeNoPadding::encode_to_string([7u8; 32]).unwrap();
+    let mut cfg = json!({
+        "policy": {"modules": {"session.rego": POLICY}},
+        "identity": {
+            "jwt": {"providers": [{
+                "name": "test", "issuer": ISS, "audiences": ["svc"],
+                "algorithms": ["ES256", "HS256"],
+                "jwks": {"keys": [es_jwk, {"kty": "oct", "kid": "hs1", "k": hs}]}
+            }]},
+            "api_keys": {"keys": [{"sha256": hash::hex(&hash::sha256(b"key-123")), "subject": "svc-batch", "scopes": ["read"]}]},
+            "spiffe": {"trust_domains": ["example.org"], "trusted_xfcc_hops": ["10.0.0.9"]}
+        }
+    });
+    if let (Some(base), Some(add)) = (cfg.as_object_mut(), extra.as_object()) {
+        for (k, v) in add {
+            base.insert(k.clone(), v.clone());
+        }
+    }
+    serde_json::to_vec(&cfg).unwrap()
+}
+
+fn claims(sub: &str) -> JWTClaims<serde_json::Value> {
+    Claims::with_custom_claims(json!({}), Duration::from_mins(10)).with_issuer(ISS).with_audience("svc").with_subject(sub)
+}
+
+fn with(mut c: JWTClaims<serde_json::Value>, f: impl FnOnce(&mut JWTClaims<serde_json::Value>)) -> JWTClaims<serde_json::Value> {
+    f(&mut c);
+    c
+}
+
+fn sign_es(k: &Keys, c: JWTClaims<serde_json::Value>) -> String {
+    k.es.sign(c).unwrap()
+}
+
+fn req(path: &str, extra: &[(&str, &[u8])]) -> Headers {
+    let mut v: Vec<(String, Vec<u8>)> = vec![
+        (":method".into(), b"GET".to_vec()),
+        (":path".into(), path.as_bytes().to_vec()),
+        (":authority".into(), b"api.test".to_vec()),
+    ];
+    for (k, val) in extra {
+        v.push((k.to_string(), val.to_vec()));
+    }
+    Headers::from_pairs(v)
+}
+
+fn bearer(t: &str) -> Vec<u8> {
+    format!("Bearer {t}").into_bytes()
+}
+
+fn header<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    pairs.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+fn reply_reason(out: &RequestOutcome) -> (u32, serde_json::Value) {
+    let r = out.reply.as_ref().expect("expected a local reply");
+    (r.status, serde_json::from_slice(&r.body).unwrap())
+}
+
+// jwt-simple stamps tokens with the real clock when signing; the verifier is handed the host's
+// `now`, so the host clock is real time too.
+fn live_host() -> FakeHost {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    FakeHost::at(now).with_property("source.address", "127.0.0.1:5555")
+}
+
+#[test]
+fn valid_token_is_allowed_and_stamped() {
+    let k = keys();
+    let mut w = Warden::from_json(&config(&k, json!({}))).unwrap();
+    let t = sign_es(&k, claims("agent-7"));
+    let mut h = live_host();
+    let forged: &[u8] = b"root";
+    let out = w.on_request(&req("/echo-subject", &[("authorization", &bearer(&t)), ("x-warden-subject", forged)]), &mut h);
+    assert!(out.reply.is_none(), "{:?}", out.reply);
+    assert_eq!(out.remove_headers, vec!["x-warden-subject"]);
+    assert_eq!(header(&out.set_headers, "x-warden-subject"), Some("agent-7"));
+    assert_eq!(header(&out.set_headers, "x-policy-saw"), Some("agent-7"));
+    assert_eq!(header(&out.set_headers, "x-warden-step"), Some("1"));
+    let sid = header(&out.set_headers, "x-warden-session").unwrap().to_string();
+    assert!(sid.starts_with("ses_"));
+    assert!(correlation::is_valid_traceparent(header(&out.set_headers, "traceparent").unwrap()));
+    assert_eq!(header(&out.response_headers, "x-warden-session"), Some(sid.as_str()));
+    assert!(out.metrics.contains(&"warden.jwt_cache.miss".to_string()));
+
+    // Same token again, same session: cache hit, step 2, traceparent kept.
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let out = w.on_request(
+        &req("/x", &[("authorization", &bearer(&t)), ("x-session-id", sid.as_bytes()), ("traceparent", tp.as_bytes())]),
+        &mut h,
+    );
+    assert!(out.reply.is_none());
+    assert_eq!(header(&out.set_headers, "x-warden-step"), Some("2"));
+    assert_eq!(header(&out.set_headers, "traceparent"), Some(tp));
+    assert!(out.metrics.contains(&"warden.jwt_cache.hit".to_string()));
+}
+
+#[test]
+fn token_failures_have_distinct_reasons() {
+    let k = keys();
+    let mut w = Warden::from_json(&config(&k, json!({}))).unwrap();
+    let mut h = live_host();
+    let now = h.now_ms / 1000;
+    let other = ES256KeyPair::generate().with_key_id("es1");
+    let b64 = |v: &serde_json::Value| ct_codecs::Base64UrlSafeNoPadding::encode_to_string(v.to_string()).unwrap();
+    let none_token = format!(
+        "{}.{}.",
+        b64(&json!({"alg": "none", "typ": "JWT"})),
+        b64(&json!({"iss": ISS, "sub": "x", "aud": "svc", "exp": now + 600}))
+    );
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("credential_missing", Vec::new()),
+        ("token_expired", bearer(&sign_es(&k, with(claims("a"), |c| c.expires_at = Some(Duration::from_secs(now - 3600)))))),
+        ("token_not_yet_valid", bearer(&sign_es(&k, claims("a").invalid_before(Duration::from_secs(now + 3600))))),
+        ("token_audience_not_allowed", bearer(&sign_es(&k, claims("a").with_audience("other")))),
+        ("token_issuer_not_allowed", bearer(&sign_es(&k, claims("a").with_issuer("https://evil.test")))),
+        ("token_signature_invalid", bearer(&other.sign(claims("a")).unwrap())),
+        ("token_algorithm_not_allowed", bearer(&none_token)),
+        ("token_malformed", bearer("not.a.jwt")),
+        ("header_malformed", b"Bearer \xff\xfe".to_vec()),
+        ("header_malformed", b"Basic abc".to_vec()),
+        ("api_key_unknown", Vec::new()),
+    ];
+    for (i, (want, value)) in cases.into_iter().enumerate() {
+        let headers = match (want, i) {
+            ("credential_missing", _) => req("/", &[]),
+            ("api_key_unknown", _) => req("/", &[("x-api-key", b"wrong")]),
+            _ => req("/", &[("authorization", &value)]),
+        };
+        let out = w.on_request(&headers, &mut h);
+        let (status, body) = reply_reason(&out);
+        assert_eq!(body["reason"], json!(want), "case {i}");
+        assert_eq!(status, if want == "header_malformed" { 400 } else { 401 }, "case {i}");
+        assert!(out.metrics.contains(&format!("warden.identity_failures.{want}")));
+    }
+}
+
+#[test]
+fn hs256_signed_with_the_public_key_is_refused() {
+    // A provider that only allows RS256/ES256 must not accept HS256 at all, whatever the secret.
+    let k = keys();
+    let mut cfg: serde_json::Value = serde_json::from_slice(&config(&k, json!({}))).unwrap();
+    cfg["identity"]["jwt"]["providers"][0]["algorithms"] = json!(["ES256"]);
+    let mut w = Warden::from_json(&serde_json::to_vec(&cfg).unwrap()).unwrap();
+    let pk = k.es.public_key().to_bytes();
+    let forged = HS256Key::from_bytes(&pk).authenticate(claims("a")).unwrap();
+    let out = w.on_request(&req("/", &[("authorization", &bearer(&forged))]), &mut live_host());
+    assert_eq!(reply_reason(&out).1["reason"], json!("token_algorithm_not_allowed"));
+}
+
+#[test]
+fn hs256_with_an_oct_key_works_when_allowed() {
+    let k = keys();
+    let mut w = Warden::from_json(&config(&k, json!({}))).unwrap();
+    let t = k.hs.authenticate(claims("hs-user")).unwrap();
+    let out = w.on_request(&req("/echo-subject", &[("authorization", &bearer(&t))]), &mut live_host());
+    assert!(out.reply.is_none(), "{:?}", out.reply);
+    assert_eq!(header(&out.set_headers, "x-warden-subject"), Some("hs-user"));
+}
+
+#[test]
+fn policy_actions_are_enforced() {
+    let k = keys();
+    let mut w = Warden::from_json(&config(&k, json!({}))).unwrap();
+    let t = bearer(&sign_es(&k, claims("a")));
+    let mut h = live_host();
+
+    let out = w.on_request(&req("/admin/x", &[("authorization", &t)]), &mut h);
+    let (status, body) = reply_reason(&out);
+    assert_eq!((status, body["reasons"].clone(), body["action"].clone()), (403, json!(["path_forbidden"]), json!("deny")));
+    assert!(body["decision_id"].as_str().unwrap().starts_with("dec_"));
+
+    let out = w.on_request(&req("/secrets", &[("authorization", &t)]), &mut h);
+    let r = out.reply.as_ref().unwrap();
+    assert_eq!(r.status, 401);
+    let www = header(&r.headers, "www-authenticate").unwrap();
+    assert!(www.contains("error=\"insufficient_user_authentication\"") && www.contains("acr_values=\"phr\""), "{www}");
+
+    let out = w.on_request(&req("/busy", &[("authorization", &t)]), &mut h);
+    let r = out.reply.as_ref().unwrap();
+    assert_eq!((r.status, header(&r.headers, "retry-after")), (429, Some("9")));
+    assert!(out.metrics.contains(&"warden.decisions.throttle".to_string()));
+}
+
+#[test]
+fn terminate_revokes_the_session() {
+    let k = keys();
+    let mut w = Warden::from_json(&config(&k, json!({}))).unwrap();
+    let t = bearer(&sign_es(&k, claims("a")));
+    let mut h = live_host();
+    let sid: &[u8] = b"wf-1";
+    assert!(w.on_request(&req("/ok", &[("authorization", &t), ("x-session-id", sid)]), &mut h).reply.is_none());
+    let out = w.on_request(&req("/kill", &[("authorization", &t), ("x-session-id", sid)]), &mut h);
+    assert_eq!(reply_reason(&out).1["error"], json!("session_terminated"));
+    let out = w.on_request(&req("/ok", &[("authorization", &t), ("x-session-id", sid)]), &mut h);
+    assert_eq!(reply_reason(&out).1["reasons"], json!(["session_revoked"]));
+}
+
+#[test]
+fn another_subject_cannot_take_over_a_session() {
+    let k = keys();
+    let mut w = Warden::from_json(&config(&k, json!({}))).unwrap();
+    let mut h = live_host();
+    let sid: &[u8] = b"wf-2";
+    let a = bearer(&sign_es(&k, claims("alice")));
+    let m = bearer(&sign_es(&k, claims("mallory")));
+    assert!(w.on_request(&req("/", &[("authorization", &a), ("x-session-id", sid)]), &mut h).reply.is_none());
+    let out = w.on_request(&req("/", &[("authorization", &m), ("x-session-id", sid)]), &mut h);
+    let (status, body) = reply_reason(&out);
+    assert_eq!((status, body["reasons"].clone()), (403, json!(["session_bound_to_other_subject"])));
+    // Rotation by the same subject is fine.
+    let a2 = bearer(&k.hs.authenticate(claims("alice")).unwrap());
+    let out = w.on_request(&req("/", &[("authorization", &a2), ("x-session-id", sid)]), &mut h);
+    assert!(out.reply.is_none());
+    assert_eq!(header(&out.set_headers, "x-warden-step"), Some("2"));
+}
+
+#[test]
+fn session_from_claim_and_malformed_session_ids() {
+    let k = keys();
+    let mut w = Warden::from_json(&config(&k, json!({}))).unwrap();
+    let mut h = live_host();
+    let mut c = claims("a");
+    c.custom = json!({"sid": "from-claim"});
+    let t = bearer(&sign_es(&k, c));
+    let out = w.on_request(&req("/", &[("authorization", &t)]), &mut h);
+    assert_eq!(header(&out.set_headers, "x-warden-session"), Some("from-claim"));
+    let out = w.on_request(&req("/", &[("authorization", &t), ("x-session-id", b"bad id")]), &mut h);
+    assert_eq!(reply_reason(&out).0, 400);
+}
+
+#[test]
+fn delegation_chain_is_kept_in_order() {
+    let k = keys();
+    let mut w = Warden::from_json(&config(&k, json!({}))).unwrap();
+    let mut c = claims("user-1");
+    c.custom = json!({"act": {"sub": "agent-a", "act": {"sub": "orchestrator"}}});
+    let out = w.on_request(&req("/delegation", &[("authorization", &bearer(&sign_es(&k, c)))]), &mut live_host());
+    assert_eq!(header(&out.set_headers, "x-delegation"), Some("agent-a,orchestrator"));
+}
+
+#[test]
+fn api_key_and_spiffe_identities() {
+    let k = keys();
+    let mut w = Warden::from_json(&config(&k, json!({}))).unwrap();
+    let out = w.on_request(&req("/echo-subject", &[("x-api-key", b"key-123")]), &mut live_host());
+    assert_eq!(header(&out.set_headers, "x-warden-subject"), Some("svc-batch"));
+
+    let mut h = live_host().with_property("connection.uri_san_peer_certificate", "spiffe://example.org/ns/a/sa/b");
+    let out = w.on_request(&req("/echo-subject", &[]), &mut h);
+    assert!(out.reply.is_none(), "{:?}", out.reply);
+    assert_eq!(header(&out.set_headers, "x-warden-subject"), Some("spiffe://example.org/ns/a/sa/b"));
+
+    let mut h = live_host().with_property("connection.uri_san_peer_certificate", "spiffe://evil.org/x");
+    let out = w.on_request(&req("/", &[]), &mut h);
+    assert_eq!(reply_reason(&out).1["reason"], json!("spiffe_id_not_trusted"));
+
+    // XFCC only counts from a trusted hop.
+    let xfcc: &[u8] = b"By=spiffe://example.org/gw;URI=spiffe://example.org/ns/x/sa/y";
+    let out = w.on_request(&req("/", &[("x-forwarded-client-cert", xfcc)]), &mut live_host());
+    assert_eq!(reply_reason(&out).1["reason"], json!("credential_missing"));
+    let mut h = live_host().with_property("source.address", "10.0.0.9:4444");
+    let out = w.on_request(&req("/echo-subject", &[("x-forwarded-client-cert", xfcc)]), &mut h);
+    assert_eq!(header(&out.set_headers, "x-warden-subject"), Some("spiffe://example.org/ns/x/sa/y"));
+}
+
+#[test]
+fn shadow_mode_never_blocks_but_counts() {
+    let k = keys();
+    let mut w = Warden::from_json(&config(&k, json!({"mode": "shadow"}))).unwrap();
+    let t = bearer(&sign_es(&k, claims("a")));
+    let out = w.on_request(&req("/admin", &[("authorization", &t)]), &mut live_host());
+    assert!(out.reply.is_none());
+    assert!(out.metrics.contains(&"warden.shadow.deny".to_string()));
+    assert_eq!(out.decision.unwrap().action, Action::Deny);
+    let out = w.on_request(&req("/admin", &[]), &mut live_host());
+    assert!(out.reply.is_none());
+    assert!(out.metrics.contains(&"warden.shadow.unauthenticated".to_string()));
+}
+
+#[test]
+fn policy_errors_fail_closed_unless_configured() {
+    let k = keys();
+    let broken = json!({"policy": {"modules": {"p.rego": "package warden.session\nimport rego.v1\ndecision := {\"action\": \"maybe\"}"}}});
+    let mut w = Warden::from_json(&config(&k, broken.clone())).unwrap();
+    let t = bearer(&sign_es(&k, claims("a")));
+    let out = w.on_request(&req("/", &[("authorization", &t)]), &mut live_host());
+    assert_eq!(reply_reason(&out).1["reasons"], json!(["policy_error"]));
+    assert!(out.metrics.contains(&"warden.policy_errors".to_string()));
+
+    let mut open = broken;
+    open["policy"]["on_error"] = json!("allow");
+    let mut w = Warden::from_json(&config(&k, open)).unwrap();
+    let out = w.on_request(&req("/", &[("authorization", &t)]), &mut live_host());
+    assert!(out.reply.is_none());
+}
+
+#[test]
+fn bad_configs_are_rejected_with_the_field() {
+    let k = keys();
+    let e = Warden::from_json(&config(&k, json!({"policy": {"modules": {"p.rego": "package x\nnot rego at all {"}}}))).err().unwrap();
+    assert_eq!(e.field, "policy");
+    assert!(e.message.contains("p.rego"), "{e}");
+    let mut bad: serde_json::Value = serde_json::from_slice(&config(&k, json!({}))).unwrap();
+    bad["identity"]["jwt"]["providers"][0]["jwks"] = json!({"keys": [{"kty": "RSA", "n": "x"}]});
+    let e = Warden::from_json(&serde_json::to_vec(&bad).unwrap()).err().unwrap();
+    assert_eq!(e.field, "identity.jwt.providers[0].jwks");
+}
+
+#[test]
+fn jwks_fetch_installs_keys_and_keeps_old_ones_on_garbage() {
+    let k = keys();
+    let mut cfg: serde_json::Value = serde_json::from_slice(&config(&k, json!({}))).unwrap();
+    let provider = &mut cfg["identity"]["jwt"]["providers"][0];
+    let jwks = provider["jwks"].take();
+    provider.as_object_mut().unwrap().remove("jwks");
+    provider["jwks_uri"] = json!({"cluster": "idp", "path": "/jwks.json"});
+    let mut w = Warden::from_json(&serde_json::to_vec(&cfg).unwrap()).unwrap();
+    assert_eq!(w.jwks_targets().len(), 1);
+    let t = bearer(&sign_es(&k, claims("a")));
+    let out = w.on_request(&req("/", &[("authorization", &t)]), &mut live_host());
+    assert_eq!(reply_reason(&out).1["reason"], json!("token_keys_unavailable"));
+    assert_eq!(w.install_jwks(0, jwks.to_string().as_bytes()), Ok(2));
+    assert!(w.on_request(&req("/", &[("authorization", &t)]), &mut live_host()).reply.is_none());
+    assert!(w.install_jwks(0, b"<html>").is_err());
+    assert!(w.on_request(&req("/", &[("authorization", &t)]), &mut live_host()).reply.is_none());
+}
+
+#[test]
+fn no_input_makes_it_panic() {
+    // Arbitrary bytes in every header the filter reads: always an outcome, never a panic.
+    let k = keys();
+    let mut w = Warden::from_json(&config(&k, json!({}))).unwrap();
+    let mut h = live_host();
+    let samples: [&[u8]; 8] = [b"", b"\xff", b"Bearer ", b"Bearer a.b.c", b"Bearer ..", b"Bearer \xc3\x28", &[0u8; 3], b"Bearer e30.e30.e30"];
+    for name in ["authorization", "x-api-key", "x-session-id", "mcp-session-id", "traceparent", "x-forwarded-client-cert", "x-client-region"] {
+        for s in samples {
+            let _ = w.on_request(&req("/", &[(name, s)]), &mut h);
+        }
+    }
+}

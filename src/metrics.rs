@@ -1,0 +1,51 @@
+//! Counters through proxy-wasm metrics, defined once per VM and looked up by name.
+
+use std::collections::HashMap;
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::MetricType;
+use warden_core::metrics as names;
+
+#[derive(Default)]
+pub struct Metrics {
+    ids: HashMap<String, u32>,
+}
+
+impl Metrics {
+    /// Define the fixed counters up front so they show (as 0) in `/stats` before first use.
+    pub fn define_known(&mut self) {
+        let fixed = [
+            names::REQUESTS,
+            names::JWT_CACHE_HIT,
+            names::JWT_CACHE_MISS,
+            names::POLICY_ERRORS,
+            names::SESSIONS_NEW,
+            names::SESSION_BINDING_VIOLATIONS,
+            names::JWKS_FETCH_OK,
+            names::JWKS_FETCH_FAILED,
+        ];
+        for n in fixed {
+            self.id(n);
+        }
+        for action in ["allow", "deny", "step_up", "terminate", "throttle"] {
+            self.id(&names::decision(action));
+            self.id(&names::shadow(action));
+        }
+        self.id(&names::shadow("unauthenticated"));
+    }
+
+    fn id(&mut self, name: &str) -> Option<u32> {
+        if let Some(id) = self.ids.get(name) {
+            return Some(*id);
+        }
+        let id = hostcalls::define_metric(MetricType::Counter, name).ok()?;
+        self.ids.insert(name.to_string(), id);
+        Some(id)
+    }
+
+    pub fn increment(&mut self, name: &str) {
+        if let Some(id) = self.id(name) {
+            let _ = hostcalls::increment_metric(id, 1);
+        }
+    }
+}
