@@ -1,5 +1,5 @@
 //! Counter names. Envoy shows them under `wasmcustom.` in `/stats` and as
-//! `envoy_wasmcustom_warden_…` on its Prometheus endpoint.
+//! `warden_…` on its Prometheus endpoint (Envoy drops the `wasmcustom` prefix there).
 
 pub const REQUESTS: &str = "warden.requests";
 pub const JWT_CACHE_HIT: &str = "warden.jwt_cache.hit";

