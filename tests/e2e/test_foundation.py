@@ -234,6 +234,7 @@ def test_invalid_config_is_refused_with_the_reason_logged(runtime, keys, echo):
     try:
         with pytest.raises(h.EnvoyError):
             e.wait_ready(timeout=30)
+        assert e.wait_exit(timeout=10) != 0, "Envoy must refuse a configuration the filter rejects"
         assert "session-warden: invalid configuration: identity.jwt.providers[0].algorithms: unsupported algorithm `none`" in e.log()
     finally:
         e.stop()
