@@ -13,6 +13,8 @@ pub mod input;
 pub mod metrics;
 pub mod policy;
 pub mod session;
+pub mod trail;
+pub mod wire;
 
 use config::{FailureMode, JwksUriConfig, Mode, PluginConfig};
 use correlation::{DECISION_HEADER, SESSION_HEADER, STEP_HEADER, SUBJECT_HEADER, TRACEPARENT};

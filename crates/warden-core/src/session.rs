@@ -63,8 +63,10 @@ pub fn resolve(cfg: &SessionConfig, headers: &Headers, identity: &Identity, host
     Ok(SessionRef { id: new_session_id(host), source: SessionSource::Minted })
 }
 
-/// What the policy sees of a session, as it was before this step.
-#[derive(Debug, Clone, Default)]
+/// What the policy sees of a session, as it was before this step. Also the snapshot the
+/// session-state service returns, so proxy, service and CLI share one shape.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct SessionState {
     pub subject: String,
     pub started_at_ms: u64,
@@ -76,7 +78,21 @@ pub struct SessionState {
     pub workloads: Vec<String>,
     pub regions: Vec<String>,
     pub devices: Vec<String>,
+    pub tools: Vec<String>,
+    pub risk: f64,
+    pub flags: Vec<String>,
     pub revoked: bool,
+    pub last_step_up_ms: Option<u64>,
+}
+
+impl SessionState {
+    /// Merge what a step saw (bounded per kind).
+    pub fn remember(&mut self, seen: &Seen<'_>) {
+        remember_value(&mut self.credentials, seen.credential);
+        remember_value(&mut self.workloads, seen.workload);
+        remember_value(&mut self.regions, seen.region);
+        remember_value(&mut self.devices, seen.device);
+    }
 }
 
 /// What this step adds to what the session has seen.
@@ -95,9 +111,9 @@ pub enum BeginError {
 }
 
 /// How many distinct values of each kind a session remembers.
-const MAX_SEEN: usize = 32;
+pub const MAX_SEEN: usize = 32;
 
-fn remember(list: &mut Vec<String>, v: Option<&str>) {
+pub fn remember_value(list: &mut Vec<String>, v: Option<&str>) {
     if let Some(v) = v {
         if !v.is_empty() && !list.iter().any(|x| x == v) && list.len() < MAX_SEEN {
             list.push(v.to_string());
@@ -140,10 +156,7 @@ impl LocalSessions {
         let before = s.clone();
         s.steps += 1;
         s.last_seen_at_ms = now_ms;
-        remember(&mut s.credentials, seen.credential);
-        remember(&mut s.workloads, seen.workload);
-        remember(&mut s.regions, seen.region);
-        remember(&mut s.devices, seen.device);
+        s.remember(seen);
         Ok((before, is_new))
     }
 

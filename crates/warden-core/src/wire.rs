@@ -1,0 +1,171 @@
+//! The session-state service's wire types, shared by the filter, the service and the CLI.
+//! JSON over HTTP, API version 1 (paths under `/v1`).
+
+use serde::{Deserialize, Serialize};
+
+use crate::session::SessionState;
+
+/// `POST /v1/steps/begin` (proxy credential): one atomic step of a session.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BeginStep {
+    pub session_id: String,
+    pub subject: String,
+    #[serde(default)]
+    pub credential: Option<String>,
+    #[serde(default)]
+    pub workload: Option<String>,
+    #[serde(default)]
+    pub region: Option<String>,
+    #[serde(default)]
+    pub device: Option<String>,
+    #[serde(default)]
+    pub tool: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BeginOutcome {
+    /// The step was counted; `session` is the state before it.
+    Ok,
+    /// The session belongs to another subject; nothing changed, an audit event was written.
+    SubjectMismatch,
+    /// The session is revoked; nothing changed, an audit event was written.
+    Revoked,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BeginResponse {
+    pub outcome: BeginOutcome,
+    /// This step's number (from 1); 0 when the step was refused.
+    pub step: u64,
+    pub new: bool,
+    pub session: SessionState,
+}
+
+/// One step of a session as the proxy saw and decided it: the attribution record. Credentials
+/// appear only as fingerprints.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct StepRecord {
+    pub session_id: String,
+    pub step: u64,
+    pub decision_id: String,
+    pub at_ms: u64,
+    pub subject: String,
+    pub identity_kind: String,
+    pub issuer: Option<String>,
+    pub credential: Option<String>,
+    pub kid: Option<String>,
+    pub jti: Option<String>,
+    pub delegation: Vec<String>,
+    pub workload: Option<String>,
+    pub region: Option<String>,
+    pub device: Option<String>,
+    pub source_address: Option<String>,
+    pub method: Option<String>,
+    pub authority: Option<String>,
+    pub path: Option<String>,
+    pub tool: Option<String>,
+    pub action: String,
+    /// False when the decision was not enforced (shadow mode).
+    pub enforced: bool,
+    pub reasons: Vec<String>,
+    pub risk: f64,
+    pub policy_version: String,
+    pub mode: String,
+    pub status: Option<u32>,
+    pub duration_ms: Option<u64>,
+    pub trace_id: Option<String>,
+    /// True when the step was decided without the state service (degraded mode).
+    pub degraded: bool,
+}
+
+/// `POST /v1/records` (proxy credential).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecordBatch {
+    pub records: Vec<StepRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AppendResult {
+    pub appended: u64,
+    /// Records already stored (same session, step and decision id): retries are harmless.
+    pub duplicates: u64,
+}
+
+/// One stored record with its place in the session's hash chain.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrailEntry {
+    pub seq: u64,
+    pub record: StepRecord,
+    /// The record exactly as hashed (canonical JSON text).
+    pub body: String,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEvent {
+    pub at_ms: u64,
+    pub kind: String,
+    pub subject: String,
+    pub credential: Option<String>,
+    pub detail: String,
+}
+
+/// `GET /v1/sessions/{id}` (admin).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionView {
+    pub id: String,
+    pub state: SessionState,
+    pub revoked_at_ms: Option<u64>,
+    pub revoke_reason: Option<String>,
+    pub timeline: Vec<TrailEntry>,
+    pub audit: Vec<AuditEvent>,
+}
+
+/// One row of `GET /v1/sessions?subject=&credential=&workload=&since=&until=` (admin).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionSummary {
+    pub id: String,
+    pub subject: String,
+    pub started_at_ms: u64,
+    pub last_seen_at_ms: u64,
+    pub steps: u64,
+    pub revoked: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionList {
+    pub sessions: Vec<SessionSummary>,
+}
+
+/// `POST /v1/sessions/{id}/revoke` (admin).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct RevokeRequest {
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Revocation {
+    pub cursor: u64,
+    pub session_id: String,
+    pub at_ms: u64,
+    pub reason: String,
+}
+
+/// `GET /v1/revocations?after=<cursor>` (proxy credential).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RevocationFeed {
+    pub revocations: Vec<Revocation>,
+    /// Pass as `after` next time.
+    pub cursor: u64,
+}
+
+/// Every error answer of the service: a stable code and a sentence, never internals.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+    pub message: String,
+}

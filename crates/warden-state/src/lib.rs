@@ -1,0 +1,9 @@
+//! Session Warden's session-state service: each session's state, revocations, and its
+//! hash-chained attribution trail, behind a versioned JSON API.
+
+pub mod api;
+pub mod sqlite;
+pub mod store;
+pub mod validate;
+
+pub use api::{app, AppState};

@@ -1,0 +1,202 @@
+//! The API in-process, on a real SQLite store.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+use warden_core::trail;
+use warden_core::wire::{SessionView, StepRecord};
+use warden_state::sqlite::SqliteStore;
+use warden_state::{app, AppState};
+
+const PROXY: &str = "proxy-token-0123456789";
+const ADMIN: &str = "admin-token-0123456789";
+
+struct Api {
+    state: Arc<AppState>,
+}
+
+impl Api {
+    fn new() -> Self {
+        Self::with(SqliteStore::in_memory().unwrap())
+    }
+    fn with(store: SqliteStore) -> Self {
+        Self { state: Arc::new(AppState::new(Arc::new(store), PROXY, ADMIN)) }
+    }
+
+    async fn call(&self, method: &str, path: &str, token: Option<&str>, body: Option<Value>) -> (StatusCode, Value) {
+        let mut req = Request::builder().method(method).uri(path);
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let req = match body {
+            Some(b) => req.header("content-type", "application/json").body(Body::from(b.to_string())).unwrap(),
+            None => req.body(Body::empty()).unwrap(),
+        };
+        let resp = app(self.state.clone()).oneshot(req).await.unwrap();
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let v = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
+        (status, v)
+    }
+
+    async fn begin(&self, sid: &str, subject: &str, cred: &str) -> Value {
+        let (s, v) = self
+            .call("POST", "/v1/steps/begin", Some(PROXY), Some(json!({"session_id": sid, "subject": subject, "credential": cred, "region": "eu"})))
+            .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        v
+    }
+
+    async fn view(&self, sid: &str) -> SessionView {
+        let (s, v) = self.call("GET", &format!("/v1/sessions/{sid}"), Some(ADMIN), None).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        serde_json::from_value(v).unwrap()
+    }
+}
+
+fn record(sid: &str, step: u64, action: &str) -> StepRecord {
+    StepRecord {
+        session_id: sid.into(),
+        step,
+        decision_id: format!("dec_{step}"),
+        at_ms: 1_000 + step,
+        subject: "agent-7".into(),
+        identity_kind: "jwt".into(),
+        credential: Some("sha256:aaaa".into()),
+        workload: Some("spiffe://example.org/w".into()),
+        method: Some("GET".into()),
+        path: Some(format!("/tickets/{step}")),
+        action: action.into(),
+        enforced: true,
+        status: Some(200),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn tokens_are_required_and_roles_enforced() {
+    let api = Api::new();
+    let body = json!({"session_id": "s1", "subject": "a"});
+    assert_eq!(api.call("POST", "/v1/steps/begin", None, Some(body.clone())).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(api.call("POST", "/v1/steps/begin", Some("wrong-token-xxxxxxxx"), Some(body.clone())).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(api.call("POST", "/v1/steps/begin", Some(ADMIN), Some(body)).await.0, StatusCode::FORBIDDEN);
+    let (s, v) = api.call("GET", "/v1/sessions/s1", Some(PROXY), None).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert_eq!(v["error"], "forbidden");
+    assert_eq!(api.call("POST", "/v1/sessions/s1/revoke", Some(PROXY), None).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(api.call("GET", "/healthz", None, None).await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn begin_step_counts_binds_and_audits() {
+    let api = Api::new();
+    let v = api.begin("s1", "agent-7", "sha256:a").await;
+    assert_eq!((v["outcome"].as_str(), v["step"].as_u64(), v["new"].as_bool()), (Some("ok"), Some(1), Some(true)));
+    let v = api.begin("s1", "agent-7", "sha256:b").await;
+    assert_eq!((v["step"].as_u64(), v["new"].as_bool()), (Some(2), Some(false)));
+    assert_eq!(v["session"]["credentials"], json!(["sha256:a"]), "the snapshot is the state before this step");
+    let v = api.begin("s1", "intruder", "sha256:x").await;
+    assert_eq!((v["outcome"].as_str(), v["step"].as_u64()), (Some("subject_mismatch"), Some(0)));
+    let view = api.view("s1").await;
+    assert_eq!(view.state.steps, 2);
+    assert_eq!(view.state.credentials, vec!["sha256:a", "sha256:b"]);
+    assert_eq!(view.audit.len(), 1);
+    assert_eq!(view.audit[0].kind, "subject_mismatch");
+    assert_eq!(view.audit[0].subject, "intruder");
+}
+
+#[tokio::test]
+async fn records_chain_and_retries_are_idempotent() {
+    let api = Api::new();
+    let batch = json!({"records": (1..=5).map(|i| record("s2", i, "allow")).collect::<Vec<_>>()});
+    let (s, v) = api.call("POST", "/v1/records", Some(PROXY), Some(batch.clone())).await;
+    assert_eq!((s, v["appended"].as_u64()), (StatusCode::OK, Some(5)));
+    let (_, v) = api.call("POST", "/v1/records", Some(PROXY), Some(batch)).await;
+    assert_eq!((v["appended"].as_u64(), v["duplicates"].as_u64()), (Some(0), Some(5)));
+    let view = api.view("s2").await;
+    assert_eq!(view.timeline.len(), 5);
+    assert_eq!(view.timeline.iter().map(|e| e.record.step).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
+    assert_eq!(view.state.steps, 5, "records alone create and advance a session (cached mode)");
+    assert_eq!(trail::verify(&view.timeline), Ok(()));
+    // Secrets never: only the fingerprint is stored.
+    assert!(view.timeline[0].body.contains("sha256:aaaa"));
+}
+
+#[tokio::test]
+async fn bad_requests_are_4xx_and_change_nothing() {
+    let api = Api::new();
+    let (s, v) = api.call("POST", "/v1/records", Some(PROXY), Some(json!({"records": "nope"}))).await;
+    assert_eq!((s, v["error"].as_str()), (StatusCode::BAD_REQUEST, Some("bad_request")));
+    // One bad record in a batch: nothing of the batch is stored.
+    let mut bad = record("s3", 2, "explode");
+    bad.decision_id = "d".into();
+    let (s, v) = api.call("POST", "/v1/records", Some(PROXY), Some(json!({"records": [record("s3", 1, "allow"), bad]}))).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(v["message"].as_str().unwrap().contains("unknown action"), "{v}");
+    assert_eq!(api.call("GET", "/v1/sessions/s3", Some(ADMIN), None).await.0, StatusCode::NOT_FOUND);
+    for body in [json!({"session_id": "has space", "subject": "a"}), json!({"subject": "a"}), json!([1, 2])] {
+        let (s, v) = api.call("POST", "/v1/steps/begin", Some(PROXY), Some(body)).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    }
+    let (s, _) = api.call("GET", "/v1/revocations?after=minus-one", Some(PROXY), None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(api.call("GET", "/nope", Some(ADMIN), None).await.0, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn revocation_refuses_steps_and_feeds_proxies() {
+    let api = Api::new();
+    api.begin("s4", "agent-7", "sha256:a").await;
+    let (s, v) = api.call("POST", "/v1/sessions/s4/revoke", Some(ADMIN), Some(json!({"reason": "incident 42"}))).await;
+    assert_eq!((s, v["changed"].as_bool()), (StatusCode::OK, Some(true)));
+    let v = api.begin("s4", "agent-7", "sha256:a").await;
+    assert_eq!(v["outcome"], "revoked");
+    // Revoking a session nobody has used yet makes sure it never starts.
+    api.call("POST", "/v1/sessions/future/revoke", Some(ADMIN), None).await;
+    assert_eq!(api.begin("future", "agent-7", "sha256:a").await["outcome"], "revoked");
+    let (_, feed) = api.call("GET", "/v1/revocations?after=0", Some(PROXY), None).await;
+    let ids: Vec<&str> = feed["revocations"].as_array().unwrap().iter().map(|r| r["session_id"].as_str().unwrap()).collect();
+    assert_eq!(ids, vec!["s4", "future"]);
+    let cursor = feed["cursor"].as_u64().unwrap();
+    let (_, feed) = api.call("GET", &format!("/v1/revocations?after={cursor}"), Some(PROXY), None).await;
+    assert_eq!(feed["revocations"], json!([]));
+    // A terminate decision in the trail revokes the session too.
+    api.call("POST", "/v1/records", Some(PROXY), Some(json!({"records": [record("s5", 1, "terminate")]}))).await;
+    let view = api.view("s5").await;
+    assert!(view.state.revoked);
+    assert!(view.revoke_reason.unwrap().starts_with("terminated by policy"));
+}
+
+#[tokio::test]
+async fn search_by_subject_credential_workload_and_time() {
+    let api = Api::new();
+    api.begin("a1", "alice", "sha256:1").await;
+    api.begin("b1", "bob", "sha256:2").await;
+    api.call("POST", "/v1/records", Some(PROXY), Some(json!({"records": [record("c1", 1, "allow")]}))).await;
+    let ids = |v: Value| v["sessions"].as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap().to_string()).collect::<Vec<_>>();
+    assert_eq!(ids(api.call("GET", "/v1/sessions?subject=alice", Some(ADMIN), None).await.1), vec!["a1"]);
+    assert_eq!(ids(api.call("GET", "/v1/sessions?credential=sha256:aaaa", Some(ADMIN), None).await.1), vec!["c1"]);
+    assert_eq!(ids(api.call("GET", "/v1/sessions?workload=spiffe://example.org/w", Some(ADMIN), None).await.1), vec!["c1"]);
+    assert_eq!(ids(api.call("GET", "/v1/sessions?since_ms=99999999999999", Some(ADMIN), None).await.1), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn sqlite_survives_a_restart_and_metrics_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state.db");
+    {
+        let api = Api::with(SqliteStore::open(&db).unwrap());
+        api.begin("p1", "agent-7", "sha256:a").await;
+        api.begin("p1", "agent-7", "sha256:a").await;
+        let (_, m) = api.call("GET", "/metrics", None, None).await;
+        assert!(m.as_str().unwrap().contains("warden_state_steps_begun_total 2"), "{m}");
+    }
+    let api = Api::with(SqliteStore::open(&db).unwrap());
+    assert_eq!(api.begin("p1", "agent-7", "sha256:a").await["step"], 3);
+}
