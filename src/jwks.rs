@@ -40,10 +40,6 @@ impl JwksFetcher {
         Self { states, calls: HashMap::new() }
     }
 
-    pub fn all_loaded(&self) -> bool {
-        self.states.iter().all(|s| s.installed_cas.is_some())
-    }
-
     pub fn on_tick(&mut self, now: u64, warden: &mut Warden, metrics: &mut Metrics) {
         for (i, s) in self.states.iter_mut().enumerate() {
             // A document another VM fetched: layout is 8 bytes fetched-at (ms, LE) + body.

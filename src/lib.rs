@@ -6,6 +6,7 @@
 
 mod jwks;
 mod metrics;
+mod state;
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -16,10 +17,12 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
 use warden_core::host::{Headers, Host};
-use warden_core::Warden;
+use warden_core::wire::{BeginResponse, StepRecord};
+use warden_core::{Pending, RequestOutcome, Step, Warden};
 
 use jwks::JwksFetcher;
 use metrics::Metrics;
+use state::StateClient;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -36,6 +39,17 @@ impl Host for ProxyHost {
 
     fn now_ms(&self) -> u64 {
         now_ms()
+    }
+
+    fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        match hostcalls::get_shared_data(key) {
+            Ok((Some(v), Some(cas))) => Some((v, cas)),
+            _ => None,
+        }
+    }
+
+    fn shared_set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
+        hostcalls::set_shared_data(key, Some(value), cas).is_ok()
     }
 
     fn fill_random(&mut self, buf: &mut [u8]) {
@@ -62,10 +76,17 @@ struct WardenRoot {
     warden: Option<Rc<RefCell<Warden>>>,
     metrics: Rc<RefCell<Metrics>>,
     jwks: Option<JwksFetcher>,
+    state: Option<Rc<RefCell<StateClient>>>,
 }
 
 impl Context for WardenRoot {
     fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, body_size: usize, _num_trailers: usize) {
+        if let (Some(client), Some(warden)) = (self.state.as_ref(), self.warden.as_ref()) {
+            let answer = state::response(num_headers, body_size);
+            if client.borrow_mut().on_response(token_id, answer, now_ms(), &mut warden.borrow_mut(), &mut self.metrics.borrow_mut()) {
+                return;
+            }
+        }
         let (Some(fetcher), Some(warden)) = (self.jwks.as_mut(), self.warden.as_ref()) else { return };
         // Zero headers means the call failed (no cluster, timeout, reset): an answer too.
         let status = if num_headers == 0 {
@@ -110,24 +131,36 @@ impl RootContext for WardenRoot {
         self.metrics.borrow_mut().define_known();
         let targets = warden.jwks_targets();
         self.jwks = (!targets.is_empty()).then(|| JwksFetcher::new(targets));
-        if self.jwks.is_some() {
+        self.state = warden.config.state.clone().map(|cfg| Rc::new(RefCell::new(StateClient::new(cfg))));
+        if self.jwks.is_some() || self.state.is_some() {
             // Fetch keys right away and keep trying quickly until every provider has some.
-            let _ = hostcalls::set_tick_period(Duration::from_millis(200));
+            let _ = hostcalls::set_tick_period(Duration::from_millis(TICK_MS));
         }
         self.warden = Some(Rc::new(RefCell::new(warden)));
         true
     }
 
     fn on_tick(&mut self) {
+        let now = now_ms();
+        if let Some(client) = &self.state {
+            client.borrow_mut().on_tick(now);
+        }
         let (Some(fetcher), Some(warden)) = (self.jwks.as_mut(), self.warden.as_ref()) else { return };
-        fetcher.on_tick(now_ms(), &mut warden.borrow_mut(), &mut self.metrics.borrow_mut());
-        let period = if fetcher.all_loaded() { Duration::from_secs(1) } else { Duration::from_millis(200) };
-        let _ = hostcalls::set_tick_period(period);
+        fetcher.on_tick(now, &mut warden.borrow_mut(), &mut self.metrics.borrow_mut());
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         let warden = self.warden.clone()?;
-        Some(Box::new(WardenHttp { warden, metrics: self.metrics.clone(), response_headers: Vec::new(), replied: false }))
+        Some(Box::new(WardenHttp {
+            warden,
+            metrics: self.metrics.clone(),
+            state: self.state.clone(),
+            response_headers: Vec::new(),
+            replied: false,
+            pending: None,
+            record: None,
+            started_ms: 0,
+        }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -135,17 +168,46 @@ impl RootContext for WardenRoot {
     }
 }
 
+/// The root tick: JWKS fetches, attribution batches and revocation polls each keep their own
+/// schedule within it.
+const TICK_MS: u64 = 100;
+
 struct WardenHttp {
     warden: Rc<RefCell<Warden>>,
     metrics: Rc<RefCell<Metrics>>,
+    state: Option<Rc<RefCell<StateClient>>>,
     response_headers: Vec<(String, String)>,
     replied: bool,
+    /// The request waiting for the state service.
+    pending: Option<(u32, Box<Pending>)>,
+    record: Option<StepRecord>,
+    started_ms: u64,
 }
 
-impl Context for WardenHttp {}
+impl Context for WardenHttp {
+    fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, body_size: usize, _num_trailers: usize) {
+        let Some((token, pending)) = self.pending.take() else { return };
+        if token != token_id {
+            self.pending = Some((token, pending));
+            return;
+        }
+        let answer = match state::response(num_headers, body_size) {
+            Some((status, body)) if status == "200" => {
+                serde_json::from_slice::<BeginResponse>(&body).map_err(|e| format!("unreadable answer: {e}"))
+            }
+            Some((status, body)) => Err(format!("HTTP {status}: {}", String::from_utf8_lossy(&body).chars().take(200).collect::<String>())),
+            None => Err("no answer (unreachable or past its deadline)".into()),
+        };
+        let outcome = self.warden.borrow_mut().resume(pending, answer, &mut ProxyHost);
+        if !self.apply(outcome) {
+            let _ = hostcalls::resume_http_request();
+        }
+    }
+}
 
 impl HttpContext for WardenHttp {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        self.started_ms = now_ms();
         let pairs = match hostcalls::get_map_bytes(MapType::HttpRequestHeaders) {
             Ok(p) => p,
             Err(_) => {
@@ -153,31 +215,32 @@ impl HttpContext for WardenHttp {
                 return Action::Pause;
             }
         };
-        let headers = Headers::from_pairs(pairs);
-        let outcome = self.warden.borrow_mut().on_request(&headers, &mut ProxyHost);
-
-        {
-            let mut m = self.metrics.borrow_mut();
-            for name in &outcome.metrics {
-                m.increment(name);
+        let step = self.warden.borrow_mut().on_request(Headers::from_pairs(pairs), &mut ProxyHost);
+        let outcome = match step {
+            Step::Done(outcome) => outcome,
+            Step::Call { pending, call } => {
+                let dispatched = match &self.state {
+                    Some(client) => {
+                        let cfg = client.borrow().config().clone();
+                        state::dispatch(&cfg, "POST", call.path, Some(&call.body), cfg.timeout_ms).map_err(|e| format!("dispatch failed ({e:?}): is cluster `{}` defined?", cfg.cluster))
+                    }
+                    None => Err("no state client".to_string()),
+                };
+                match dispatched {
+                    Ok(token) => {
+                        self.pending = Some((token, pending));
+                        return Action::Pause;
+                    }
+                    // A call that cannot even start is answered now: the request is never left paused.
+                    Err(why) => self.warden.borrow_mut().resume(pending, Err(why), &mut ProxyHost),
+                }
             }
+        };
+        if self.apply(outcome) {
+            Action::Pause
+        } else {
+            Action::Continue
         }
-        if let Some(line) = &outcome.log {
-            info!("session-warden: {line} [decision {}]", outcome.decision_id);
-        }
-        for name in &outcome.remove_headers {
-            let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
-        }
-        if let Some(reply) = &outcome.reply {
-            let hs: Vec<(&str, &str)> = reply.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-            self.reply(reply.status, &hs, &reply.body);
-            return Action::Pause;
-        }
-        for (k, v) in &outcome.set_headers {
-            let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, k, Some(v));
-        }
-        self.response_headers = outcome.response_headers;
-        Action::Continue
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
@@ -189,9 +252,50 @@ impl HttpContext for WardenHttp {
         }
         Action::Continue
     }
+
+    fn on_log(&mut self) {
+        // The step is complete: its record gets the final status and duration and is queued.
+        let (Some(mut record), Some(client)) = (self.record.take(), self.state.as_ref()) else { return };
+        if record.status.is_none() {
+            record.status = hostcalls::get_property(vec!["response", "code"])
+                .ok()
+                .flatten()
+                .filter(|b| b.len() == 8)
+                .map(|b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as u32);
+        }
+        record.duration_ms = Some(now_ms().saturating_sub(self.started_ms));
+        client.borrow_mut().enqueue(record, &mut self.metrics.borrow_mut());
+    }
 }
 
 impl WardenHttp {
+    /// Apply a decided outcome. True if a local reply was sent (the request must stay paused).
+    fn apply(&mut self, outcome: RequestOutcome) -> bool {
+        {
+            let mut m = self.metrics.borrow_mut();
+            for name in &outcome.metrics {
+                m.increment(name);
+            }
+        }
+        if let Some(line) = &outcome.log {
+            info!("session-warden: {line} [decision {}]", outcome.decision_id);
+        }
+        self.record = outcome.record;
+        for name in &outcome.remove_headers {
+            let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
+        }
+        if let Some(reply) = &outcome.reply {
+            let hs: Vec<(&str, &str)> = reply.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            self.reply(reply.status, &hs, &reply.body);
+            return true;
+        }
+        for (k, v) in &outcome.set_headers {
+            let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, k, Some(v));
+        }
+        self.response_headers = outcome.response_headers;
+        false
+    }
+
     fn reply(&mut self, status: u32, headers: &[(&str, &str)], body: &[u8]) {
         self.replied = true;
         if let Err(e) = hostcalls::send_http_response(status, headers.to_vec(), Some(body)) {

@@ -45,6 +45,63 @@ pub struct PluginConfig {
     pub context: ContextConfig,
     #[serde(default)]
     pub token_cache: TokenCacheConfig,
+    /// The session-state service. Without it, session state is kept per proxy VM.
+    #[serde(default)]
+    pub state: Option<StateConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StateMode {
+    /// One callout per request: the strongest guarantees.
+    #[default]
+    Sync,
+    /// Session snapshots cached in the proxy's shared data; revocations polled on the tick.
+    Cached,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// Envoy cluster of the session-state service.
+    pub cluster: String,
+    /// `:authority` for callouts; defaults to the cluster name.
+    #[serde(default)]
+    pub authority: Option<String>,
+    #[serde(default)]
+    pub mode: StateMode,
+    /// The proxy token the service expects (never logged).
+    pub token: String,
+    /// Deadline of each begin-step callout.
+    #[serde(default = "default_state_timeout")]
+    pub timeout_ms: u64,
+    /// How often queued attribution records are sent.
+    #[serde(default = "default_flush_interval")]
+    pub flush_interval_ms: u64,
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
+    /// Records kept while the service is unreachable; beyond it the oldest are dropped (and counted).
+    #[serde(default = "default_queue_limit")]
+    pub queue_limit: usize,
+    /// How often the revocation feed is polled (cached mode).
+    #[serde(default = "default_revocation_poll")]
+    pub revocation_poll_ms: u64,
+}
+
+fn default_state_timeout() -> u64 {
+    250
+}
+fn default_flush_interval() -> u64 {
+    200
+}
+fn default_max_batch() -> usize {
+    200
+}
+fn default_queue_limit() -> usize {
+    50_000
+}
+fn default_revocation_poll() -> u64 {
+    250
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -357,6 +414,23 @@ impl PluginConfig {
                 if k.subject.is_empty() {
                     return Err(ConfigError::new(&format!("identity.api_keys.keys[{i}].subject"), "must not be empty"));
                 }
+            }
+        }
+        if let Some(st) = &self.state {
+            if st.cluster.is_empty() {
+                return Err(ConfigError::new("state.cluster", "must name the Envoy cluster of the session-state service"));
+            }
+            if st.token.len() < 16 {
+                return Err(ConfigError::new("state.token", "must be the service's proxy token (at least 16 characters)"));
+            }
+            if st.timeout_ms == 0 || st.flush_interval_ms == 0 || st.revocation_poll_ms == 0 {
+                return Err(ConfigError::new("state", "timeout_ms, flush_interval_ms and revocation_poll_ms must be at least 1"));
+            }
+            if st.max_batch == 0 || st.max_batch > 1000 {
+                return Err(ConfigError::new("state.max_batch", "must be between 1 and 1000"));
+            }
+            if st.queue_limit < st.max_batch {
+                return Err(ConfigError::new("state.queue_limit", "must be at least max_batch"));
             }
         }
         if self.token_cache.max_entries == 0 {

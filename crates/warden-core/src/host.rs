@@ -10,6 +10,10 @@ pub trait Host {
     fn now_ms(&self) -> u64;
     /// Cryptographically random bytes (WASI `random_get` in the proxy).
     fn fill_random(&mut self, buf: &mut [u8]);
+    /// Shared data (all VMs of the plugin in this proxy): value and its CAS version.
+    fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)>;
+    /// Set shared data if its version is still `cas` (None: unconditionally). False on a lost race.
+    fn shared_set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> bool;
 }
 
 /// Request headers by lower-case name, values as raw bytes: a header value is not guaranteed to
@@ -43,12 +47,16 @@ impl Headers {
     }
 }
 
+/// Shared data of a fake proxy: clones of a `FakeHost` are VMs of the same proxy.
+pub type SharedData = std::rc::Rc<std::cell::RefCell<HashMap<String, (Vec<u8>, u32)>>>;
+
 /// A host for tests: fixed properties, a settable clock, deterministic "randomness".
 #[derive(Debug, Default, Clone)]
 pub struct FakeHost {
     pub properties: HashMap<String, Vec<u8>>,
     pub now_ms: u64,
     pub counter: u64,
+    pub shared: SharedData,
 }
 
 impl FakeHost {
@@ -72,6 +80,20 @@ impl Host for FakeHost {
 
     fn now_ms(&self) -> u64 {
         self.now_ms
+    }
+
+    fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        self.shared.borrow().get(key).cloned()
+    }
+
+    fn shared_set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
+        let mut map = self.shared.borrow_mut();
+        let current = map.get(key).map(|(_, c)| *c);
+        if cas.is_some() && cas != current {
+            return false;
+        }
+        map.insert(key.to_string(), (value.to_vec(), current.unwrap_or(0) + 1));
+        true
     }
 
     fn fill_random(&mut self, buf: &mut [u8]) {

@@ -16,7 +16,7 @@ pub mod session;
 pub mod trail;
 pub mod wire;
 
-use config::{FailureMode, JwksUriConfig, Mode, PluginConfig};
+use config::{FailureMode, JwksUriConfig, Mode, PluginConfig, StateMode};
 use correlation::{DECISION_HEADER, SESSION_HEADER, STEP_HEADER, SUBJECT_HEADER, TRACEPARENT};
 use decision::{Action, Decision};
 use error::{ConfigError, IdentityError};
@@ -25,7 +25,8 @@ use identity::jwks::{parse_jwks, KeySet};
 use identity::jwt::{JwtVerifier, Provider};
 use identity::Identifier;
 use policy::{Policy, PolicySource};
-use session::{BeginError, LocalSessions, SessionRef, Seen};
+use session::{BeginError, LocalSessions, SessionRef, SessionState, Seen};
+use wire::{BeginOutcome, BeginResponse, BeginStep, StepRecord};
 
 /// A local reply in place of the upstream's response.
 #[derive(Debug, Clone, PartialEq)]
@@ -54,6 +55,70 @@ pub struct RequestOutcome {
     pub session_id: Option<String>,
     /// One line for the proxy's log when something noteworthy happened.
     pub log: Option<String>,
+    /// The step's attribution record; the proxy adds status and duration and queues it.
+    pub record: Option<StepRecord>,
+}
+
+/// The result of the first half of the request flow. Returned once per request and matched at
+/// once, so the size difference between the variants costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
+pub enum Step {
+    /// Decided: apply the outcome.
+    Done(RequestOutcome),
+    /// Sync mode (or a cache miss): send `call` to the state service, then `Warden::resume`.
+    Call { pending: Box<Pending>, call: StateCall },
+}
+
+/// A POST to the state service (the proxy adds method, authority, token and content type).
+#[derive(Debug, Clone)]
+pub struct StateCall {
+    pub path: &'static str,
+    pub body: Vec<u8>,
+}
+
+/// A request waiting for the state service.
+pub struct Pending {
+    out: RequestOutcome,
+    headers: Headers,
+    identity: identity::Identity,
+    session: SessionRef,
+    traceparent: String,
+    now_ms: u64,
+}
+
+impl Pending {
+    fn seen<'a>(&'a self, cfg: &'a PluginConfig) -> Seen<'a> {
+        Self::seen_of(cfg, &self.headers, &self.identity)
+    }
+
+    fn seen_of<'a>(cfg: &'a PluginConfig, headers: &'a Headers, identity: &'a identity::Identity) -> Seen<'a> {
+        Seen {
+            credential: identity.fingerprint.as_deref(),
+            workload: identity.workload.as_deref(),
+            region: headers.get_str(&cfg.context.region_header),
+            device: headers.get_str(&cfg.context.device_header),
+        }
+    }
+}
+
+enum Cached {
+    Hit(Box<SessionState>, u64),
+    Refused(BeginError),
+    Miss,
+}
+
+const CACHE_PREFIX: &str = "session-warden.session.";
+
+fn cache_get(host: &dyn Host, id: &str) -> Option<(SessionState, u32)> {
+    let (bytes, cas) = host.shared_get(&format!("{CACHE_PREFIX}{id}"))?;
+    serde_json::from_slice(&bytes).ok().map(|s| (s, cas))
+}
+
+fn cache_put(host: &mut dyn Host, id: &str, state: &SessionState, cas: Option<u32>) -> bool {
+    match serde_json::to_vec(state) {
+        Ok(bytes) => host.shared_set(&format!("{CACHE_PREFIX}{id}"), &bytes, cas),
+        Err(_) => false,
+    }
 }
 
 /// A JWKS the proxy must fetch and keep fresh.
@@ -143,8 +208,9 @@ impl Warden {
         Ok(n)
     }
 
-    /// The per-request flow of DESIGN.md: strip, identify, resolve the session, decide, stamp.
-    pub fn on_request(&mut self, headers: &Headers, host: &mut dyn Host) -> RequestOutcome {
+    /// Begin the per-request flow of DESIGN.md: strip, identify, resolve the session, and then
+    /// either decide now (local or cached state) or ask the state service first (sync mode).
+    pub fn on_request(&mut self, headers: Headers, host: &mut dyn Host) -> Step {
         let now_ms = host.now_ms();
         let shadow = self.config.mode == Mode::Shadow;
         let mut out = RequestOutcome { decision_id: correlation::new_decision_id(host), ..Default::default() };
@@ -159,7 +225,7 @@ impl Warden {
         };
 
         // 2. Identify.
-        let identity = match self.identifier.identify(headers, host, now_ms / 1000) {
+        let identity = match self.identifier.identify(&headers, host, now_ms / 1000) {
             Ok(id) => id,
             Err(e) => {
                 out.metrics.push(metrics::identity_failure(e.code()));
@@ -168,52 +234,172 @@ impl Warden {
                     out.log = Some(format!("shadow: would refuse the credential ({})", e.code()));
                     out.set_headers.push((DECISION_HEADER.into(), out.decision_id.clone()));
                     out.set_headers.push((TRACEPARENT.into(), traceparent));
-                    return out;
+                    return Step::Done(out);
                 }
                 out.reply = Some(unauthenticated(e, &out.decision_id));
-                return out;
+                return Step::Done(out);
             }
         };
         if identity.kind == identity::IdentityKind::Jwt {
             out.metrics.push(if identity.token_cache_hit { metrics::JWT_CACHE_HIT } else { metrics::JWT_CACHE_MISS }.into());
         }
 
-        // 3. Resolve the session and begin the step.
-        let session = match session::resolve(&self.config.session, headers, &identity, host) {
+        // 3. Resolve the session.
+        let session = match session::resolve(&self.config.session, &headers, &identity, host) {
             Ok(s) => s,
             Err(session::MalformedSessionId) => {
-                return self.refuse(out, Decision::internal(Action::Deny, "session_id_malformed"), None, 400, shadow);
+                return Step::Done(self.refuse(out, Decision::internal(Action::Deny, "session_id_malformed"), None, 400, shadow));
             }
         };
         if session.source == session::SessionSource::Minted {
             out.metrics.push(metrics::SESSIONS_NEW.into());
         }
-        let region = headers.get_str(&self.config.context.region_header);
-        let device = headers.get_str(&self.config.context.device_header);
-        let seen = Seen { credential: identity.fingerprint.as_deref(), workload: identity.workload.as_deref(), region, device };
-        let (before, is_new) = match self.sessions.begin_step(&session.id, &identity.subject, &seen, now_ms) {
-            Ok(x) => x,
-            Err(BeginError::SubjectMismatch) => {
-                out.metrics.push(metrics::SESSION_BINDING_VIOLATIONS.into());
-                out.log = Some(format!("session {} presented by another subject", session.id));
-                return self.refuse(out, Decision::internal(Action::Deny, "session_bound_to_other_subject"), Some(&session), 403, shadow);
-            }
-            Err(BeginError::Revoked) => {
-                return self.refuse(out, Decision::internal(Action::Deny, "session_revoked"), Some(&session), 403, shadow);
-            }
-        };
-        let step = before.steps + 1;
+        let ctx = Pending { out, headers, identity, session, traceparent, now_ms };
 
-        // 4. Decide.
+        // A session this proxy knows to be revoked goes no further, whatever the mode.
+        if self.sessions.is_revoked(&ctx.session.id) {
+            return Step::Done(self.refused_session(ctx, BeginError::Revoked));
+        }
+
+        // 4. Load the session state.
+        let Some(state) = self.config.state.clone() else {
+            return Step::Done(self.begin_locally(ctx, host, false));
+        };
+        if state.mode == StateMode::Cached {
+            match self.begin_cached(&ctx, host) {
+                Cached::Hit(before, step) => return Step::Done(self.decide(ctx, *before, step, false, false, host)),
+                Cached::Refused(why) => return Step::Done(self.refused_session(ctx, why)),
+                Cached::Miss => {}
+            }
+        }
+        let seen = ctx.seen(&self.config);
+        let req = BeginStep {
+            session_id: ctx.session.id.clone(),
+            subject: ctx.identity.subject.clone(),
+            credential: seen.credential.map(str::to_string),
+            workload: seen.workload.map(str::to_string),
+            region: seen.region.map(str::to_string),
+            device: seen.device.map(str::to_string),
+            tool: None,
+        };
+        let body = serde_json::to_vec(&req).unwrap_or_default();
+        Step::Call { pending: Box::new(ctx), call: StateCall { path: "/v1/steps/begin", body } }
+    }
+
+    /// Finish a request that waited for the state service. `Err` is the service being
+    /// unavailable (no answer, timeout, an error status): the policy decides, degraded.
+    pub fn resume(&mut self, pending: Box<Pending>, answer: Result<BeginResponse, String>, host: &mut dyn Host) -> RequestOutcome {
+        let mut ctx = *pending;
+        match answer {
+            Ok(resp) => match resp.outcome {
+                BeginOutcome::Ok => {
+                    let before = resp.session;
+                    let mut after = before.clone();
+                    after.steps = resp.step;
+                    after.last_seen_at_ms = ctx.now_ms;
+                    after.remember(&ctx.seen(&self.config));
+                    if self.config.state.as_ref().is_some_and(|s| s.mode == StateMode::Cached) {
+                        cache_put(host, &ctx.session.id, &after, None);
+                    }
+                    self.sessions.put(&ctx.session.id, after);
+                    self.decide(ctx, before, resp.step, resp.new, false, host)
+                }
+                BeginOutcome::SubjectMismatch => self.refused_session(ctx, BeginError::SubjectMismatch),
+                BeginOutcome::Revoked => {
+                    self.sessions.revoke(&ctx.session.id);
+                    self.refused_session(ctx, BeginError::Revoked)
+                }
+            },
+            Err(why) => {
+                ctx.out.metrics.push(metrics::STATE_UNAVAILABLE.into());
+                ctx.out.log = Some(format!("session state unavailable ({why}); the policy decides with session.unavailable = true"));
+                self.begin_locally(ctx, host, true)
+            }
+        }
+    }
+
+    /// A revocation from the service's feed (cached mode) or a terminate decision.
+    pub fn apply_revocation(&mut self, session_id: &str, host: &mut dyn Host) {
+        self.sessions.revoke(session_id);
+        if self.config.state.as_ref().is_some_and(|s| s.mode == StateMode::Cached) {
+            for _ in 0..4 {
+                let (mut state, cas) = match cache_get(host, session_id) {
+                    Some((s, cas)) => (s, Some(cas)),
+                    None => (SessionState::default(), None),
+                };
+                state.revoked = true;
+                if cache_put(host, session_id, &state, cas) {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// The proxy VM's own session table: no service configured, or the service unavailable.
+    fn begin_locally(&mut self, ctx: Pending, host: &mut dyn Host, unavailable: bool) -> RequestOutcome {
+        let seen = ctx.seen(&self.config);
+        match self.sessions.begin_step(&ctx.session.id, &ctx.identity.subject, &seen, ctx.now_ms) {
+            Ok((before, is_new)) => {
+                let step = before.steps + 1;
+                self.decide(ctx, before, step, is_new, unavailable, host)
+            }
+            Err(e) => self.refused_session(ctx, e),
+        }
+    }
+
+    /// Cached mode: take the step on the shared snapshot with compare-and-swap, so every worker
+    /// of this proxy counts the same session the same way.
+    fn begin_cached(&self, ctx: &Pending, host: &mut dyn Host) -> Cached {
+        let seen = ctx.seen(&self.config);
+        for _ in 0..4 {
+            let Some((mut state, cas)) = cache_get(host, &ctx.session.id) else { return Cached::Miss };
+            if state.revoked {
+                return Cached::Refused(BeginError::Revoked);
+            }
+            if state.subject.is_empty() {
+                return Cached::Miss;
+            }
+            if state.subject != ctx.identity.subject {
+                return Cached::Refused(BeginError::SubjectMismatch);
+            }
+            let before = state.clone();
+            state.steps += 1;
+            state.last_seen_at_ms = ctx.now_ms;
+            state.remember(&seen);
+            if cache_put(host, &ctx.session.id, &state, Some(cas)) {
+                return Cached::Hit(Box::new(before), state.steps);
+            }
+        }
+        Cached::Miss
+    }
+
+    fn refused_session(&mut self, ctx: Pending, why: BeginError) -> RequestOutcome {
+        let shadow = self.config.mode == Mode::Shadow;
+        let mut out = ctx.out;
+        match why {
+            BeginError::SubjectMismatch => {
+                out.metrics.push(metrics::SESSION_BINDING_VIOLATIONS.into());
+                out.log = Some(format!("session {} presented by another subject ({})", ctx.session.id, ctx.identity.subject));
+                self.refuse(out, Decision::internal(Action::Deny, "session_bound_to_other_subject"), Some(&ctx.session), 403, shadow)
+            }
+            BeginError::Revoked => self.refuse(out, Decision::internal(Action::Deny, "session_revoked"), Some(&ctx.session), 403, shadow),
+        }
+    }
+
+    /// Decide, enforce, correlate, and prepare the step's attribution record.
+    fn decide(&mut self, ctx: Pending, before: SessionState, step: u64, is_new: bool, unavailable: bool, host: &mut dyn Host) -> RequestOutcome {
+        let shadow = self.config.mode == Mode::Shadow;
+        let Pending { mut out, headers, identity, session, traceparent, now_ms } = ctx;
+        let seen = Pending::seen_of(&self.config, &headers, &identity);
         let source_address = host.property(&["source", "address"]).and_then(|v| String::from_utf8(v).ok());
         let facts = input::RequestFacts {
-            headers,
+            headers: &headers,
             input_headers: &self.config.policy.input_headers,
             source_address: source_address.as_deref(),
-            region,
-            device,
+            region: seen.region,
+            device: seen.device,
         };
-        let sess = input::SessionFacts { session: &session, before: &before, is_new, unavailable: false };
+        let sess = input::SessionFacts { session: &session, before: &before, is_new, unavailable };
         let mode = if shadow { "shadow" } else { "enforce" };
         let input = input::build(now_ms, mode, &facts, &identity, &sess);
         let decision = match self.policy.eval(input).and_then(|v| decision::parse_output(&v)) {
@@ -227,11 +413,42 @@ impl Warden {
                 }
             }
         };
+        let mut record = StepRecord {
+            session_id: session.id.clone(),
+            step,
+            decision_id: out.decision_id.clone(),
+            at_ms: now_ms,
+            subject: identity.subject.clone(),
+            identity_kind: identity.kind.as_str().into(),
+            issuer: identity.issuer.clone(),
+            credential: identity.fingerprint.clone(),
+            kid: identity.token.as_ref().and_then(|t| t.kid.clone()),
+            jti: identity.token.as_ref().and_then(|t| t.jti.clone()),
+            delegation: identity.token.as_ref().map(|t| t.delegation.clone()).unwrap_or_default(),
+            workload: identity.workload.clone(),
+            region: seen.region.map(str::to_string),
+            device: seen.device.map(str::to_string),
+            source_address,
+            method: headers.get_str(":method").map(str::to_string),
+            authority: headers.get_str(":authority").map(str::to_string),
+            path: headers.get_str(":path").map(|p| p.chars().take(1024).collect()),
+            tool: None,
+            action: decision.action.as_str().into(),
+            enforced: !shadow,
+            reasons: decision.reasons.clone(),
+            risk: decision.risk,
+            policy_version: self.policy.version.clone(),
+            mode: mode.into(),
+            status: None,
+            duration_ms: None,
+            trace_id: correlation::trace_id(&traceparent).map(str::to_string),
+            degraded: unavailable,
+        };
 
         // 5. Enforce.
         if decision.action != Action::Allow {
             if decision.action == Action::Terminate && !shadow {
-                self.sessions.revoke(&session.id);
+                self.apply_revocation(&session.id, host);
             }
             let status = match decision.action {
                 Action::StepUp => 401,
@@ -239,7 +456,11 @@ impl Warden {
                 _ => 403,
             };
             if !shadow {
-                return self.refuse(out, decision, Some(&session), status, false);
+                let mut out = self.refuse(out, decision, Some(&session), status, false);
+                out.set_headers.push((STEP_HEADER.into(), step.to_string()));
+                record.status = Some(status);
+                out.record = Some(record);
+                return out;
             }
             out.metrics.push(metrics::shadow(decision.action.as_str()));
             out.log = Some(format!("shadow: would {} ({})", decision.action.as_str(), decision.reasons.join(",")));
@@ -262,6 +483,7 @@ impl Warden {
         out.response_headers.push((DECISION_HEADER.into(), out.decision_id.clone()));
         out.session_id = Some(session.id);
         out.decision = Some(decision);
+        out.record = Some(record);
         out
     }
 

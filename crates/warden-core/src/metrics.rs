@@ -9,6 +9,11 @@ pub const SESSIONS_NEW: &str = "warden.sessions.new";
 pub const SESSION_BINDING_VIOLATIONS: &str = "warden.sessions.binding_violations";
 pub const JWKS_FETCH_OK: &str = "warden.jwks.fetch_ok";
 pub const JWKS_FETCH_FAILED: &str = "warden.jwks.fetch_failed";
+pub const STATE_UNAVAILABLE: &str = "warden.state.unavailable";
+pub const RECORDS_SENT: &str = "warden.records.sent";
+pub const RECORDS_RETRIED: &str = "warden.records.retried";
+pub const RECORDS_DROPPED: &str = "warden.records.dropped";
+pub const REVOCATIONS_APPLIED: &str = "warden.revocations.applied";
 
 /// `warden.decisions.<action>`: what was enforced.
 pub fn decision(action: &str) -> String {

@@ -147,11 +147,11 @@ impl LocalSessions {
             subjects: vec![subject.to_string()],
             ..Default::default()
         });
-        if s.subject != subject {
-            return Err(BeginError::SubjectMismatch);
-        }
         if s.revoked {
             return Err(BeginError::Revoked);
+        }
+        if s.subject != subject {
+            return Err(BeginError::SubjectMismatch);
         }
         let before = s.clone();
         s.steps += 1;
@@ -160,7 +160,24 @@ impl LocalSessions {
         Ok((before, is_new))
     }
 
+    /// Mirror the service's view of a session (state after the step just counted).
+    pub fn put(&mut self, id: &str, state: SessionState) {
+        if !self.map.contains_key(id) && self.map.len() >= self.max {
+            self.evict();
+        }
+        self.map.insert(id.to_string(), state);
+    }
+
+    pub fn is_revoked(&self, id: &str) -> bool {
+        self.map.get(id).is_some_and(|s| s.revoked)
+    }
+
+    /// Mark a session revoked; a session not seen yet is remembered as revoked.
     pub fn revoke(&mut self, id: &str) {
+        if !self.map.contains_key(id) {
+            self.put(id, SessionState { revoked: true, ..Default::default() });
+            return;
+        }
         if let Some(s) = self.map.get_mut(id) {
             s.revoked = true;
         }

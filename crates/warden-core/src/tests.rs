@@ -4,6 +4,8 @@ use jwt_simple::prelude::*;
 use serde_json::json;
 
 use super::*;
+use crate::session::SessionState;
+use crate::wire::{BeginOutcome, BeginResponse, BeginStep};
 use crate::host::FakeHost;
 
 const ISS: &str = "https://issuer.test";
@@ -20,6 +22,7 @@ decision := {"action": "throttle", "reasons": ["slow_down"], "retry_after": 9} i
 decision := {"action": "terminate", "reasons": ["kill"]} if input.request.path == "/kill"
 decision := {"action": "allow", "reasons": [], "headers": {"x-policy-saw": input.identity.subject}} if input.request.path == "/echo-subject"
 decision := {"action": "allow", "reasons": [], "headers": {"x-delegation": concat(",", input.identity.delegation)}} if input.request.path == "/delegation"
+decision := {"action": "deny", "reasons": ["state_unavailable"]} if input.session.unavailable
 "#;
 
 struct Keys {
@@ -80,6 +83,14 @@ fn req(path: &str, extra: &[(&str, &[u8])]) -> Headers {
     Headers::from_pairs(v)
 }
 
+/// Run a request that must be decided without a state-service call.
+fn done(w: &mut Warden, headers: Headers, host: &mut FakeHost) -> RequestOutcome {
+    match w.on_request(headers, host) {
+        Step::Done(out) => out,
+        Step::Call { .. } => panic!("expected a decision, got a state-service call"),
+    }
+}
+
 fn bearer(t: &str) -> Vec<u8> {
     format!("Bearer {t}").into_bytes()
 }
@@ -107,7 +118,7 @@ fn valid_token_is_allowed_and_stamped() {
     let t = sign_es(&k, claims("agent-7"));
     let mut h = live_host();
     let forged: &[u8] = b"root";
-    let out = w.on_request(&req("/echo-subject", &[("authorization", &bearer(&t)), ("x-warden-subject", forged)]), &mut h);
+    let out = done(&mut w, req("/echo-subject", &[("authorization", &bearer(&t)), ("x-warden-subject", forged)]), &mut h);
     assert!(out.reply.is_none(), "{:?}", out.reply);
     assert_eq!(out.remove_headers, vec!["x-warden-subject"]);
     assert_eq!(header(&out.set_headers, "x-warden-subject"), Some("agent-7"));
@@ -121,8 +132,9 @@ fn valid_token_is_allowed_and_stamped() {
 
     // Same token again, same session: cache hit, step 2, traceparent kept.
     let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-    let out = w.on_request(
-        &req("/x", &[("authorization", &bearer(&t)), ("x-session-id", sid.as_bytes()), ("traceparent", tp.as_bytes())]),
+    let out = done(
+        &mut w,
+        req("/x", &[("authorization", &bearer(&t)), ("x-session-id", sid.as_bytes()), ("traceparent", tp.as_bytes())]),
         &mut h,
     );
     assert!(out.reply.is_none());
@@ -163,7 +175,7 @@ fn token_failures_have_distinct_reasons() {
             ("api_key_unknown", _) => req("/", &[("x-api-key", b"wrong")]),
             _ => req("/", &[("authorization", &value)]),
         };
-        let out = w.on_request(&headers, &mut h);
+        let out = done(&mut w, headers, &mut h);
         let (status, body) = reply_reason(&out);
         assert_eq!(body["reason"], json!(want), "case {i}");
         assert_eq!(status, if want == "header_malformed" { 400 } else { 401 }, "case {i}");
@@ -180,7 +192,7 @@ fn hs256_signed_with_the_public_key_is_refused() {
     let mut w = Warden::from_json(&serde_json::to_vec(&cfg).unwrap()).unwrap();
     let pk = k.es.public_key().to_bytes();
     let forged = HS256Key::from_bytes(&pk).authenticate(claims("a")).unwrap();
-    let out = w.on_request(&req("/", &[("authorization", &bearer(&forged))]), &mut live_host());
+    let out = done(&mut w, req("/", &[("authorization", &bearer(&forged))]), &mut live_host());
     assert_eq!(reply_reason(&out).1["reason"], json!("token_algorithm_not_allowed"));
 }
 
@@ -189,7 +201,7 @@ fn hs256_with_an_oct_key_works_when_allowed() {
     let k = keys();
     let mut w = Warden::from_json(&config(&k, json!({}))).unwrap();
     let t = k.hs.authenticate(claims("hs-user")).unwrap();
-    let out = w.on_request(&req("/echo-subject", &[("authorization", &bearer(&t))]), &mut live_host());
+    let out = done(&mut w, req("/echo-subject", &[("authorization", &bearer(&t))]), &mut live_host());
     assert!(out.reply.is_none(), "{:?}", out.reply);
     assert_eq!(header(&out.set_headers, "x-warden-subject"), Some("hs-user"));
 }
@@ -201,18 +213,18 @@ fn policy_actions_are_enforced() {
     let t = bearer(&sign_es(&k, claims("a")));
     let mut h = live_host();
 
-    let out = w.on_request(&req("/admin/x", &[("authorization", &t)]), &mut h);
+    let out = done(&mut w, req("/admin/x", &[("authorization", &t)]), &mut h);
     let (status, body) = reply_reason(&out);
     assert_eq!((status, body["reasons"].clone(), body["action"].clone()), (403, json!(["path_forbidden"]), json!("deny")));
     assert!(body["decision_id"].as_str().unwrap().starts_with("dec_"));
 
-    let out = w.on_request(&req("/secrets", &[("authorization", &t)]), &mut h);
+    let out = done(&mut w, req("/secrets", &[("authorization", &t)]), &mut h);
     let r = out.reply.as_ref().unwrap();
     assert_eq!(r.status, 401);
     let www = header(&r.headers, "www-authenticate").unwrap();
     assert!(www.contains("error=\"insufficient_user_authentication\"") && www.contains("acr_values=\"phr\""), "{www}");
 
-    let out = w.on_request(&req("/busy", &[("authorization", &t)]), &mut h);
+    let out = done(&mut w, req("/busy", &[("authorization", &t)]), &mut h);
     let r = out.reply.as_ref().unwrap();
     assert_eq!((r.status, header(&r.headers, "retry-after")), (429, Some("9")));
     assert!(out.metrics.contains(&"warden.decisions.throttle".to_string()));
@@ -225,10 +237,10 @@ fn terminate_revokes_the_session() {
     let t = bearer(&sign_es(&k, claims("a")));
     let mut h = live_host();
     let sid: &[u8] = b"wf-1";
-    assert!(w.on_request(&req("/ok", &[("authorization", &t), ("x-session-id", sid)]), &mut h).reply.is_none());
-    let out = w.on_request(&req("/kill", &[("authorization", &t), ("x-session-id", sid)]), &mut h);
+    assert!(done(&mut w, req("/ok", &[("authorization", &t), ("x-session-id", sid)]), &mut h).reply.is_none());
+    let out = done(&mut w, req("/kill", &[("authorization", &t), ("x-session-id", sid)]), &mut h);
     assert_eq!(reply_reason(&out).1["error"], json!("session_terminated"));
-    let out = w.on_request(&req("/ok", &[("authorization", &t), ("x-session-id", sid)]), &mut h);
+    let out = done(&mut w, req("/ok", &[("authorization", &t), ("x-session-id", sid)]), &mut h);
     assert_eq!(reply_reason(&out).1["reasons"], json!(["session_revoked"]));
 }
 
@@ -240,13 +252,13 @@ fn another_subject_cannot_take_over_a_session() {
     let sid: &[u8] = b"wf-2";
     let a = bearer(&sign_es(&k, claims("alice")));
     let m = bearer(&sign_es(&k, claims("mallory")));
-    assert!(w.on_request(&req("/", &[("authorization", &a), ("x-session-id", sid)]), &mut h).reply.is_none());
-    let out = w.on_request(&req("/", &[("authorization", &m), ("x-session-id", sid)]), &mut h);
+    assert!(done(&mut w, req("/", &[("authorization", &a), ("x-session-id", sid)]), &mut h).reply.is_none());
+    let out = done(&mut w, req("/", &[("authorization", &m), ("x-session-id", sid)]), &mut h);
     let (status, body) = reply_reason(&out);
     assert_eq!((status, body["reasons"].clone()), (403, json!(["session_bound_to_other_subject"])));
     // Rotation by the same subject is fine.
     let a2 = bearer(&k.hs.authenticate(claims("alice")).unwrap());
-    let out = w.on_request(&req("/", &[("authorization", &a2), ("x-session-id", sid)]), &mut h);
+    let out = done(&mut w, req("/", &[("authorization", &a2), ("x-session-id", sid)]), &mut h);
     assert!(out.reply.is_none());
     assert_eq!(header(&out.set_headers, "x-warden-step"), Some("2"));
 }
@@ -259,9 +271,9 @@ fn session_from_claim_and_malformed_session_ids() {
     let mut c = claims("a");
     c.custom = json!({"sid": "from-claim"});
     let t = bearer(&sign_es(&k, c));
-    let out = w.on_request(&req("/", &[("authorization", &t)]), &mut h);
+    let out = done(&mut w, req("/", &[("authorization", &t)]), &mut h);
     assert_eq!(header(&out.set_headers, "x-warden-session"), Some("from-claim"));
-    let out = w.on_request(&req("/", &[("authorization", &t), ("x-session-id", b"bad id")]), &mut h);
+    let out = done(&mut w, req("/", &[("authorization", &t), ("x-session-id", b"bad id")]), &mut h);
     assert_eq!(reply_reason(&out).0, 400);
 }
 
@@ -271,7 +283,7 @@ fn delegation_chain_is_kept_in_order() {
     let mut w = Warden::from_json(&config(&k, json!({}))).unwrap();
     let mut c = claims("user-1");
     c.custom = json!({"act": {"sub": "agent-a", "act": {"sub": "orchestrator"}}});
-    let out = w.on_request(&req("/delegation", &[("authorization", &bearer(&sign_es(&k, c)))]), &mut live_host());
+    let out = done(&mut w, req("/delegation", &[("authorization", &bearer(&sign_es(&k, c)))]), &mut live_host());
     assert_eq!(header(&out.set_headers, "x-delegation"), Some("agent-a,orchestrator"));
 }
 
@@ -279,24 +291,24 @@ fn delegation_chain_is_kept_in_order() {
 fn api_key_and_spiffe_identities() {
     let k = keys();
     let mut w = Warden::from_json(&config(&k, json!({}))).unwrap();
-    let out = w.on_request(&req("/echo-subject", &[("x-api-key", b"key-123")]), &mut live_host());
+    let out = done(&mut w, req("/echo-subject", &[("x-api-key", b"key-123")]), &mut live_host());
     assert_eq!(header(&out.set_headers, "x-warden-subject"), Some("svc-batch"));
 
     let mut h = live_host().with_property("connection.uri_san_peer_certificate", "spiffe://example.org/ns/a/sa/b");
-    let out = w.on_request(&req("/echo-subject", &[]), &mut h);
+    let out = done(&mut w, req("/echo-subject", &[]), &mut h);
     assert!(out.reply.is_none(), "{:?}", out.reply);
     assert_eq!(header(&out.set_headers, "x-warden-subject"), Some("spiffe://example.org/ns/a/sa/b"));
 
     let mut h = live_host().with_property("connection.uri_san_peer_certificate", "spiffe://evil.org/x");
-    let out = w.on_request(&req("/", &[]), &mut h);
+    let out = done(&mut w, req("/", &[]), &mut h);
     assert_eq!(reply_reason(&out).1["reason"], json!("spiffe_id_not_trusted"));
 
     // XFCC only counts from a trusted hop.
     let xfcc: &[u8] = b"By=spiffe://example.org/gw;URI=spiffe://example.org/ns/x/sa/y";
-    let out = w.on_request(&req("/", &[("x-forwarded-client-cert", xfcc)]), &mut live_host());
+    let out = done(&mut w, req("/", &[("x-forwarded-client-cert", xfcc)]), &mut live_host());
     assert_eq!(reply_reason(&out).1["reason"], json!("credential_missing"));
     let mut h = live_host().with_property("source.address", "10.0.0.9:4444");
-    let out = w.on_request(&req("/echo-subject", &[("x-forwarded-client-cert", xfcc)]), &mut h);
+    let out = done(&mut w, req("/echo-subject", &[("x-forwarded-client-cert", xfcc)]), &mut h);
     assert_eq!(header(&out.set_headers, "x-warden-subject"), Some("spiffe://example.org/ns/x/sa/y"));
 }
 
@@ -305,11 +317,11 @@ fn shadow_mode_never_blocks_but_counts() {
     let k = keys();
     let mut w = Warden::from_json(&config(&k, json!({"mode": "shadow"}))).unwrap();
     let t = bearer(&sign_es(&k, claims("a")));
-    let out = w.on_request(&req("/admin", &[("authorization", &t)]), &mut live_host());
+    let out = done(&mut w, req("/admin", &[("authorization", &t)]), &mut live_host());
     assert!(out.reply.is_none());
     assert!(out.metrics.contains(&"warden.shadow.deny".to_string()));
     assert_eq!(out.decision.unwrap().action, Action::Deny);
-    let out = w.on_request(&req("/admin", &[]), &mut live_host());
+    let out = done(&mut w, req("/admin", &[]), &mut live_host());
     assert!(out.reply.is_none());
     assert!(out.metrics.contains(&"warden.shadow.unauthenticated".to_string()));
 }
@@ -320,14 +332,14 @@ fn policy_errors_fail_closed_unless_configured() {
     let broken = json!({"policy": {"modules": {"p.rego": "package warden.session\nimport rego.v1\ndecision := {\"action\": \"maybe\"}"}}});
     let mut w = Warden::from_json(&config(&k, broken.clone())).unwrap();
     let t = bearer(&sign_es(&k, claims("a")));
-    let out = w.on_request(&req("/", &[("authorization", &t)]), &mut live_host());
+    let out = done(&mut w, req("/", &[("authorization", &t)]), &mut live_host());
     assert_eq!(reply_reason(&out).1["reasons"], json!(["policy_error"]));
     assert!(out.metrics.contains(&"warden.policy_errors".to_string()));
 
     let mut open = broken;
     open["policy"]["on_error"] = json!("allow");
     let mut w = Warden::from_json(&config(&k, open)).unwrap();
-    let out = w.on_request(&req("/", &[("authorization", &t)]), &mut live_host());
+    let out = done(&mut w, req("/", &[("authorization", &t)]), &mut live_host());
     assert!(out.reply.is_none());
 }
 
@@ -354,12 +366,12 @@ fn jwks_fetch_installs_keys_and_keeps_old_ones_on_garbage() {
     let mut w = Warden::from_json(&serde_json::to_vec(&cfg).unwrap()).unwrap();
     assert_eq!(w.jwks_targets().len(), 1);
     let t = bearer(&sign_es(&k, claims("a")));
-    let out = w.on_request(&req("/", &[("authorization", &t)]), &mut live_host());
+    let out = done(&mut w, req("/", &[("authorization", &t)]), &mut live_host());
     assert_eq!(reply_reason(&out).1["reason"], json!("token_keys_unavailable"));
     assert_eq!(w.install_jwks(0, jwks.to_string().as_bytes()), Ok(2));
-    assert!(w.on_request(&req("/", &[("authorization", &t)]), &mut live_host()).reply.is_none());
+    assert!(done(&mut w, req("/", &[("authorization", &t)]), &mut live_host()).reply.is_none());
     assert!(w.install_jwks(0, b"<html>").is_err());
-    assert!(w.on_request(&req("/", &[("authorization", &t)]), &mut live_host()).reply.is_none());
+    assert!(done(&mut w, req("/", &[("authorization", &t)]), &mut live_host()).reply.is_none());
 }
 
 #[test]
@@ -371,7 +383,92 @@ fn no_input_makes_it_panic() {
     let samples: [&[u8]; 8] = [b"", b"\xff", b"Bearer ", b"Bearer a.b.c", b"Bearer ..", b"Bearer \xc3\x28", &[0u8; 3], b"Bearer e30.e30.e30"];
     for name in ["authorization", "x-api-key", "x-session-id", "mcp-session-id", "traceparent", "x-forwarded-client-cert", "x-client-region"] {
         for s in samples {
-            let _ = w.on_request(&req("/", &[(name, s)]), &mut h);
+            let _ = done(&mut w, req("/", &[(name, s)]), &mut h);
         }
     }
+}
+
+fn with_state(k: &Keys, mode: &str) -> Warden {
+    let state = json!({"state": {"cluster": "warden-state", "mode": mode, "token": "proxy-token-0123456789"}});
+    Warden::from_json(&config(k, state)).unwrap()
+}
+
+fn call(w: &mut Warden, headers: Headers, host: &mut FakeHost) -> (Box<Pending>, BeginStep) {
+    match w.on_request(headers, host) {
+        Step::Call { pending, call } => {
+            assert_eq!(call.path, "/v1/steps/begin");
+            (pending, serde_json::from_slice(&call.body).unwrap())
+        }
+        Step::Done(out) => panic!("expected a state-service call, got {:?}", out.reply),
+    }
+}
+
+fn answer(step: u64, new: bool, subject: &str) -> BeginResponse {
+    let session = SessionState { subject: subject.into(), steps: step - 1, subjects: vec![subject.into()], ..Default::default() };
+    BeginResponse { outcome: BeginOutcome::Ok, step, new, session }
+}
+
+#[test]
+fn sync_mode_asks_the_service_and_stamps_its_step() {
+    let k = keys();
+    let mut w = with_state(&k, "sync");
+    let mut h = live_host();
+    let t = bearer(&sign_es(&k, claims("agent-7")));
+    let (pending, begin) = call(&mut w, req("/tickets", &[("authorization", &t), ("x-session-id", b"wf-9"), ("x-client-region", b"eu")]), &mut h);
+    assert_eq!((begin.session_id.as_str(), begin.subject.as_str(), begin.region.as_deref()), ("wf-9", "agent-7", Some("eu")));
+    assert!(begin.credential.unwrap().starts_with("sha256:"));
+    let out = w.resume(pending, Ok(answer(7, false, "agent-7")), &mut h);
+    assert!(out.reply.is_none());
+    assert_eq!(header(&out.set_headers, "x-warden-step"), Some("7"));
+    let rec = out.record.unwrap();
+    assert_eq!((rec.step, rec.action.as_str(), rec.subject.as_str(), rec.enforced), (7, "allow", "agent-7", true));
+    assert_eq!(rec.path.as_deref(), Some("/tickets"));
+    assert!(!rec.degraded);
+
+    // The service says the session belongs to someone else.
+    let (pending, _) = call(&mut w, req("/", &[("authorization", &t), ("x-session-id", b"wf-10")]), &mut h);
+    let refused = BeginResponse { outcome: BeginOutcome::SubjectMismatch, step: 0, new: false, session: SessionState::default() };
+    let out = w.resume(pending, Ok(refused), &mut h);
+    assert_eq!(reply_reason(&out).1["reasons"], json!(["session_bound_to_other_subject"]));
+    assert!(out.record.is_none(), "an intruder's attempt is an audit event at the service, not a step");
+}
+
+#[test]
+fn unavailable_state_reaches_the_policy_and_steps_continue_locally() {
+    let k = keys();
+    let mut w = with_state(&k, "sync");
+    let mut h = live_host();
+    let t = bearer(&sign_es(&k, claims("agent-7")));
+    let (pending, _) = call(&mut w, req("/", &[("authorization", &t), ("x-session-id", b"wf-11")]), &mut h);
+    w.resume(pending, Ok(answer(3, false, "agent-7")), &mut h);
+    let (pending, _) = call(&mut w, req("/", &[("authorization", &t), ("x-session-id", b"wf-11")]), &mut h);
+    let out = w.resume(pending, Err("timeout".into()), &mut h);
+    assert_eq!(reply_reason(&out).1["reasons"], json!(["state_unavailable"]));
+    assert!(out.metrics.contains(&"warden.state.unavailable".to_string()));
+    let rec = out.record.unwrap();
+    assert!(rec.degraded);
+    assert_eq!(rec.step, 4, "degraded steps continue from the last known count");
+}
+
+#[test]
+fn cached_mode_counts_in_shared_data_and_applies_revocations() {
+    let k = keys();
+    let mut w = with_state(&k, "cached");
+    let mut h = live_host();
+    let t = bearer(&sign_es(&k, claims("agent-7")));
+    let headers = || req("/", &[("authorization", &t), ("x-session-id", b"wf-12")]);
+    let (pending, _) = call(&mut w, headers(), &mut h);
+    w.resume(pending, Ok(answer(1, true, "agent-7")), &mut h);
+    // A second VM of the same proxy shares the snapshot.
+    let mut other = with_state(&k, "cached");
+    let out = done(&mut other, headers(), &mut h);
+    assert_eq!(header(&out.set_headers, "x-warden-step"), Some("2"));
+    let out = done(&mut w, headers(), &mut h);
+    assert_eq!(header(&out.set_headers, "x-warden-step"), Some("3"));
+    let m = bearer(&sign_es(&k, claims("mallory")));
+    let out = done(&mut w, req("/", &[("authorization", &m), ("x-session-id", b"wf-12")]), &mut h);
+    assert_eq!(reply_reason(&out).1["reasons"], json!(["session_bound_to_other_subject"]));
+    other.apply_revocation("wf-12", &mut h);
+    let out = done(&mut w, headers(), &mut h);
+    assert_eq!(reply_reason(&out).1["reasons"], json!(["session_revoked"]));
 }
