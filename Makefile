@@ -12,11 +12,13 @@ all: build
 setup:
 	@./scripts/setup.sh
 
-## build: the filter as a .wasm module
+## build: the filter as a .wasm module, the state service and the warden CLI
 build: setup
 	@echo "[build] $(WASM)"
 	@$(CARGO) build --release --target wasm32-wasip1 -p session-warden
 	@ls -l $(WASM) | awk '{printf "[build] %s: %.2f MB\n", $$9, $$5/1048576}'
+	@echo "[build] target/release/warden-state, target/release/warden"
+	@$(CARGO) build --release -p warden-state -p warden-cli
 
 ## test: lint, unit tests, policy cases, end-to-end tests against a real Envoy
 test: build lint test-unit test-e2e

@@ -3,7 +3,7 @@ session, and what happened to each request. Everything it starts, it stops."""
 
 import json
 import sys
-import time
+import tempfile
 from pathlib import Path
 
 import requests
@@ -28,10 +28,16 @@ def main() -> int:
         "identity": {
             "jwt": {"providers": [{"name": "demo-idp", "issuer": h.ISSUER, "audiences": [h.AUDIENCE], "jwks": keys.jwks()}]}
         },
+        "state": h.state_config(mode="sync"),
     }
+    tmp = tempfile.TemporaryDirectory(prefix="warden-demo-")
+    step(f"starting the session-state service (SQLite in {tmp.name})")
+    state = h.StateService(Path(tmp.name) / "warden-state.db")
     step("starting an echo upstream and Envoy with the filter")
     echo = h.echo_server()
-    envoy = h.Envoy(h.bootstrap([h.listener("demo", [h.wasm_filter(config)])], [h.cluster("echo", echo.port)]))
+    envoy = h.Envoy(
+        h.bootstrap([h.listener("demo", [h.wasm_filter(config)])], [h.cluster("echo", echo.port), h.cluster("warden-state", state.port)])
+    )
     try:
         envoy.wait_ready()
         url = envoy.url("demo")
@@ -71,23 +77,33 @@ def main() -> int:
         send("5. it asks for secrets (policy wants a step-up: RFC 9470 challenge)", "/secrets/db", agent)
         send("6. with a stronger token (acr=phr) the step-up is satisfied", "/secrets/db", keys.token(sub="ticket-agent", acr="phr"))
         send("7. another identity presents the same session (bound to its subject: 403)", "/tickets", keys.token(sub="intruder"))
-        sid = None
-        send("8. no credential at all (401)", "/tickets")
-        send("9. an expired token (401 with its own reason code)", "/tickets", keys.token(ttl=-3600))
+        send("8. the agent rotates its token mid-session (allowed, recorded)", "/tickets/43", keys.token(sub="ticket-agent", alg="ES256"))
+        demo_sid, sid = sid, None
+        send("9. no credential at all (401)", "/tickets")
+        send("10. an expired token (401 with its own reason code)", "/tickets", keys.token(ttl=-3600))
 
         stats = envoy.stats()
         print(f"{BOLD}Counters (Envoy /stats):{RESET}")
         for k in sorted(stats):
             if stats[k] and k.startswith("wasmcustom."):
                 print(f"    {k}: {stats[k]}")
+
+        print()
+        step(f"the session's attribution trail: warden session show {demo_sid}")
+        state.wait_timeline(demo_sid, 7)
+        print(h.warden_cli("session", "show", demo_sid, url=state.url).stdout)
+        step(f"warden session verify {demo_sid}")
+        print(h.warden_cli("session", "verify", demo_sid, url=state.url).stdout)
         return 0
     except h.EnvoyError as e:
         print(f"{RED}Envoy failed to start:{RESET} {e}", file=sys.stderr)
         return 1
     finally:
-        step("stopping Envoy and the upstream")
+        step("stopping Envoy, the state service and the upstream")
         envoy.stop()
+        state.stop()
         echo.stop()
+        tmp.cleanup()
 
 
 if __name__ == "__main__":

@@ -451,3 +451,94 @@ class Envoy:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+# ---------------------------------------------------------------- session-state service and CLI
+
+STATE_BIN = Path(os.environ.get("WARDEN_STATE_BIN", ROOT / "target/release/warden-state"))
+CLI_BIN = Path(os.environ.get("WARDEN_CLI_BIN", ROOT / "target/release/warden"))
+PROXY_TOKEN = "proxy-" + uuid.uuid4().hex
+ADMIN_TOKEN = "admin-" + uuid.uuid4().hex
+
+
+class StateService:
+    """The real warden-state binary on a SQLite file. `kill()` is a crash (SIGKILL);
+    `start()` again comes back on the same port and database."""
+
+    def __init__(self, db: Path, port: int = 0):
+        self.db = Path(db)
+        self.port = port
+        self.proc: subprocess.Popen | None = None
+        self.log_path = self.db.with_suffix(".log")
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout=15.0) -> "StateService":
+        env = dict(os.environ, WARDEN_PROXY_TOKEN=PROXY_TOKEN, WARDEN_ADMIN_TOKEN=ADMIN_TOKEN)
+        log = open(self.log_path, "a")
+        self.proc = subprocess.Popen(
+            [str(STATE_BIN), "--listen", f"127.0.0.1:{self.port}", "--db", str(self.db)],
+            stdout=subprocess.PIPE, stderr=log, text=True, env=env,
+        )
+        log.close()
+        deadline = time.time() + timeout
+        line = self.proc.stdout.readline()  # type: ignore[union-attr]
+        m = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+        if not m:
+            self.proc.kill()
+            raise RuntimeError(f"warden-state did not start: {line!r}\n{self.log_path.read_text()[-2000:]}")
+        self.port = int(m.group(1))
+        while time.time() < deadline:
+            try:
+                if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return self
+            except requests.RequestException:
+                time.sleep(0.05)
+        raise RuntimeError("warden-state not healthy in time")
+
+    def kill(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def admin(self, path: str, method="GET", **kw):
+        return requests.request(method, self.url + path, headers={"authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=5, **kw)
+
+    def session(self, sid: str) -> dict | None:
+        r = self.admin(f"/v1/sessions/{sid}")
+        return r.json() if r.status_code == 200 else None
+
+    def wait_timeline(self, sid: str, n: int, timeout=10.0) -> dict:
+        """The session once its trail holds at least `n` records (they arrive in batches)."""
+        deadline = time.time() + timeout
+        view = None
+        while time.time() < deadline:
+            view = self.session(sid)
+            if view and len(view["timeline"]) >= n:
+                return view
+            time.sleep(0.05)
+        got = len(view["timeline"]) if view else 0
+        raise AssertionError(f"session {sid}: {got} records after {timeout}s, expected {n}")
+
+
+def warden_cli(*args: str, url: str, token: str | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, WARDEN_STATE_URL=url, WARDEN_ADMIN_TOKEN=token or ADMIN_TOKEN)
+    return subprocess.run([str(CLI_BIN), *args], capture_output=True, text=True, env=env, timeout=30)
+
+
+def state_config(cluster="warden-state", mode="sync", **extra) -> dict:
+    cfg = {"cluster": cluster, "mode": mode, "token": PROXY_TOKEN, "timeout_ms": 500, "flush_interval_ms": 100}
+    cfg.update(extra)
+    return cfg

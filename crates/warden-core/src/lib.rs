@@ -281,6 +281,7 @@ impl Warden {
             region: seen.region.map(str::to_string),
             device: seen.device.map(str::to_string),
             tool: None,
+            known_steps: self.sessions.steps(&ctx.session.id),
         };
         let body = serde_json::to_vec(&req).unwrap_or_default();
         Step::Call { pending: Box::new(ctx), call: StateCall { path: "/v1/steps/begin", body } }

@@ -168,6 +168,10 @@ impl LocalSessions {
         self.map.insert(id.to_string(), state);
     }
 
+    pub fn steps(&self, id: &str) -> Option<u64> {
+        self.map.get(id).map(|s| s.steps)
+    }
+
     pub fn is_revoked(&self, id: &str) -> bool {
         self.map.get(id).is_some_and(|s| s.revoked)
     }

@@ -20,6 +20,10 @@ pub struct BeginStep {
     pub device: Option<String>,
     #[serde(default)]
     pub tool: Option<String>,
+    /// Steps this proxy has counted for the session, degraded ones included: the service never
+    /// hands out a step number the proxy already used while it could not be reached.
+    #[serde(default)]
+    pub known_steps: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -204,6 +204,9 @@ impl Store for SqliteStore {
             }
             None => (new_session(&req.subject, now_ms), 0, GENESIS.to_string(), true),
         };
+        if let Some(known) = req.known_steps {
+            state.steps = state.steps.max(known);
+        }
         let before = state.clone();
         state.steps += 1;
         state.last_seen_at_ms = now_ms;
