@@ -1,53 +1,87 @@
-# The default session policy. Everything it enforces is data: see data.json and the README.
+# The session policy: every module below emits signals; data says what each signal does.
+#   data.warden.config.modules   which modules run
+#   data.warden.config.actions   signal -> deny | step_up | throttle | terminate (else: risk only)
+#   data.warden.config.risk      weights, decay and thresholds
+#   data.warden.config.flags     signals that flag the session for review
 package warden.session
 
 import rego.v1
 
 cfg := data.warden.config
 
-# A step-up is satisfied by a token whose `acr` is one of the configured strong values.
-stepped_up if input.identity.claims.acr in cfg.step_up.acr_values
-
-path_matches(prefixes) if {
-	some p in prefixes
-	startswith(input.request.path, p)
-}
-
-# Fail closed when the session state is unknown, unless the data allows degraded operation.
-deny contains "session_state_unavailable" if {
+# Request rules that are not a module of their own.
+base contains "session_state_unavailable" if {
 	input.session.unavailable
 	not cfg.allow_degraded
 }
 
-deny contains "path_forbidden" if path_matches(cfg.forbidden_paths)
+base contains "path_forbidden" if {
+	some p in cfg.forbidden_paths
+	startswith(input.request.path, p)
+}
 
-deny contains "scope_missing" if {
+base contains "scope_missing" if {
 	some rule in cfg.scoped_paths
 	startswith(input.request.path, rule.prefix)
 	not rule.scope in input.identity.scopes
 }
 
-deny contains "delegation_too_deep" if count(input.identity.delegation) > cfg.max_delegation_depth
+base contains "delegation_too_deep" if count(input.identity.delegation) > cfg.max_delegation_depth
 
-step_up contains "sensitive_path" if {
-	path_matches(cfg.step_up.paths)
-	not stepped_up
+base contains "sensitive_path" if {
+	some p in cfg.step_up.paths
+	startswith(input.request.path, p)
 }
 
-terminate contains "session_too_long" if {
-	not input.session.new
-	input.now - input.session.started_at > cfg.max_session_seconds
+signals := ((((base | data.warden.limits.signals) | data.warden.drift.signals) | data.warden.credentials.signals) | data.warden.tools.signals)
+
+acting(action) := {s | some s in signals; cfg.actions[s] == action}
+
+# Step-up: a stronger credential now (high acr, fresh auth_time, a step-up issuer) satisfies it,
+# and keeps it satisfied for the session for step_up.valid_seconds.
+presented if input.identity.claims.acr in cfg.step_up.acr_values
+
+presented if input.now - input.identity.claims.auth_time <= cfg.step_up.max_age_seconds
+
+presented if input.identity.issuer in cfg.step_up.issuers
+
+recently_stepped_up if input.now - input.session.last_step_up <= cfg.step_up.valid_seconds
+
+satisfied if presented
+
+satisfied if recently_stepped_up
+
+terminate := acting("terminate") | data.warden.risk.terminate
+
+deny := acting("deny")
+
+throttle := acting("throttle") | data.warden.risk.throttle
+
+step_up := acting("step_up") | data.warden.risk.step_up if not satisfied
+
+step_up := set() if satisfied
+
+flags := sort({s | some s in signals; s in cfg.flags})
+
+common := {
+	"risk": data.warden.risk.score,
+	"signals": sort(signals),
+	"flags": flags,
+	"step_up_satisfied": stepped_up_now,
 }
 
-throttle contains "too_many_steps" if input.session.step > cfg.max_steps
+stepped_up_now := true if presented
 
-# The most severe action wins; its reasons are reported, sorted for stable output.
-decision := {"action": "terminate", "reasons": sort(terminate), "risk": 100} if {
+stepped_up_now := false if not presented
+
+# The most severe action wins (terminate > deny > throttle > step_up, the order of the risk
+# thresholds); its reasons are reported, sorted for stable output.
+decision := object.union(common, {"action": "terminate", "reasons": sort(terminate)}) if {
 	count(terminate) > 0
-} else := {"action": "deny", "reasons": sort(deny), "risk": 80} if {
+} else := object.union(common, {"action": "deny", "reasons": sort(deny)}) if {
 	count(deny) > 0
-} else := {"action": "step_up", "reasons": sort(step_up), "risk": 50, "acr_values": concat(" ", cfg.step_up.acr_values)} if {
-	count(step_up) > 0
-} else := {"action": "throttle", "reasons": sort(throttle), "risk": 40, "retry_after": cfg.throttle_retry_after} if {
+} else := object.union(common, {"action": "throttle", "reasons": sort(throttle), "retry_after": cfg.throttle_retry_after}) if {
 	count(throttle) > 0
-} else := {"action": "allow", "reasons": [], "risk": 0}
+} else := object.union(common, {"action": "step_up", "reasons": sort(step_up), "acr_values": concat(" ", cfg.step_up.acr_values)}) if {
+	count(step_up) > 0
+} else := object.union(common, {"action": "allow", "reasons": []})

@@ -18,7 +18,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
 use warden_core::host::{Headers, Host};
 use warden_core::wire::{BeginResponse, StepRecord};
-use warden_core::{Pending, RequestOutcome, Step, Warden};
+use warden_core::{Body, Pending, RequestOutcome, Step, Warden};
 
 use jwks::JwksFetcher;
 use metrics::Metrics;
@@ -160,6 +160,8 @@ impl RootContext for WardenRoot {
             pending: None,
             record: None,
             started_ms: 0,
+            awaiting_body: None,
+            adopt: None,
         }))
     }
 
@@ -182,6 +184,10 @@ struct WardenHttp {
     pending: Option<(u32, Box<Pending>)>,
     record: Option<StepRecord>,
     started_ms: u64,
+    /// Headers of an MCP request whose body is being read before deciding.
+    awaiting_body: Option<Headers>,
+    /// The minted session of an MCP `initialize`, to adopt under the server's session id.
+    adopt: Option<String>,
 }
 
 impl Context for WardenHttp {
@@ -206,7 +212,7 @@ impl Context for WardenHttp {
 }
 
 impl HttpContext for WardenHttp {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         self.started_ms = now_ms();
         let pairs = match hostcalls::get_map_bytes(MapType::HttpRequestHeaders) {
             Ok(p) => p,
@@ -215,40 +221,51 @@ impl HttpContext for WardenHttp {
                 return Action::Pause;
             }
         };
-        let step = self.warden.borrow_mut().on_request(Headers::from_pairs(pairs), &mut ProxyHost);
-        let outcome = match step {
-            Step::Done(outcome) => outcome,
-            Step::Call { pending, call } => {
-                let dispatched = match &self.state {
-                    Some(client) => {
-                        let cfg = client.borrow().config().clone();
-                        state::dispatch(&cfg, "POST", call.path, Some(&call.body), cfg.timeout_ms).map_err(|e| format!("dispatch failed ({e:?}): is cluster `{}` defined?", cfg.cluster))
-                    }
-                    None => Err("no state client".to_string()),
-                };
-                match dispatched {
-                    Ok(token) => {
-                        self.pending = Some((token, pending));
-                        return Action::Pause;
-                    }
-                    // A call that cannot even start is answered now: the request is never left paused.
-                    Err(why) => self.warden.borrow_mut().resume(pending, Err(why), &mut ProxyHost),
-                }
-            }
-        };
-        if self.apply(outcome) {
-            Action::Pause
-        } else {
-            Action::Continue
+        let headers = Headers::from_pairs(pairs);
+        if !end_of_stream && self.warden.borrow().wants_body(&headers) {
+            // An MCP POST: decide once the JSON-RPC body is here (Envoy buffers it meanwhile).
+            self.awaiting_body = Some(headers);
+            return Action::Pause;
         }
+        self.decide(headers, Body::Absent)
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let Some(headers) = self.awaiting_body.take() else { return Action::Continue };
+        let max = self.warden.borrow().max_body_bytes();
+        if body_size > max {
+            return self.decide(headers, Body::TooLarge);
+        }
+        if !end_of_stream {
+            self.awaiting_body = Some(headers);
+            return Action::Pause;
+        }
+        let body = match hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size) {
+            Ok(b) => b.unwrap_or_default(),
+            Err(_) => Vec::new(),
+        };
+        self.decide(headers, Body::Complete(&body))
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         // A local reply carries its own headers; Envoy runs it through here as well.
-        if !self.replied {
-            for (k, v) in &self.response_headers {
-                let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, k, Some(v));
+        if self.replied {
+            return Action::Continue;
+        }
+        if let Some(minted) = self.adopt.take() {
+            let assigned = hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, "mcp-session-id").ok().flatten();
+            if let Some(assigned) = assigned.and_then(|v| String::from_utf8(v).ok()) {
+                if self.warden.borrow_mut().adopt_session(&minted, &assigned, self.record.as_mut(), &mut ProxyHost) {
+                    for (k, v) in self.response_headers.iter_mut() {
+                        if k == warden_core::correlation::SESSION_HEADER {
+                            *v = assigned.clone();
+                        }
+                    }
+                }
             }
+        }
+        for (k, v) in &self.response_headers {
+            let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, k, Some(v));
         }
         Action::Continue
     }
@@ -269,6 +286,37 @@ impl HttpContext for WardenHttp {
 }
 
 impl WardenHttp {
+    /// Run the request flow; a state-service call pauses the request until its answer.
+    fn decide(&mut self, headers: Headers, body: Body<'_>) -> Action {
+        let step = self.warden.borrow_mut().on_request(headers, body, &mut ProxyHost);
+        let outcome = match step {
+            Step::Done(outcome) => outcome,
+            Step::Call { pending, call } => {
+                let dispatched = match &self.state {
+                    Some(client) => {
+                        let cfg = client.borrow().config().clone();
+                        state::dispatch(&cfg, "POST", call.path, Some(&call.body), cfg.timeout_ms)
+                            .map_err(|e| format!("dispatch failed ({e:?}): is cluster `{}` defined?", cfg.cluster))
+                    }
+                    None => Err("no state client".to_string()),
+                };
+                match dispatched {
+                    Ok(token) => {
+                        self.pending = Some((token, pending));
+                        return Action::Pause;
+                    }
+                    // A call that cannot even start is answered now: the request is never left paused.
+                    Err(why) => self.warden.borrow_mut().resume(pending, Err(why), &mut ProxyHost),
+                }
+            }
+        };
+        if self.apply(outcome) {
+            Action::Pause
+        } else {
+            Action::Continue
+        }
+    }
+
     /// Apply a decided outcome. True if a local reply was sent (the request must stay paused).
     fn apply(&mut self, outcome: RequestOutcome) -> bool {
         {
@@ -281,6 +329,9 @@ impl WardenHttp {
             info!("session-warden: {line} [decision {}]", outcome.decision_id);
         }
         self.record = outcome.record;
+        if outcome.adopt_session {
+            self.adopt = outcome.session_id.clone();
+        }
         for name in &outcome.remove_headers {
             let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
         }

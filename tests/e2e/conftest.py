@@ -59,7 +59,7 @@ def jwks_server(keys):
 
 
 def base_config(keys, **over) -> dict:
-    policy = h.deep_merge(h.policy_library(), {"data": {"warden": {"config": {"max_steps": 5}}}})
+    policy = h.deep_merge(h.policy_library(), {"data": {"warden": {"config": {"limits": {"max_steps": 5}}}}})
     cfg = {
         "policy": policy,
         "identity": {

@@ -13,7 +13,7 @@ from conftest import base_config
 
 def config_with_state(keys, mode="sync", degraded=False):
     cfg = base_config(keys, state=h.state_config(mode=mode))
-    settings = {"max_steps": 1000, "allow_degraded": degraded}
+    settings = {"limits": {"max_steps": 1000}, "allow_degraded": degraded}
     return h.deep_merge(cfg, {"policy": {"data": {"warden": {"config": settings}}}})
 
 

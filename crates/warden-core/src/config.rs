@@ -48,6 +48,37 @@ pub struct PluginConfig {
     /// The session-state service. Without it, session state is kept per proxy VM.
     #[serde(default)]
     pub state: Option<StateConfig>,
+    #[serde(default)]
+    pub mcp: McpConfig,
+}
+
+/// MCP (Streamable HTTP) awareness: which requests are read as JSON-RPC.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct McpConfig {
+    /// Path prefixes of MCP endpoints. A POST there, or any POST carrying `mcp-session-id`, is MCP.
+    #[serde(default = "default_mcp_paths")]
+    pub paths: Vec<String>,
+    /// Larger MCP bodies get 413.
+    #[serde(default = "default_mcp_max_body")]
+    pub max_body_bytes: usize,
+    /// Refuse MCP requests (deny, terminate, revoked or foreign session) with a JSON-RPC error
+    /// in a 200 answer, which MCP clients surface as an ordinary error.
+    #[serde(default = "default_true")]
+    pub jsonrpc_errors: bool,
+}
+
+impl Default for McpConfig {
+    fn default() -> Self {
+        Self { paths: default_mcp_paths(), max_body_bytes: default_mcp_max_body(), jsonrpc_errors: true }
+    }
+}
+
+fn default_mcp_paths() -> Vec<String> {
+    vec!["/mcp".into()]
+}
+fn default_mcp_max_body() -> usize {
+    1024 * 1024
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -431,6 +462,17 @@ impl PluginConfig {
             }
             if st.queue_limit < st.max_batch {
                 return Err(ConfigError::new("state.queue_limit", "must be at least max_batch"));
+            }
+        }
+        if self.mcp.max_body_bytes == 0 || self.mcp.max_body_bytes > 16 * 1024 * 1024 {
+            return Err(ConfigError::new("mcp.max_body_bytes", "must be between 1 and 16777216"));
+        }
+        for h in &self.policy.input_headers {
+            let secret = matches!(h.to_ascii_lowercase().as_str(), "authorization" | "cookie" | "proxy-authorization")
+                || self.identity.api_keys.as_ref().is_some_and(|k| k.header.eq_ignore_ascii_case(h))
+                || self.identity.jwt.as_ref().is_some_and(|j| j.header.eq_ignore_ascii_case(h));
+            if secret {
+                return Err(ConfigError::new("policy.input_headers", &format!("`{h}` carries a credential: it never goes into the policy input or the trail")));
             }
         }
         if self.token_cache.max_entries == 0 {

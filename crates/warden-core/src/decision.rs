@@ -49,6 +49,12 @@ pub struct Decision {
     /// RFC 9470 hints for step_up.
     pub acr_values: Option<String>,
     pub max_age: Option<u64>,
+    /// Signals that moved the risk (recorded in the trail).
+    pub signals: Vec<String>,
+    /// Signals that flag the session for review (kept in the session state).
+    pub flags: Vec<String>,
+    /// A stronger credential satisfied a step-up on this step: the session is cleared for a while.
+    pub step_up_satisfied: bool,
 }
 
 impl Decision {
@@ -62,8 +68,27 @@ impl Decision {
             retry_after: None,
             acr_values: None,
             max_age: None,
+            signals: Vec::new(),
+            flags: Vec::new(),
+            step_up_satisfied: false,
         }
     }
+}
+
+fn strings(out: &Value, name: &str) -> Result<Vec<String>, PolicyError> {
+    let mut v = Vec::new();
+    if let Some(r) = field(out, name) {
+        let items: Vec<Value> = match r {
+            Value::Array(a) => a.iter().cloned().collect(),
+            Value::Set(s) => s.iter().cloned().collect(),
+            _ => return Err(shape(&format!("`{name}` must be an array or set of strings"))),
+        };
+        for item in items {
+            let s = item.as_string().map_err(|_| shape(&format!("`{name}` must hold strings")))?;
+            v.push(s.to_string());
+        }
+    }
+    Ok(v)
 }
 
 fn field<'a>(obj: &'a Value, name: &str) -> Option<&'a Value> {
@@ -102,18 +127,13 @@ pub fn parse_output(out: &Value) -> Result<Decision, PolicyError> {
     let action = Action::parse(action)
         .ok_or_else(|| shape(&format!("unknown action `{action}` (allow|deny|step_up|terminate|throttle)")))?;
 
-    let mut reasons = Vec::new();
-    if let Some(r) = field(out, "reasons") {
-        let items: Vec<Value> = match r {
-            Value::Array(a) => a.iter().cloned().collect(),
-            Value::Set(s) => s.iter().cloned().collect(),
-            _ => return Err(shape("`reasons` must be an array or set of strings")),
-        };
-        for item in items {
-            let s = item.as_string().map_err(|_| shape("`reasons` must hold strings"))?;
-            reasons.push(s.to_string());
-        }
-    }
+    let reasons = strings(out, "reasons")?;
+    let signals = strings(out, "signals")?;
+    let flags = strings(out, "flags")?;
+    let step_up_satisfied = match field(out, "step_up_satisfied") {
+        Some(v) => *v.as_bool().map_err(|_| shape("`step_up_satisfied` must be a boolean"))?,
+        None => false,
+    };
 
     let risk = match field(out, "risk") {
         Some(v) => v.as_f64().map_err(|_| shape("`risk` must be a number"))?,
@@ -151,7 +171,10 @@ pub fn parse_output(out: &Value) -> Result<Decision, PolicyError> {
         Some(v) => Some(v.as_u64().map_err(|_| shape("`max_age` must be a whole number of seconds"))?),
         None => None,
     };
-    Ok(Decision { action, reasons, risk, headers, retry_after, acr_values, max_age })
+    if !risk.is_finite() {
+        return Err(shape("`risk` must be a finite number"));
+    }
+    Ok(Decision { action, reasons, risk, headers, retry_after, acr_values, max_age, signals, flags, step_up_satisfied })
 }
 
 #[cfg(test)]

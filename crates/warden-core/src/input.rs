@@ -53,6 +53,7 @@ pub struct RequestFacts<'a> {
     pub source_address: Option<&'a str>,
     pub region: Option<&'a str>,
     pub device: Option<&'a str>,
+    pub mcp: Option<&'a crate::mcp::McpRequest>,
 }
 
 pub struct SessionFacts<'a> {
@@ -80,7 +81,7 @@ pub fn build(now_ms: u64, mode: &str, req: &RequestFacts<'_>, id: &Identity, ses
             "source",
             Obj::new().set("address", opt_s(req.source_address)).set("principal", opt_s(id.workload.as_deref())).build(),
         )
-        .set("mcp", Value::Null)
+        .set("mcp", req.mcp.map(crate::mcp::to_value).unwrap_or(Value::Null))
         .build();
 
     let tok = id.token.as_deref();
@@ -125,11 +126,13 @@ pub fn build(now_ms: u64, mode: &str, req: &RequestFacts<'_>, id: &Identity, ses
         .set("workloads", strings(&b.workloads))
         .set("regions", strings(&b.regions))
         .set("devices", strings(&b.devices))
-        .set("tools", Value::new_array())
-        .set("risk", Value::from(0u64))
-        .set("flags", Value::new_array())
+        .set("tools", strings(&b.tools))
+        .set("scopes", strings(&b.scopes))
+        .set("credential_subjects", strings(&b.credential_subjects))
+        .set("risk", Value::from(b.risk))
+        .set("flags", strings(&b.flags))
         .set("revoked", Value::from(b.revoked))
-        .set("last_step_up", Value::Null)
+        .set("last_step_up", opt_n(b.last_step_up_ms.map(|ms| ms / 1000)))
         .set("unavailable", Value::from(sess.unavailable))
         .build();
 

@@ -10,6 +10,7 @@ pub mod hash;
 pub mod host;
 pub mod identity;
 pub mod input;
+pub mod mcp;
 pub mod metrics;
 pub mod policy;
 pub mod session;
@@ -57,6 +58,17 @@ pub struct RequestOutcome {
     pub log: Option<String>,
     /// The step's attribution record; the proxy adds status and duration and queues it.
     pub record: Option<StepRecord>,
+    /// An MCP `initialize` without a session: the session id the MCP server assigns in its
+    /// response (`mcp-session-id`) becomes the governed session (see `Warden::adopt_session`).
+    pub adopt_session: bool,
+}
+
+/// The request body, for requests whose body the filter reads (MCP).
+#[derive(Debug, Clone, Copy)]
+pub enum Body<'a> {
+    Absent,
+    Complete(&'a [u8]),
+    TooLarge,
 }
 
 /// The result of the first half of the request flow. Returned once per request and matched at
@@ -84,19 +96,20 @@ pub struct Pending {
     session: SessionRef,
     traceparent: String,
     now_ms: u64,
+    mcp: Option<mcp::McpRequest>,
+    /// MCP tools this request calls.
+    tools: Vec<String>,
 }
 
 impl Pending {
     fn seen<'a>(&'a self, cfg: &'a PluginConfig) -> Seen<'a> {
-        Self::seen_of(cfg, &self.headers, &self.identity)
-    }
-
-    fn seen_of<'a>(cfg: &'a PluginConfig, headers: &'a Headers, identity: &'a identity::Identity) -> Seen<'a> {
         Seen {
-            credential: identity.fingerprint.as_deref(),
-            workload: identity.workload.as_deref(),
-            region: headers.get_str(&cfg.context.region_header),
-            device: headers.get_str(&cfg.context.device_header),
+            credential: self.identity.fingerprint.as_deref(),
+            workload: self.identity.workload.as_deref(),
+            region: self.headers.get_str(&cfg.context.region_header),
+            device: self.headers.get_str(&cfg.context.device_header),
+            tools: &self.tools,
+            scopes: &self.identity.scopes,
         }
     }
 }
@@ -210,7 +223,21 @@ impl Warden {
 
     /// Begin the per-request flow of DESIGN.md: strip, identify, resolve the session, and then
     /// either decide now (local or cached state) or ask the state service first (sync mode).
-    pub fn on_request(&mut self, headers: Headers, host: &mut dyn Host) -> Step {
+    /// Whether the filter must read this request's body before deciding (MCP JSON-RPC POSTs).
+    pub fn wants_body(&self, headers: &Headers) -> bool {
+        if headers.get_str(":method") != Some("POST") {
+            return false;
+        }
+        let path = headers.get_str(":path").unwrap_or_default();
+        let path = path.split('?').next().unwrap_or_default();
+        headers.get("mcp-session-id").is_some() || self.config.mcp.paths.iter().any(|p| path.starts_with(p.as_str()))
+    }
+
+    pub fn max_body_bytes(&self) -> usize {
+        self.config.mcp.max_body_bytes
+    }
+
+    pub fn on_request(&mut self, headers: Headers, body: Body<'_>, host: &mut dyn Host) -> Step {
         let now_ms = host.now_ms();
         let shadow = self.config.mode == Mode::Shadow;
         let mut out = RequestOutcome { decision_id: correlation::new_decision_id(host), ..Default::default() };
@@ -244,17 +271,35 @@ impl Warden {
             out.metrics.push(if identity.token_cache_hit { metrics::JWT_CACHE_HIT } else { metrics::JWT_CACHE_MISS }.into());
         }
 
+        // MCP: what the JSON-RPC message asks for.
+        let mcp = match body {
+            _ if !self.wants_body(&headers) => None,
+            Body::Absent => None,
+            Body::TooLarge => {
+                return Step::Done(self.refuse(out, Decision::internal(Action::Deny, "mcp_body_too_large"), None, 413, shadow, None));
+            }
+            Body::Complete(b) => match mcp::parse(b) {
+                Ok(m) => Some(m),
+                Err(e) => return Step::Done(self.refuse(out, Decision::internal(Action::Deny, e.code()), None, 400, shadow, None)),
+            },
+        };
+        let tools: Vec<String> = mcp.as_ref().map(|m| m.tools().map(str::to_string).collect()).unwrap_or_default();
+
         // 3. Resolve the session.
         let session = match session::resolve(&self.config.session, &headers, &identity, host) {
             Ok(s) => s,
             Err(session::MalformedSessionId) => {
-                return Step::Done(self.refuse(out, Decision::internal(Action::Deny, "session_id_malformed"), None, 400, shadow));
+                return Step::Done(self.refuse(out, Decision::internal(Action::Deny, "session_id_malformed"), None, 400, shadow, None));
             }
         };
         if session.source == session::SessionSource::Minted {
             out.metrics.push(metrics::SESSIONS_NEW.into());
         }
-        let ctx = Pending { out, headers, identity, session, traceparent, now_ms };
+        // An MCP `initialize` opens a session whose id the MCP server assigns in its answer: it is
+        // decided as a new session here and adopted under that id when the answer comes.
+        let initialize = session.source == session::SessionSource::Minted
+            && mcp.as_ref().and_then(|m| m.first()).is_some_and(|c| c.method == "initialize");
+        let ctx = Pending { out, headers, identity, session, traceparent, now_ms, mcp, tools };
 
         // A session this proxy knows to be revoked goes no further, whatever the mode.
         if self.sessions.is_revoked(&ctx.session.id) {
@@ -265,6 +310,11 @@ impl Warden {
         let Some(state) = self.config.state.clone() else {
             return Step::Done(self.begin_locally(ctx, host, false));
         };
+        if initialize {
+            let mut out = self.begin_locally(ctx, host, false);
+            out.adopt_session = out.reply.is_none();
+            return Step::Done(out);
+        }
         if state.mode == StateMode::Cached {
             match self.begin_cached(&ctx, host) {
                 Cached::Hit(before, step) => return Step::Done(self.decide(ctx, *before, step, false, false, host)),
@@ -280,8 +330,9 @@ impl Warden {
             workload: seen.workload.map(str::to_string),
             region: seen.region.map(str::to_string),
             device: seen.device.map(str::to_string),
-            tool: None,
+            tools: ctx.tools.clone(),
             known_steps: self.sessions.steps(&ctx.session.id),
+            scopes: ctx.identity.scopes.clone(),
         };
         let body = serde_json::to_vec(&req).unwrap_or_default();
         Step::Call { pending: Box::new(ctx), call: StateCall { path: "/v1/steps/begin", body } }
@@ -294,7 +345,16 @@ impl Warden {
         match answer {
             Ok(resp) => match resp.outcome {
                 BeginOutcome::Ok => {
-                    let before = resp.session;
+                    let mut before = resp.session;
+                    // This VM's own latest view of what decisions left behind (risk, flags, a
+                    // step-up) is newer than what the service has heard through the trail.
+                    if let Some(mine) = self.sessions.get(&ctx.session.id) {
+                        before.risk = mine.risk;
+                        before.last_step_up_ms = before.last_step_up_ms.max(mine.last_step_up_ms);
+                        for f in &mine.flags {
+                            session::remember_value(&mut before.flags, Some(f));
+                        }
+                    }
                     let mut after = before.clone();
                     after.steps = resp.step;
                     after.last_seen_at_ms = ctx.now_ms;
@@ -334,6 +394,42 @@ impl Warden {
                 }
             }
         }
+    }
+
+    /// Keep what a decision leaves behind (risk, flags, a satisfied step-up) for the session's
+    /// next step: in this VM's table and, in cached mode, in the shared snapshot.
+    fn after_decision(&mut self, id: &str, d: &Decision, now_ms: u64, host: &mut dyn Host) {
+        let stepped = d.step_up_satisfied.then_some(now_ms);
+        if let Some(mine) = self.sessions.get_mut(id) {
+            mine.after_decision(d.risk, &d.flags, stepped);
+        }
+        if self.config.state.as_ref().is_some_and(|s| s.mode == StateMode::Cached) {
+            for _ in 0..4 {
+                let Some((mut state, cas)) = cache_get(host, id) else { break };
+                state.after_decision(d.risk, &d.flags, stepped);
+                if cache_put(host, id, &state, Some(cas)) {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// The MCP server named the session of an `initialize` (its `mcp-session-id`): the step
+    /// moves under that id, and the session continues under it.
+    pub fn adopt_session(&mut self, minted: &str, assigned: &str, record: Option<&mut StepRecord>, host: &mut dyn Host) -> bool {
+        if !session::is_valid_session_id(assigned) || minted == assigned {
+            return false;
+        }
+        if let Some(state) = self.sessions.get(minted).cloned() {
+            if self.config.state.as_ref().is_some_and(|s| s.mode == StateMode::Cached) {
+                cache_put(host, assigned, &state, None);
+            }
+            self.sessions.put(assigned, state);
+        }
+        if let Some(r) = record {
+            r.session_id = assigned.to_string();
+        }
+        true
     }
 
     /// The proxy VM's own session table: no service configured, or the service unavailable.
@@ -381,24 +477,28 @@ impl Warden {
             BeginError::SubjectMismatch => {
                 out.metrics.push(metrics::SESSION_BINDING_VIOLATIONS.into());
                 out.log = Some(format!("session {} presented by another subject ({})", ctx.session.id, ctx.identity.subject));
-                self.refuse(out, Decision::internal(Action::Deny, "session_bound_to_other_subject"), Some(&ctx.session), 403, shadow)
+                self.refuse(out, Decision::internal(Action::Deny, "session_bound_to_other_subject"), Some(&ctx.session), 403, shadow, ctx.mcp.as_ref())
             }
-            BeginError::Revoked => self.refuse(out, Decision::internal(Action::Deny, "session_revoked"), Some(&ctx.session), 403, shadow),
+            BeginError::Revoked => {
+                self.refuse(out, Decision::internal(Action::Deny, "session_revoked"), Some(&ctx.session), 403, shadow, ctx.mcp.as_ref())
+            }
         }
     }
 
     /// Decide, enforce, correlate, and prepare the step's attribution record.
     fn decide(&mut self, ctx: Pending, before: SessionState, step: u64, is_new: bool, unavailable: bool, host: &mut dyn Host) -> RequestOutcome {
         let shadow = self.config.mode == Mode::Shadow;
-        let Pending { mut out, headers, identity, session, traceparent, now_ms } = ctx;
-        let seen = Pending::seen_of(&self.config, &headers, &identity);
+        let region = ctx.headers.get_str(&self.config.context.region_header).map(str::to_string);
+        let device = ctx.headers.get_str(&self.config.context.device_header).map(str::to_string);
+        let Pending { mut out, headers, identity, session, traceparent, now_ms, mcp, tools } = ctx;
         let source_address = host.property(&["source", "address"]).and_then(|v| String::from_utf8(v).ok());
         let facts = input::RequestFacts {
             headers: &headers,
             input_headers: &self.config.policy.input_headers,
             source_address: source_address.as_deref(),
-            region: seen.region,
-            device: seen.device,
+            region: region.as_deref(),
+            device: device.as_deref(),
+            mcp: mcp.as_ref(),
         };
         let sess = input::SessionFacts { session: &session, before: &before, is_new, unavailable };
         let mode = if shadow { "shadow" } else { "enforce" };
@@ -427,17 +527,23 @@ impl Warden {
             jti: identity.token.as_ref().and_then(|t| t.jti.clone()),
             delegation: identity.token.as_ref().map(|t| t.delegation.clone()).unwrap_or_default(),
             workload: identity.workload.clone(),
-            region: seen.region.map(str::to_string),
-            device: seen.device.map(str::to_string),
+            region,
+            device,
             source_address,
             method: headers.get_str(":method").map(str::to_string),
             authority: headers.get_str(":authority").map(str::to_string),
             path: headers.get_str(":path").map(|p| p.chars().take(1024).collect()),
-            tool: None,
+            tool: tools.first().cloned(),
+            mcp_method: mcp.as_ref().and_then(|m| m.first()).map(|c| c.method.clone()),
+            arguments_digest: mcp.as_ref().and_then(|m| m.first()).and_then(|c| c.arguments_digest.clone()),
             action: decision.action.as_str().into(),
             enforced: !shadow,
             reasons: decision.reasons.clone(),
+            risk_before: before.risk,
             risk: decision.risk,
+            signals: decision.signals.clone(),
+            flags: decision.flags.clone(),
+            step_up: decision.step_up_satisfied,
             policy_version: self.policy.version.clone(),
             mode: mode.into(),
             status: None,
@@ -447,6 +553,9 @@ impl Warden {
         };
 
         // 5. Enforce.
+        if !shadow {
+            self.after_decision(&session.id, &decision, now_ms, host);
+        }
         if decision.action != Action::Allow {
             if decision.action == Action::Terminate && !shadow {
                 self.apply_revocation(&session.id, host);
@@ -457,7 +566,7 @@ impl Warden {
                 _ => 403,
             };
             if !shadow {
-                let mut out = self.refuse(out, decision, Some(&session), status, false);
+                let mut out = self.refuse(out, decision, Some(&session), status, false, mcp.as_ref());
                 out.set_headers.push((STEP_HEADER.into(), step.to_string()));
                 record.status = Some(status);
                 out.record = Some(record);
@@ -489,7 +598,15 @@ impl Warden {
     }
 
     /// Refuse with a local reply, or in shadow mode count what would have happened and go on.
-    fn refuse(&self, mut out: RequestOutcome, d: Decision, session: Option<&SessionRef>, status: u32, shadow: bool) -> RequestOutcome {
+    fn refuse(
+        &self,
+        mut out: RequestOutcome,
+        d: Decision,
+        session: Option<&SessionRef>,
+        status: u32,
+        shadow: bool,
+        mcp: Option<&mcp::McpRequest>,
+    ) -> RequestOutcome {
         if shadow {
             out.metrics.push(metrics::shadow(d.action.as_str()));
             out.set_headers.push((DECISION_HEADER.into(), out.decision_id.clone()));
@@ -510,7 +627,7 @@ impl Warden {
         if let Some(s) = session {
             headers.push((SESSION_HEADER.to_string(), s.id.clone()));
         }
-        let error = match d.action {
+        let mut error = match d.action {
             Action::StepUp => {
                 let mut challenge = String::from(
                     "Bearer error=\"insufficient_user_authentication\", error_description=\"A stronger authentication is required for this session\"",
@@ -533,6 +650,9 @@ impl Warden {
             _ if status == 400 => "bad_request",
             _ => "forbidden",
         };
+        if status == 413 {
+            error = "payload_too_large";
+        }
         let body = serde_json::json!({
             "error": error,
             "action": d.action.as_str(),
@@ -540,6 +660,14 @@ impl Warden {
             "decision_id": out.decision_id,
             "session_id": session.map(|s| s.id.as_str()),
         });
+        // MCP clients get refusals of what they asked as JSON-RPC errors; step-up and throttle
+        // stay HTTP-level (401 / 429), where MCP clients handle authorization and back-off.
+        let (status, body) = match mcp {
+            Some(m) if self.config.mcp.jsonrpc_errors && status == 403 => {
+                (200, mcp::jsonrpc_error(m, -32001, &format!("refused by session policy: {}", d.reasons.join(", ")), body))
+            }
+            _ => (status, body),
+        };
         out.reply = Some(LocalReply { status, headers, body: body.to_string().into_bytes() });
         out.session_id = session.map(|s| s.id.clone());
         out.decision = Some(d);

@@ -79,6 +79,10 @@ pub struct SessionState {
     pub regions: Vec<String>,
     pub devices: Vec<String>,
     pub tools: Vec<String>,
+    /// Scopes the session started with (escalation is judged against them).
+    pub scopes: Vec<String>,
+    /// Subjects that have presented this step's credential, in any session (from the service).
+    pub credential_subjects: Vec<String>,
     pub risk: f64,
     pub flags: Vec<String>,
     pub revoked: bool,
@@ -92,6 +96,20 @@ impl SessionState {
         remember_value(&mut self.workloads, seen.workload);
         remember_value(&mut self.regions, seen.region);
         remember_value(&mut self.devices, seen.device);
+        for t in seen.tools {
+            remember_value(&mut self.tools, Some(t));
+        }
+    }
+
+    /// What a decision leaves behind: the new risk, flags, and a satisfied step-up.
+    pub fn after_decision(&mut self, risk: f64, flags: &[String], stepped_up_at_ms: Option<u64>) {
+        self.risk = risk;
+        for f in flags {
+            remember_value(&mut self.flags, Some(f));
+        }
+        if stepped_up_at_ms.is_some() {
+            self.last_step_up_ms = stepped_up_at_ms;
+        }
     }
 }
 
@@ -101,6 +119,8 @@ pub struct Seen<'a> {
     pub workload: Option<&'a str>,
     pub region: Option<&'a str>,
     pub device: Option<&'a str>,
+    pub tools: &'a [String],
+    pub scopes: &'a [String],
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,6 +165,7 @@ impl LocalSessions {
             started_at_ms: now_ms,
             last_seen_at_ms: now_ms,
             subjects: vec![subject.to_string()],
+            scopes: seen.scopes.to_vec(),
             ..Default::default()
         });
         if s.revoked {
@@ -170,6 +191,14 @@ impl LocalSessions {
 
     pub fn steps(&self, id: &str) -> Option<u64> {
         self.map.get(id).map(|s| s.steps)
+    }
+
+    pub fn get(&self, id: &str) -> Option<&SessionState> {
+        self.map.get(id)
+    }
+
+    pub fn get_mut(&mut self, id: &str) -> Option<&mut SessionState> {
+        self.map.get_mut(id)
     }
 
     pub fn is_revoked(&self, id: &str) -> bool {
@@ -211,7 +240,7 @@ mod tests {
     use super::*;
 
     fn seen<'a>(cred: &'a str) -> Seen<'a> {
-        Seen { credential: Some(cred), workload: None, region: Some("eu"), device: None }
+        Seen { credential: Some(cred), workload: None, region: Some("eu"), device: None, tools: &[], scopes: &[] }
     }
 
     #[test]

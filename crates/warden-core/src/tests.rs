@@ -23,6 +23,10 @@ decision := {"action": "terminate", "reasons": ["kill"]} if input.request.path =
 decision := {"action": "allow", "reasons": [], "headers": {"x-policy-saw": input.identity.subject}} if input.request.path == "/echo-subject"
 decision := {"action": "allow", "reasons": [], "headers": {"x-delegation": concat(",", input.identity.delegation)}} if input.request.path == "/delegation"
 decision := {"action": "deny", "reasons": ["state_unavailable"]} if input.session.unavailable
+decision := {"action": "deny", "reasons": ["tool_forbidden"]} if input.request.mcp.tool == "shell.exec"
+decision := {"action": "allow", "reasons": [], "risk": input.session.risk + 10, "flags": ["risky"]} if input.request.path == "/risky"
+decision := {"action": "allow", "reasons": [], "step_up_satisfied": true} if input.request.path == "/strong"
+decision := {"action": "allow", "reasons": [], "headers": {"x-last-step-up": sprintf("%v", [input.session.last_step_up])}} if input.request.path == "/check-step-up"
 "#;
 
 struct Keys {
@@ -85,7 +89,7 @@ fn req(path: &str, extra: &[(&str, &[u8])]) -> Headers {
 
 /// Run a request that must be decided without a state-service call.
 fn done(w: &mut Warden, headers: Headers, host: &mut FakeHost) -> RequestOutcome {
-    match w.on_request(headers, host) {
+    match w.on_request(headers, Body::Absent, host) {
         Step::Done(out) => out,
         Step::Call { .. } => panic!("expected a decision, got a state-service call"),
     }
@@ -394,7 +398,7 @@ fn with_state(k: &Keys, mode: &str) -> Warden {
 }
 
 fn call(w: &mut Warden, headers: Headers, host: &mut FakeHost) -> (Box<Pending>, BeginStep) {
-    match w.on_request(headers, host) {
+    match w.on_request(headers, Body::Absent, host) {
         Step::Call { pending, call } => {
             assert_eq!(call.path, "/v1/steps/begin");
             (pending, serde_json::from_slice(&call.body).unwrap())
@@ -471,4 +475,91 @@ fn cached_mode_counts_in_shared_data_and_applies_revocations() {
     other.apply_revocation("wf-12", &mut h);
     let out = done(&mut w, headers(), &mut h);
     assert_eq!(reply_reason(&out).1["reasons"], json!(["session_revoked"]));
+}
+
+fn post(path: &str, extra: &[(&str, &[u8])]) -> Headers {
+    let mut v: Vec<(String, Vec<u8>)> = vec![
+        (":method".into(), b"POST".to_vec()),
+        (":path".into(), path.as_bytes().to_vec()),
+        (":authority".into(), b"api.test".to_vec()),
+    ];
+    for (k, val) in extra {
+        v.push((k.to_string(), val.to_vec()));
+    }
+    Headers::from_pairs(v)
+}
+
+fn mcp_done(w: &mut Warden, headers: Headers, body: Body<'_>, host: &mut FakeHost) -> RequestOutcome {
+    match w.on_request(headers, body, host) {
+        Step::Done(out) => out,
+        Step::Call { .. } => panic!("expected a decision"),
+    }
+}
+
+#[test]
+fn mcp_tool_calls_reach_the_policy_and_refusals_are_jsonrpc_errors() {
+    let k = keys();
+    let mut w = Warden::from_json(&config(&k, json!({}))).unwrap();
+    let mut h = live_host();
+    let t = bearer(&sign_es(&k, claims("agent-7")));
+    let headers = || post("/mcp", &[("authorization", &t), ("mcp-session-id", b"mcp-1")]);
+    assert!(w.wants_body(&headers()));
+    assert!(!w.wants_body(&req("/mcp", &[])), "GET streams are not read");
+    let ok = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search","arguments":{"q":"x"}}}"#;
+    let out = mcp_done(&mut w, headers(), Body::Complete(ok), &mut h);
+    assert!(out.reply.is_none());
+    let rec = out.record.unwrap();
+    assert_eq!((rec.tool.as_deref(), rec.mcp_method.as_deref()), (Some("search"), Some("tools/call")));
+    assert!(rec.arguments_digest.unwrap().starts_with("sha256:"));
+
+    let bad = br#"{"jsonrpc":"2.0","id":"c-9","method":"tools/call","params":{"name":"shell.exec"}}"#;
+    let out = mcp_done(&mut w, headers(), Body::Complete(bad), &mut h);
+    let r = out.reply.unwrap();
+    assert_eq!(r.status, 200);
+    let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(body["id"], json!("c-9"));
+    assert_eq!(body["error"]["code"], json!(-32001));
+    assert_eq!(body["error"]["data"]["reasons"], json!(["tool_forbidden"]));
+
+    let out = mcp_done(&mut w, headers(), Body::Complete(b"{nope"), &mut h);
+    assert_eq!(reply_reason(&out), (400, reply_reason(&out).1.clone()));
+    assert_eq!(reply_reason(&out).1["reasons"], json!(["mcp_body_not_json"]));
+    let out = mcp_done(&mut w, headers(), Body::TooLarge, &mut h);
+    assert_eq!(reply_reason(&out).0, 413);
+}
+
+#[test]
+fn an_mcp_initialize_is_adopted_under_the_servers_session_id() {
+    let k = keys();
+    let mut w = with_state(&k, "sync");
+    let mut h = live_host();
+    let t = bearer(&sign_es(&k, claims("agent-7")));
+    let init = br#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{}}"#;
+    let mut out = mcp_done(&mut w, post("/mcp", &[("authorization", &t)]), Body::Complete(init), &mut h);
+    assert!(out.adopt_session);
+    let minted = out.session_id.clone().unwrap();
+    assert!(w.adopt_session(&minted, "server-sess-1", out.record.as_mut(), &mut h));
+    assert_eq!(out.record.unwrap().session_id, "server-sess-1");
+    // The next step of that session tells the service one step was already taken.
+    let (_, begin) = call(&mut w, post("/mcp", &[("authorization", &t), ("mcp-session-id", b"server-sess-1")]), &mut h);
+    assert_eq!(begin.known_steps, Some(1));
+}
+
+#[test]
+fn risk_flags_and_step_ups_carry_to_the_next_step() {
+    let k = keys();
+    let mut w = Warden::from_json(&config(&k, json!({}))).unwrap();
+    let mut h = live_host();
+    let t = bearer(&sign_es(&k, claims("agent-7")));
+    let sid: &[u8] = b"carry-1";
+    let first = done(&mut w, req("/risky", &[("authorization", &t), ("x-session-id", sid)]), &mut h);
+    assert_eq!(first.record.as_ref().unwrap().risk, 10.0);
+    let second = done(&mut w, req("/risky", &[("authorization", &t), ("x-session-id", sid)]), &mut h);
+    let rec = second.record.unwrap();
+    assert_eq!((rec.risk_before, rec.risk), (10.0, 20.0));
+    assert_eq!(rec.flags, vec!["risky"]);
+    let out = done(&mut w, req("/strong", &[("authorization", &t), ("x-session-id", sid)]), &mut h);
+    assert!(out.record.unwrap().step_up);
+    let out = done(&mut w, req("/check-step-up", &[("authorization", &t), ("x-session-id", sid)]), &mut h);
+    assert_eq!(header(&out.set_headers, "x-last-step-up"), Some((h.now_ms / 1000).to_string().as_str()));
 }

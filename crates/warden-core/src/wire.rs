@@ -18,12 +18,16 @@ pub struct BeginStep {
     pub region: Option<String>,
     #[serde(default)]
     pub device: Option<String>,
+    /// MCP tools this step calls.
     #[serde(default)]
-    pub tool: Option<String>,
+    pub tools: Vec<String>,
     /// Steps this proxy has counted for the session, degraded ones included: the service never
     /// hands out a step number the proxy already used while it could not be reached.
     #[serde(default)]
     pub known_steps: Option<u64>,
+    /// The credential's scopes: a new session remembers them as the scopes it started with.
+    #[serde(default)]
+    pub scopes: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,12 +73,21 @@ pub struct StepRecord {
     pub method: Option<String>,
     pub authority: Option<String>,
     pub path: Option<String>,
+    /// MCP tools called by this step (first one for a batch in `tool`).
     pub tool: Option<String>,
+    pub mcp_method: Option<String>,
+    pub arguments_digest: Option<String>,
     pub action: String,
     /// False when the decision was not enforced (shadow mode).
     pub enforced: bool,
     pub reasons: Vec<String>,
+    /// Session risk before and after this step, and the signals that moved it.
+    pub risk_before: f64,
     pub risk: f64,
+    pub signals: Vec<String>,
+    pub flags: Vec<String>,
+    /// A stronger credential satisfied a step-up on this step.
+    pub step_up: bool,
     pub policy_version: String,
     pub mode: String,
     pub status: Option<u32>,

@@ -63,6 +63,13 @@ const MIGRATIONS: &[&str] = &[
         detail TEXT NOT NULL
      );
      CREATE INDEX audit_session ON audit(session_id, id);",
+    // 2: which subjects presented which credential (credential sharing across sessions).
+    "CREATE TABLE credential_subjects (
+        credential TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        first_seen_ms INTEGER NOT NULL,
+        PRIMARY KEY (credential, subject)
+     );",
 ];
 
 pub struct SqliteStore {
@@ -154,6 +161,21 @@ fn audit(tx: &Transaction<'_>, id: &str, now_ms: u64, kind: &str, subject: &str,
     Ok(())
 }
 
+/// Remember that `subject` presented `credential`; return every subject that has (bounded).
+fn credential_subjects(tx: &Transaction<'_>, credential: Option<&str>, subject: &str, now_ms: u64) -> Result<Vec<String>, StoreError> {
+    let Some(cred) = credential else { return Ok(Vec::new()) };
+    tx.execute(
+        "INSERT OR IGNORE INTO credential_subjects (credential, subject, first_seen_ms) VALUES (?1, ?2, ?3)",
+        params![cred, subject, now_ms as i64],
+    )
+    .map_err(backend)?;
+    let mut stmt = tx
+        .prepare_cached("SELECT subject FROM credential_subjects WHERE credential = ?1 ORDER BY first_seen_ms LIMIT 16")
+        .map_err(backend)?;
+    let rows = stmt.query_map(params![cred], |r| r.get::<_, String>(0)).map_err(backend)?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+}
+
 fn new_session(subject: &str, now_ms: u64) -> SessionState {
     SessionState {
         subject: subject.to_string(),
@@ -202,19 +224,27 @@ impl Store for SqliteStore {
                 }
                 (row.state, row.records, row.head, false)
             }
-            None => (new_session(&req.subject, now_ms), 0, GENESIS.to_string(), true),
+            None => {
+                let mut s = new_session(&req.subject, now_ms);
+                s.scopes = req.scopes.iter().take(64).cloned().collect();
+                (s, 0, GENESIS.to_string(), true)
+            }
         };
+        let sharing = credential_subjects(&tx, req.credential.as_deref(), &req.subject, now_ms)?;
         if let Some(known) = req.known_steps {
             state.steps = state.steps.max(known);
         }
-        let before = state.clone();
+        let mut before = state.clone();
+        before.credential_subjects = sharing;
         state.steps += 1;
         state.last_seen_at_ms = now_ms;
         remember_value(&mut state.credentials, req.credential.as_deref());
         remember_value(&mut state.workloads, req.workload.as_deref());
         remember_value(&mut state.regions, req.region.as_deref());
         remember_value(&mut state.devices, req.device.as_deref());
-        remember_value(&mut state.tools, req.tool.as_deref());
+        for t in &req.tools {
+            remember_value(&mut state.tools, Some(t));
+        }
         save(&tx, &req.session_id, &state, records, &head)?;
         tx.commit().map_err(backend)?;
         Ok(BeginResponse { outcome: BeginOutcome::Ok, step: state.steps, new: is_new, session: before })
@@ -267,9 +297,17 @@ impl Store for SqliteStore {
             remember_value(&mut state.regions, r.region.as_deref());
             remember_value(&mut state.devices, r.device.as_deref());
             remember_value(&mut state.tools, r.tool.as_deref());
-            if r.risk.is_finite() {
+            for f in &r.flags {
+                remember_value(&mut state.flags, Some(f));
+            }
+            if r.step_up {
+                state.last_step_up_ms = state.last_step_up_ms.max(Some(r.at_ms));
+            }
+            // Records may arrive out of order; the latest step's risk is the session's.
+            if r.step >= state.steps {
                 state.risk = r.risk;
             }
+            credential_subjects(&tx, r.credential.as_deref(), &r.subject, r.at_ms)?;
             save(&tx, &r.session_id, &state, seq, &hash)?;
             if r.action == "terminate" && r.enforced {
                 revoke_in(&tx, &r.session_id, &format!("terminated by policy: {}", r.reasons.join(",")), now_ms)?;

@@ -31,8 +31,11 @@ fn short(name: &str, v: Option<&str>) -> Result<(), StoreError> {
 pub fn begin(r: &BeginStep) -> Result<(), StoreError> {
     session_id(&r.session_id)?;
     short("subject", Some(&r.subject))?;
-    for (n, v) in [("credential", &r.credential), ("workload", &r.workload), ("region", &r.region), ("device", &r.device), ("tool", &r.tool)] {
+    for (n, v) in [("credential", &r.credential), ("workload", &r.workload), ("region", &r.region), ("device", &r.device)] {
         short(n, v.as_deref())?;
+    }
+    if r.tools.len() > 64 || r.scopes.len() > 256 {
+        return Err(bad("at most 64 tools and 256 scopes per step".into()));
     }
     Ok(())
 }
@@ -48,12 +51,12 @@ pub fn record(r: &StepRecord) -> Result<(), StoreError> {
     if !matches!(r.action.as_str(), "allow" | "deny" | "step_up" | "terminate" | "throttle") {
         return Err(bad(format!("record for session {} step {}: unknown action {:?}", r.session_id, r.step, r.action)));
     }
-    if !r.risk.is_finite() {
+    if !r.risk.is_finite() || !r.risk_before.is_finite() {
         return Err(bad(format!("record for session {} step {}: risk must be a finite number", r.session_id, r.step)));
     }
     short("subject", Some(&r.subject))?;
     short("path", r.path.as_deref())?;
-    if r.reasons.len() > 64 || r.delegation.len() > 16 {
+    if r.reasons.len() > 64 || r.signals.len() > 64 || r.flags.len() > 64 || r.delegation.len() > 16 {
         return Err(bad(format!("record for session {} step {}: too many reasons or delegation entries", r.session_id, r.step)));
     }
     Ok(())

@@ -200,3 +200,18 @@ async fn sqlite_survives_a_restart_and_metrics_count() {
     let api = Api::with(SqliteStore::open(&db).unwrap());
     assert_eq!(api.begin("p1", "agent-7", "sha256:a").await["step"], 3);
 }
+
+#[tokio::test]
+async fn a_credential_shared_between_subjects_is_reported_and_scopes_are_kept() {
+    let api = Api::new();
+    let (_, v) = api
+        .call("POST", "/v1/steps/begin", Some(PROXY), Some(json!({"session_id": "x1", "subject": "alice", "credential": "sha256:same", "scopes": ["read"]})))
+        .await;
+    assert_eq!(v["session"]["credential_subjects"], json!(["alice"]));
+    let (_, v) = api.call("POST", "/v1/steps/begin", Some(PROXY), Some(json!({"session_id": "x2", "subject": "bob", "credential": "sha256:same"}))).await;
+    assert_eq!(v["session"]["credential_subjects"], json!(["alice", "bob"]));
+    let (_, v) = api
+        .call("POST", "/v1/steps/begin", Some(PROXY), Some(json!({"session_id": "x1", "subject": "alice", "credential": "sha256:same", "scopes": ["read", "admin"]})))
+        .await;
+    assert_eq!(v["session"]["scopes"], json!(["read"]), "a session keeps the scopes it started with");
+}
