@@ -18,7 +18,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
 use warden_core::host::{Headers, Host};
 use warden_core::wire::{BeginResponse, StepRecord};
-use warden_core::{Body, Pending, RequestOutcome, Step, Warden};
+use warden_core::{Body, Early, Pending, RequestOutcome, Step, Warden};
 
 use jwks::JwksFetcher;
 use metrics::Metrics;
@@ -162,6 +162,7 @@ impl RootContext for WardenRoot {
             started_ms: 0,
             awaiting_body: None,
             adopt: None,
+            headers_sent: false,
         }))
     }
 
@@ -185,7 +186,9 @@ struct WardenHttp {
     record: Option<StepRecord>,
     started_ms: u64,
     /// Headers of an MCP request whose body is being read before deciding.
-    awaiting_body: Option<Headers>,
+    awaiting_body: Option<(Headers, Early)>,
+    /// The request headers have gone on (MCP body phase): they can no longer be changed.
+    headers_sent: bool,
     /// The minted session of an MCP `initialize`, to adopt under the server's session id.
     adopt: Option<String>,
 }
@@ -223,28 +226,50 @@ impl HttpContext for WardenHttp {
         };
         let headers = Headers::from_pairs(pairs);
         if !end_of_stream && self.warden.borrow().wants_body(&headers) {
-            // An MCP POST: decide once the JSON-RPC body is here (Envoy buffers it meanwhile).
-            self.awaiting_body = Some(headers);
-            return Action::Pause;
+            // An MCP POST. Proxy-wasm hosts deliver the body only once the headers have gone on
+            // (a paused header phase pauses everything), so: refuse now what headers alone decide,
+            // else stamp what is known, let the headers go, and hold the body until it is whole.
+            let early = self.warden.borrow_mut().on_body_request_headers(&headers, &mut ProxyHost);
+            return match early {
+                Err(refusal) => {
+                    if self.apply(*refusal) {
+                        Action::Pause
+                    } else {
+                        Action::Continue
+                    }
+                }
+                Ok((early, stamps)) => {
+                    for name in &stamps.remove_headers {
+                        let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
+                    }
+                    for (k, v) in &stamps.set_headers {
+                        let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, k, Some(v));
+                    }
+                    self.awaiting_body = Some((headers, early));
+                    self.headers_sent = true;
+                    Action::Continue
+                }
+            };
         }
-        self.decide(headers, Body::Absent)
+        self.decide(headers, Body::Absent, None)
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        let Some(headers) = self.awaiting_body.take() else { return Action::Continue };
+        let Some((headers, early)) = self.awaiting_body.take() else { return Action::Continue };
         let max = self.warden.borrow().max_body_bytes();
         if body_size > max {
-            return self.decide(headers, Body::TooLarge);
+            return self.decide(headers, Body::TooLarge, Some(&early));
         }
         if !end_of_stream {
-            self.awaiting_body = Some(headers);
+            // Keep buffering: nothing of the body goes on before the decision.
+            self.awaiting_body = Some((headers, early));
             return Action::Pause;
         }
         let body = match hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size) {
             Ok(b) => b.unwrap_or_default(),
             Err(_) => Vec::new(),
         };
-        self.decide(headers, Body::Complete(&body))
+        self.decide(headers, Body::Complete(&body), Some(&early))
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
@@ -287,8 +312,8 @@ impl HttpContext for WardenHttp {
 
 impl WardenHttp {
     /// Run the request flow; a state-service call pauses the request until its answer.
-    fn decide(&mut self, headers: Headers, body: Body<'_>) -> Action {
-        let step = self.warden.borrow_mut().on_request(headers, body, &mut ProxyHost);
+    fn decide(&mut self, headers: Headers, body: Body<'_>, early: Option<&Early>) -> Action {
+        let step = self.warden.borrow_mut().on_request_early(headers, body, early, &mut ProxyHost);
         let outcome = match step {
             Step::Done(outcome) => outcome,
             Step::Call { pending, call } => {
@@ -332,16 +357,20 @@ impl WardenHttp {
         if outcome.adopt_session {
             self.adopt = outcome.session_id.clone();
         }
-        for name in &outcome.remove_headers {
-            let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
+        if !self.headers_sent {
+            for name in &outcome.remove_headers {
+                let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
+            }
         }
         if let Some(reply) = &outcome.reply {
             let hs: Vec<(&str, &str)> = reply.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
             self.reply(reply.status, &hs, &reply.body);
             return true;
         }
-        for (k, v) in &outcome.set_headers {
-            let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, k, Some(v));
+        if !self.headers_sent {
+            for (k, v) in &outcome.set_headers {
+                let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, k, Some(v));
+            }
         }
         self.response_headers = outcome.response_headers;
         false

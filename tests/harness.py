@@ -14,7 +14,9 @@ import hmac
 import json
 import os
 import re
+import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -542,3 +544,44 @@ def state_config(cluster="warden-state", mode="sync", **extra) -> dict:
     cfg = {"cluster": cluster, "mode": mode, "token": PROXY_TOKEN, "timeout_ms": 500, "flush_interval_ms": 100}
     cfg.update(extra)
     return cfg
+
+
+class McpServer:
+    """tests/mcp_server.py in its own process."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "mcp_server.py")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        line = self.proc.stdout.readline()  # type: ignore[union-attr]
+        m = re.search(r"listening on (\d+)", line)
+        if not m:
+            self.proc.kill()
+            raise RuntimeError(f"MCP server did not start: {line!r}")
+        self.port = int(m.group(1))
+        deadline = time.time() + 15
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("MCP server not accepting connections")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def buffer_filter(max_bytes: int = 1024 * 1024) -> dict:
+    """Envoy's buffer filter, placed after the warden on MCP routes: the upstream sees nothing of
+    a request (not even its headers) until the warden has read the body and decided."""
+    return {
+        "name": "envoy.filters.http.buffer",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer", "max_request_bytes": max_bytes},
+    }

@@ -63,7 +63,7 @@ pub struct McpConfig {
     #[serde(default = "default_mcp_max_body")]
     pub max_body_bytes: usize,
     /// Refuse MCP requests (deny, terminate, revoked or foreign session) with a JSON-RPC error
-    /// in a 200 answer, which MCP clients surface as an ordinary error.
+    /// body on the 403, which MCP clients surface as an ordinary error of the call.
     #[serde(default = "default_true")]
     pub jsonrpc_errors: bool,
 }

@@ -63,6 +63,16 @@ pub struct RequestOutcome {
     pub adopt_session: bool,
 }
 
+/// What the headers phase of an MCP request fixed before the body is read: proxy-wasm hosts
+/// only deliver a body once the headers have gone on, so these are stamped upstream first and
+/// the body phase decides under the same ids.
+#[derive(Debug, Clone)]
+pub struct Early {
+    pub decision_id: String,
+    pub traceparent: String,
+    pub minted_session: Option<String>,
+}
+
 /// The request body, for requests whose body the filter reads (MCP).
 #[derive(Debug, Clone, Copy)]
 pub enum Body<'a> {
@@ -237,17 +247,70 @@ impl Warden {
         self.config.mcp.max_body_bytes
     }
 
+    /// The headers phase of a request whose body is read (MCP): refuse now what can be refused
+    /// on headers alone (credential, session id); otherwise strip and stamp what is known and let
+    /// the headers go on. `on_request` with the body and this `Early` decides.
+    pub fn on_body_request_headers(&mut self, headers: &Headers, host: &mut dyn Host) -> Result<(Early, RequestOutcome), Box<RequestOutcome>> {
+        let early = Early {
+            decision_id: correlation::new_decision_id(host),
+            traceparent: match headers.get_str(TRACEPARENT) {
+                Some(tp) if correlation::is_valid_traceparent(tp) => tp.to_string(),
+                _ => correlation::new_traceparent(host),
+            },
+            minted_session: None,
+        };
+        let mut out = RequestOutcome { decision_id: early.decision_id.clone(), ..Default::default() };
+        out.remove_headers =
+            headers.names().filter(|n| n.starts_with(config::STAMPED_HEADER_PREFIX)).map(str::to_string).collect();
+        let now_s = host.now_ms() / 1000;
+        let identity = match self.identifier.identify(headers, host, now_s) {
+            Ok(id) => id,
+            // Counted and answered by the body phase's full run, which sees the same failure.
+            Err(_) => return Err(Box::new(self.full_run_refusal(headers, host, &early))),
+        };
+        let session = match session::resolve(&self.config.session, headers, &identity, host) {
+            Ok(s) => s,
+            Err(_) => return Err(Box::new(self.full_run_refusal(headers, host, &early))),
+        };
+        let early = Early { minted_session: (session.source == session::SessionSource::Minted).then(|| session.id.clone()), ..early };
+        out.set_headers.push((SESSION_HEADER.into(), session.id.clone()));
+        out.set_headers.push((DECISION_HEADER.into(), early.decision_id.clone()));
+        if !identity.subject.is_empty() {
+            out.set_headers.push((SUBJECT_HEADER.into(), identity.subject.clone()));
+        }
+        out.set_headers.push((TRACEPARENT.into(), early.traceparent.clone()));
+        Ok((early, out))
+    }
+
+    fn full_run_refusal(&mut self, headers: &Headers, host: &mut dyn Host, early: &Early) -> RequestOutcome {
+        match self.on_request_early(headers.clone(), Body::Absent, Some(early), host) {
+            Step::Done(out) => out,
+            // Identity and session failures never reach the state service.
+            Step::Call { pending, .. } => pending.out,
+        }
+    }
+
     pub fn on_request(&mut self, headers: Headers, body: Body<'_>, host: &mut dyn Host) -> Step {
+        self.on_request_early(headers, body, None, host)
+    }
+
+    /// The whole flow; `early` carries the ids an MCP request's headers phase already stamped.
+    pub fn on_request_early(&mut self, headers: Headers, body: Body<'_>, early: Option<&Early>, host: &mut dyn Host) -> Step {
         let now_ms = host.now_ms();
         let shadow = self.config.mode == Mode::Shadow;
-        let mut out = RequestOutcome { decision_id: correlation::new_decision_id(host), ..Default::default() };
+        let decision_id = match early {
+            Some(e) => e.decision_id.clone(),
+            None => correlation::new_decision_id(host),
+        };
+        let mut out = RequestOutcome { decision_id, ..Default::default() };
         out.metrics.push(metrics::REQUESTS.into());
 
         // 1. Nothing a client sends under our names survives.
         out.remove_headers =
             headers.names().filter(|n| n.starts_with(config::STAMPED_HEADER_PREFIX)).map(str::to_string).collect();
-        let traceparent = match headers.get_str(TRACEPARENT) {
-            Some(tp) if correlation::is_valid_traceparent(tp) => tp.to_string(),
+        let traceparent = match (early, headers.get_str(TRACEPARENT)) {
+            (Some(e), _) => e.traceparent.clone(),
+            (None, Some(tp)) if correlation::is_valid_traceparent(tp) => tp.to_string(),
             _ => correlation::new_traceparent(host),
         };
 
@@ -285,8 +348,12 @@ impl Warden {
         };
         let tools: Vec<String> = mcp.as_ref().map(|m| m.tools().map(str::to_string).collect()).unwrap_or_default();
 
-        // 3. Resolve the session.
-        let session = match session::resolve(&self.config.session, &headers, &identity, host) {
+        // 3. Resolve the session (under the id the headers phase already stamped, if any).
+        let resolved = match early.and_then(|e| e.minted_session.clone()) {
+            Some(id) => Ok(SessionRef { id, source: session::SessionSource::Minted }),
+            None => session::resolve(&self.config.session, &headers, &identity, host),
+        };
+        let session = match resolved {
             Ok(s) => s,
             Err(session::MalformedSessionId) => {
                 return Step::Done(self.refuse(out, Decision::internal(Action::Deny, "session_id_malformed"), None, 400, shadow, None));
@@ -660,13 +727,14 @@ impl Warden {
             "decision_id": out.decision_id,
             "session_id": session.map(|s| s.id.as_str()),
         });
-        // MCP clients get refusals of what they asked as JSON-RPC errors; step-up and throttle
-        // stay HTTP-level (401 / 429), where MCP clients handle authorization and back-off.
-        let (status, body) = match mcp {
+        // MCP clients get refusals of what they asked as JSON-RPC errors (still with the 403, which
+        // MCP clients read the error from); step-up and throttle stay plain HTTP (401 / 429),
+        // where MCP clients handle authorization and back-off.
+        let body = match mcp {
             Some(m) if self.config.mcp.jsonrpc_errors && status == 403 => {
-                (200, mcp::jsonrpc_error(m, -32001, &format!("refused by session policy: {}", d.reasons.join(", ")), body))
+                mcp::jsonrpc_error(m, -32001, &format!("refused by session policy: {}", d.reasons.join(", ")), body)
             }
-            _ => (status, body),
+            _ => body,
         };
         out.reply = Some(LocalReply { status, headers, body: body.to_string().into_bytes() });
         out.session_id = session.map(|s| s.id.clone());

@@ -515,7 +515,7 @@ fn mcp_tool_calls_reach_the_policy_and_refusals_are_jsonrpc_errors() {
     let bad = br#"{"jsonrpc":"2.0","id":"c-9","method":"tools/call","params":{"name":"shell.exec"}}"#;
     let out = mcp_done(&mut w, headers(), Body::Complete(bad), &mut h);
     let r = out.reply.unwrap();
-    assert_eq!(r.status, 200);
+    assert_eq!(r.status, 403);
     let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
     assert_eq!(body["id"], json!("c-9"));
     assert_eq!(body["error"]["code"], json!(-32001));
