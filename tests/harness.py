@@ -277,7 +277,7 @@ def wasm_filter(plugin_config: dict | str, runtime="envoy.wasm.runtime.v8", vm_i
     }
 
 
-def listener(name: str, http_filters: list, cluster="echo", tls: dict | None = None, direct_response=False) -> dict:
+def listener(name: str, http_filters: list, cluster="echo", tls: dict | None = None, direct_response=False, hcm: dict | None = None) -> dict:
     route = {"match": {"prefix": "/"}}
     if direct_response:
         route["direct_response"] = {"status": 200, "body": {"inline_string": "ok"}}
@@ -292,6 +292,7 @@ def listener(name: str, http_filters: list, cluster="echo", tls: dict | None = N
             "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [route]}]},
             "http_filters": http_filters
             + [{"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+            **(hcm or {}),
         },
     }
     chain = {"filters": [hcm]}
