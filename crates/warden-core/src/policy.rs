@@ -32,32 +32,39 @@ pub struct Policy {
     pub fallback_reason: Option<String>,
 }
 
+/// The engine every policy runs on, set up the same way in the proxy, the CLI and the tests:
+/// the modules and the data, nothing else. Returns the engine, the data as a policy value, and
+/// the policy version (a short hash of modules and data).
+pub fn engine_for(src: &PolicySource<'_>) -> Result<(Engine, Option<Value>, String), PolicyError> {
+    let mut engine = Engine::new();
+    let mut fingerprint = Vec::new();
+    for (name, text) in &src.modules {
+        engine
+            .add_policy(name.to_string(), text.to_string())
+            .map_err(|e| PolicyError(format!("module {name}: {e}")))?;
+        fingerprint.extend_from_slice(name.as_bytes());
+        fingerprint.push(0);
+        fingerprint.extend_from_slice(text.as_bytes());
+        fingerprint.push(0);
+    }
+    let data = match src.data {
+        Some(d) => {
+            fingerprint.extend_from_slice(d.to_string().as_bytes());
+            let v = Value::from(d.clone());
+            if !matches!(v, Value::Object(_)) {
+                return Err(PolicyError("data must be a JSON object".into()));
+            }
+            engine.add_data(v.clone()).map_err(|e| PolicyError(format!("data: {e}")))?;
+            Some(v)
+        }
+        None => None,
+    };
+    Ok((engine, data, hex(&sha256(&fingerprint)[..6])))
+}
+
 impl Policy {
     pub fn compile(src: &PolicySource<'_>) -> Result<Self, PolicyError> {
-        let mut engine = Engine::new();
-        let mut fingerprint = Vec::new();
-        for (name, text) in &src.modules {
-            engine
-                .add_policy(name.to_string(), text.to_string())
-                .map_err(|e| PolicyError(format!("module {name}: {e}")))?;
-            fingerprint.extend_from_slice(name.as_bytes());
-            fingerprint.push(0);
-            fingerprint.extend_from_slice(text.as_bytes());
-            fingerprint.push(0);
-        }
-        let data = match src.data {
-            Some(d) => {
-                fingerprint.extend_from_slice(d.to_string().as_bytes());
-                let v = Value::from(d.clone());
-                if !matches!(v, Value::Object(_)) {
-                    return Err(PolicyError("data must be a JSON object".into()));
-                }
-                engine.add_data(v.clone()).map_err(|e| PolicyError(format!("data: {e}")))?;
-                Some(v)
-            }
-            None => None,
-        };
-        let version = hex(&sha256(&fingerprint)[..6]);
+        let (mut engine, data, version) = engine_for(src)?;
         let entry: Rc<str> = src.entrypoint.into();
         let compiled = engine
             .compile_with_entrypoint(&entry)
