@@ -128,6 +128,9 @@ impl RootContext for WardenRoot {
                 warden.policy_version()
             ),
         }
+        if let Some(v) = warden.candidate_version() {
+            info!("session-warden: candidate policy {v} evaluated beside the enforced one (shadow: never acts)");
+        }
         self.metrics.borrow_mut().define_known();
         let targets = warden.jwks_targets();
         self.jwks = (!targets.is_empty()).then(|| JwksFetcher::new(targets));

@@ -23,6 +23,13 @@ impl Metrics {
             names::SESSION_BINDING_VIOLATIONS,
             names::JWKS_FETCH_OK,
             names::JWKS_FETCH_FAILED,
+            names::STATE_UNAVAILABLE,
+            names::RECORDS_SENT,
+            names::RECORDS_RETRIED,
+            names::RECORDS_DROPPED,
+            names::REVOCATIONS_APPLIED,
+            names::CANDIDATE_EVALUATIONS,
+            names::CANDIDATE_DISAGREEMENTS,
         ];
         for n in fixed {
             self.id(n);

@@ -158,6 +158,23 @@ pub struct PolicyConfig {
     /// Upper bound on RVM instructions per evaluation: a runaway policy fails (closed).
     #[serde(default = "default_max_instructions")]
     pub max_instructions: usize,
+    /// A candidate (shadow) policy evaluated beside the enforced one: it never acts; when it
+    /// decides differently, that is counted and recorded in the trail.
+    #[serde(default)]
+    pub candidate: Option<CandidatePolicy>,
+    /// Record each step's exact policy input in the trail, so `warden replay` can re-run it.
+    #[serde(default = "default_true")]
+    pub record_input: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CandidatePolicy {
+    pub modules: BTreeMap<String, String>,
+    #[serde(default)]
+    pub data: Option<serde_json::Value>,
+    #[serde(default = "default_entrypoint")]
+    pub entrypoint: String,
 }
 
 fn default_entrypoint() -> String {
@@ -390,6 +407,14 @@ impl PluginConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         if self.policy.modules.is_empty() {
             return Err(ConfigError::new("policy.modules", "at least one Rego module is required"));
+        }
+        if let Some(c) = &self.policy.candidate {
+            if c.modules.is_empty() {
+                return Err(ConfigError::new("policy.candidate.modules", "at least one Rego module is required"));
+            }
+            if !c.entrypoint.starts_with("data.") {
+                return Err(ConfigError::new("policy.candidate.entrypoint", "must be a rule path starting with `data.`"));
+            }
         }
         if !self.policy.entrypoint.starts_with("data.") {
             return Err(ConfigError::new("policy.entrypoint", "must be a rule path starting with `data.`"));

@@ -156,6 +156,7 @@ pub struct Warden {
     pub config: PluginConfig,
     identifier: Identifier,
     policy: Policy,
+    candidate: Option<Policy>,
     sessions: LocalSessions,
 }
 
@@ -190,12 +191,28 @@ impl Warden {
             max_instructions: config.policy.max_instructions,
         })
         .map_err(|e| ConfigError::new("policy", &e.0))?;
+        let candidate = match &config.policy.candidate {
+            Some(c) => Some(
+                Policy::compile(&PolicySource {
+                    modules: c.modules.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(),
+                    data: c.data.as_ref(),
+                    entrypoint: &c.entrypoint,
+                    max_instructions: config.policy.max_instructions,
+                })
+                .map_err(|e| ConfigError::new("policy.candidate", &e.0))?,
+            ),
+            None => None,
+        };
         let sessions = LocalSessions::new(config.session.local_max_sessions);
-        Ok(Self { config, identifier, policy, sessions })
+        Ok(Self { config, identifier, policy, candidate, sessions })
     }
 
     pub fn policy_version(&self) -> &str {
         &self.policy.version
+    }
+
+    pub fn candidate_version(&self) -> Option<&str> {
+        self.candidate.as_ref().map(|c| c.version.as_str())
     }
 
     /// Why the policy runs on the interpreter rather than the RVM, if it does.
@@ -570,6 +587,9 @@ impl Warden {
         let sess = input::SessionFacts { session: &session, before: &before, is_new, unavailable };
         let mode = if shadow { "shadow" } else { "enforce" };
         let input = input::build(now_ms, mode, &facts, &identity, &sess);
+        let recorded_input = if self.config.policy.record_input { serde_json::to_value(&input).ok() } else { None };
+        // The candidate sees the very same input (values are shared, not copied).
+        let candidate_result = self.candidate.as_mut().map(|c| (c.version.clone(), c.eval(input.clone()).and_then(|v| decision::parse_output(&v))));
         let decision = match self.policy.eval(input).and_then(|v| decision::parse_output(&v)) {
             Ok(d) => d,
             Err(e) => {
@@ -581,6 +601,23 @@ impl Warden {
                 }
             }
         };
+        let candidate = candidate_result.map(|(version, result)| {
+            out.metrics.push(metrics::CANDIDATE_EVALUATIONS.into());
+            let c = match result {
+                Ok(d) => wire::CandidateOutcome {
+                    policy_version: version,
+                    action: d.action.as_str().into(),
+                    disagrees: d.action != decision.action,
+                    reasons: d.reasons,
+                    error: None,
+                },
+                Err(e) => wire::CandidateOutcome { policy_version: version, disagrees: true, error: Some(e.0), ..Default::default() },
+            };
+            if c.disagrees {
+                out.metrics.push(metrics::CANDIDATE_DISAGREEMENTS.into());
+            }
+            c
+        });
         let mut record = StepRecord {
             session_id: session.id.clone(),
             step,
@@ -617,6 +654,8 @@ impl Warden {
             duration_ms: None,
             trace_id: correlation::trace_id(&traceparent).map(str::to_string),
             degraded: unavailable,
+            input: recorded_input,
+            candidate,
         };
 
         // 5. Enforce.

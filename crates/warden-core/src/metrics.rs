@@ -14,6 +14,8 @@ pub const RECORDS_SENT: &str = "warden.records.sent";
 pub const RECORDS_RETRIED: &str = "warden.records.retried";
 pub const RECORDS_DROPPED: &str = "warden.records.dropped";
 pub const REVOCATIONS_APPLIED: &str = "warden.revocations.applied";
+pub const CANDIDATE_EVALUATIONS: &str = "warden.candidate.evaluations";
+pub const CANDIDATE_DISAGREEMENTS: &str = "warden.candidate.disagreements";
 
 /// `warden.decisions.<action>`: what was enforced.
 pub fn decision(action: &str) -> String {

@@ -563,3 +563,37 @@ fn risk_flags_and_step_ups_carry_to_the_next_step() {
     let out = done(&mut w, req("/check-step-up", &[("authorization", &t), ("x-session-id", sid)]), &mut h);
     assert_eq!(header(&out.set_headers, "x-last-step-up"), Some((h.now_ms / 1000).to_string().as_str()));
 }
+
+#[test]
+fn a_candidate_policy_is_evaluated_beside_and_disagreements_are_recorded() {
+    let k = keys();
+    let candidate = json!({"policy": {"modules": {"session.rego": POLICY}, "candidate": {"modules": {"c.rego":
+        "package warden.session\nimport rego.v1\ndefault decision := {\"action\": \"allow\"}\ndecision := {\"action\": \"deny\", \"reasons\": [\"candidate_says_no\"]} if input.request.path == \"/tickets\""}}}});
+    let mut w = Warden::from_json(&config(&k, candidate)).unwrap();
+    assert!(w.candidate_version().is_some());
+    let t = bearer(&sign_es(&k, claims("a")));
+    let out = done(&mut w, req("/tickets", &[("authorization", &t)]), &mut live_host());
+    assert!(out.reply.is_none(), "the candidate never acts");
+    let c = out.record.unwrap().candidate.unwrap();
+    assert_eq!((c.action.as_str(), c.disagrees, c.reasons), ("deny", true, vec!["candidate_says_no".to_string()]));
+    assert!(out.metrics.contains(&"warden.candidate.disagreements".to_string()));
+    let out = done(&mut w, req("/other", &[("authorization", &t)]), &mut live_host());
+    assert!(!out.record.unwrap().candidate.unwrap().disagrees);
+}
+
+#[test]
+fn the_recorded_input_reproduces_the_decision() {
+    let k = keys();
+    let mut w = Warden::from_json(&config(&k, json!({}))).unwrap();
+    let t = bearer(&sign_es(&k, claims("a")));
+    for path in ["/admin/x", "/secrets", "/busy", "/ok"] {
+        let out = done(&mut w, req(path, &[("authorization", &t)]), &mut live_host());
+        let rec = out.record.unwrap();
+        let input = rec.input.clone().expect("the input is recorded");
+        assert!(!input.to_string().contains(&String::from_utf8_lossy(&t)[7..]), "the token itself is never recorded");
+        let mut p = Policy::compile(&PolicySource { modules: vec![("session.rego", POLICY)], data: None, entrypoint: "data.warden.session.decision", max_instructions: 100_000 }).unwrap();
+        let again = decision::parse_output(&p.eval(regorus::Value::from(input)).unwrap()).unwrap();
+        assert_eq!(again.action.as_str(), rec.action, "{path}");
+        assert_eq!(again.reasons, rec.reasons, "{path}");
+    }
+}

@@ -95,6 +95,22 @@ pub struct StepRecord {
     pub trace_id: Option<String>,
     /// True when the step was decided without the state service (degraded mode).
     pub degraded: bool,
+    /// The exact policy input of this step (credentials only as fingerprints): what replay re-runs.
+    pub input: Option<serde_json::Value>,
+    /// What the candidate (shadow) policy decided, when one is configured.
+    pub candidate: Option<CandidateOutcome>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct CandidateOutcome {
+    pub policy_version: String,
+    pub action: String,
+    pub reasons: Vec<String>,
+    /// True when it decided another action than the enforced policy.
+    pub disagrees: bool,
+    /// The candidate failed to evaluate (counted as a disagreement).
+    pub error: Option<String>,
 }
 
 /// `POST /v1/records` (proxy credential).
