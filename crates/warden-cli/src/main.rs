@@ -1,12 +1,15 @@
 //! `warden`: investigate governed sessions. Reads the session-state service's admin API.
 
 mod client;
+mod replay;
 mod time;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use warden_core::trail;
+use warden_core::policy::{Policy, PolicySource};
 use warden_core::wire::{SessionList, SessionView};
 
 use client::Client;
@@ -53,6 +56,29 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         limit: usize,
     },
+    /// Re-decide recorded sessions with a candidate policy and show what would change.
+    Replay {
+        /// Directory of the candidate policy (`*.rego` and `data.json`).
+        #[arg(long)]
+        policy: PathBuf,
+        #[arg(long, default_value = "data.warden.session.decision")]
+        entrypoint: String,
+        /// Sessions exported with `warden session export` (else they are read from the service).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// A session to replay (repeatable); without it, --subject/--since select them.
+        #[arg(long = "session")]
+        sessions: Vec<String>,
+        #[arg(long)]
+        subject: Option<String>,
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        /// Exit 1 when any step would be decided differently (for CI).
+        #[arg(long)]
+        fail_on_change: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -60,7 +86,26 @@ enum SessionCommand {
     /// The session's timeline: who or what acted, when, with which credential, under which decision.
     Show { id: String },
     /// Check the trail's hash chain; exits 1 and names the first bad step if it was altered.
-    Verify { id: String },
+    Verify {
+        /// The session (optional with --file: every session in the file).
+        id: Option<String>,
+        /// Verify offline, from a `warden session export` file.
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+    /// Write sessions with their trails as JSON Lines (for replay and offline verify).
+    Export {
+        ids: Vec<String>,
+        #[arg(long)]
+        subject: Option<String>,
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        /// Output file (default: standard output).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Revoke the session: every proxy refuses it from now on.
     Revoke {
         id: String,
@@ -81,11 +126,13 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<ExitCode, String> {
-    let token = cli.token.clone().ok_or("no admin token: set WARDEN_ADMIN_TOKEN or pass --token")?;
-    let client = Client::new(&cli.url, &token);
+    let connect = || -> Result<Client, String> {
+        let token = cli.token.clone().ok_or("no admin token: set WARDEN_ADMIN_TOKEN or pass --token")?;
+        Ok(Client::new(&cli.url, &token))
+    };
     match cli.command {
         Command::Session { command: SessionCommand::Show { id } } => {
-            let view: SessionView = client.get(&format!("/v1/sessions/{}", client::escape(&id)))?;
+            let view: SessionView = connect()?.get(&format!("/v1/sessions/{}", client::escape(&id)))?;
             if cli.json {
                 println!("{}", serde_json::to_string_pretty(&view).map_err(|e| e.to_string())?);
             } else {
@@ -93,34 +140,73 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Session { command: SessionCommand::Verify { id } } => {
-            let view: SessionView = client.get(&format!("/v1/sessions/{}", client::escape(&id)))?;
-            let result = trail::verify(&view.timeline);
+        Command::Session { command: SessionCommand::Verify { id, file } } => {
+            let views = match (&file, &id) {
+                (Some(f), _) => {
+                    let text = std::fs::read_to_string(f).map_err(|e| format!("cannot read {}: {e}", f.display()))?;
+                    let all = replay::read_export(&text)?;
+                    match &id {
+                        Some(id) => all.into_iter().filter(|v| &v.id == id).collect(),
+                        None => all,
+                    }
+                }
+                (None, Some(id)) => vec![connect()?.get::<SessionView>(&format!("/v1/sessions/{}", client::escape(id)))?],
+                (None, None) => return Err("name a session, or pass --file with an export".into()),
+            };
+            if views.is_empty() {
+                return Err("no such session in the file".into());
+            }
+            let mut code = ExitCode::SUCCESS;
+            for view in &views {
+                if !verify_one(view, cli.json) {
+                    code = ExitCode::from(1);
+                }
+            }
+            Ok(code)
+        }
+        Command::Session { command: SessionCommand::Export { ids, subject, since, limit, out } } => {
+            let client = connect()?;
+            let ids = if ids.is_empty() { search(&client, subject, None, None, since, None, limit)?.into_iter().map(|s| s.id).collect() } else { ids };
+            let mut text = String::new();
+            for id in &ids {
+                let view: SessionView = client.get(&format!("/v1/sessions/{}", client::escape(id)))?;
+                text.push_str(&serde_json::to_string(&view).map_err(|e| e.to_string())?);
+                text.push('\n');
+            }
+            match out {
+                Some(path) => {
+                    std::fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+                    eprintln!("exported {} session(s) to {}", ids.len(), path.display());
+                }
+                None => print!("{text}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Replay { policy, entrypoint, file, sessions, subject, since, limit, fail_on_change } => {
+            let (mut candidate, version) = load_policy(&policy, &entrypoint)?;
+            let views: Vec<SessionView> = match file {
+                Some(f) => replay::read_export(&std::fs::read_to_string(&f).map_err(|e| format!("cannot read {}: {e}", f.display()))?)?,
+                None => {
+                    let client = connect()?;
+                    let ids = if sessions.is_empty() {
+                        search(&client, subject, None, None, since, None, limit)?.into_iter().map(|s| s.id).collect()
+                    } else {
+                        sessions
+                    };
+                    ids.iter().map(|id| client.get(&format!("/v1/sessions/{}", client::escape(id)))).collect::<Result<_, _>>()?
+                }
+            };
+            let report = replay::replay(&mut candidate, &views);
             if cli.json {
-                let doc = match &result {
-                    Ok(()) => serde_json::json!({"session_id": id, "ok": true, "records": view.timeline.len()}),
-                    Err(b) => serde_json::json!({"session_id": id, "ok": false, "seq": b.seq, "step": b.step, "why": b.why}),
-                };
-                println!("{doc}");
+                println!("{}", serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?);
+            } else {
+                replay::print(&report, &version);
             }
-            match result {
-                Ok(()) => {
-                    if !cli.json {
-                        println!("session {id}: trail intact ({} records, chain verified)", view.timeline.len());
-                    }
-                    Ok(ExitCode::SUCCESS)
-                }
-                Err(b) => {
-                    if !cli.json {
-                        println!("session {id}: TRAIL BROKEN at step {} (record {}): {}", b.step, b.seq, b.why);
-                    }
-                    Ok(ExitCode::from(1))
-                }
-            }
+            Ok(if fail_on_change && !report.changes.is_empty() { ExitCode::from(1) } else { ExitCode::SUCCESS })
         }
         Command::Session { command: SessionCommand::Revoke { id, reason } } => {
             let body = serde_json::json!({"reason": reason});
-            let answer: serde_json::Value = client.post(&format!("/v1/sessions/{}/revoke", client::escape(&id)), &body)?;
+            let answer: serde_json::Value = connect()?.post(&format!("/v1/sessions/{}/revoke", client::escape(&id)), &body)?;
             if cli.json {
                 println!("{answer}");
             } else if answer["changed"].as_bool() == Some(false) {
@@ -131,20 +217,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Sessions { subject, credential, workload, since, until, limit } => {
-            let now = time::now_ms();
-            let mut q = vec![format!("limit={limit}")];
-            for (k, v) in [("subject", subject), ("credential", credential), ("workload", workload)] {
-                if let Some(v) = v {
-                    q.push(format!("{k}={}", client::escape(&v)));
-                }
-            }
-            if let Some(s) = since {
-                q.push(format!("since_ms={}", time::parse_when(&s, now)?));
-            }
-            if let Some(u) = until {
-                q.push(format!("until_ms={}", time::parse_when(&u, now)?));
-            }
-            let list: SessionList = client.get(&format!("/v1/sessions?{}", q.join("&")))?;
+            let list = SessionList { sessions: search(&connect()?, subject, credential, workload, since, until, limit)? };
             if cli.json {
                 println!("{}", serde_json::to_string_pretty(&list).map_err(|e| e.to_string())?);
             } else {
@@ -165,6 +238,82 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn search(
+    client: &Client,
+    subject: Option<String>,
+    credential: Option<String>,
+    workload: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    limit: usize,
+) -> Result<Vec<warden_core::wire::SessionSummary>, String> {
+    let now = time::now_ms();
+    let mut q = vec![format!("limit={limit}")];
+    for (k, v) in [("subject", subject), ("credential", credential), ("workload", workload)] {
+        if let Some(v) = v {
+            q.push(format!("{k}={}", client::escape(&v)));
+        }
+    }
+    if let Some(s) = since {
+        q.push(format!("since_ms={}", time::parse_when(&s, now)?));
+    }
+    if let Some(u) = until {
+        q.push(format!("until_ms={}", time::parse_when(&u, now)?));
+    }
+    Ok(client.get::<SessionList>(&format!("/v1/sessions?{}", q.join("&")))?.sessions)
+}
+
+/// Print the verdict on one trail; true if intact.
+fn verify_one(view: &SessionView, json: bool) -> bool {
+    let id = &view.id;
+    let result = trail::verify(&view.timeline);
+    if json {
+        let doc = match &result {
+            Ok(()) => serde_json::json!({"session_id": id, "ok": true, "records": view.timeline.len()}),
+            Err(b) => serde_json::json!({"session_id": id, "ok": false, "seq": b.seq, "step": b.step, "why": b.why}),
+        };
+        println!("{doc}");
+    } else {
+        match &result {
+            Ok(()) => println!("session {id}: trail intact ({} records, chain verified)", view.timeline.len()),
+            Err(b) => println!("session {id}: TRAIL BROKEN at step {} (record {}): {}", b.step, b.seq, b.why),
+        }
+    }
+    result.is_ok()
+}
+
+/// A policy directory (`*.rego` except `*_test.rego`, and `data.json`), compiled as the proxy does.
+fn load_policy(dir: &std::path::Path, entrypoint: &str) -> Result<(Policy, String), String> {
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("cannot read policy directory {}: {e}", dir.display()))?;
+    let mut modules = Vec::new();
+    for entry in entries {
+        let path = entry.map_err(|e| e.to_string())?.path();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if name.ends_with(".rego") && !name.ends_with("_test.rego") {
+            let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            modules.push((path.display().to_string(), text));
+        }
+    }
+    if modules.is_empty() {
+        return Err(format!("no Rego modules in {}", dir.display()));
+    }
+    modules.sort();
+    let data_path = dir.join("data.json");
+    let data: Option<serde_json::Value> = match std::fs::read_to_string(&data_path) {
+        Ok(t) => Some(serde_json::from_str(&t).map_err(|e| format!("{}: {e}", data_path.display()))?),
+        Err(_) => None,
+    };
+    let policy = Policy::compile(&PolicySource {
+        modules: modules.iter().map(|(n, t)| (n.as_str(), t.as_str())).collect(),
+        data: data.as_ref(),
+        entrypoint,
+        max_instructions: 200_000,
+    })
+    .map_err(|e| e.0)?;
+    let version = policy.version.clone();
+    Ok((policy, version))
 }
 
 fn print_timeline(v: &SessionView) {
