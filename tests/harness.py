@@ -372,6 +372,18 @@ class EnvoyError(RuntimeError):
     pass
 
 
+def stop_process(proc: subprocess.Popen | None, grace=5.0):
+    """SIGTERM, then SIGKILL if it does not exit within `grace` seconds."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 class Envoy:
     """An Envoy process on a bootstrap config; knows its admin and listener ports."""
 
@@ -438,13 +450,7 @@ class Envoy:
         return requests.get(self.admin + "/stats/prometheus", timeout=2).text
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self._log.close()
         if self._tmp:
             self._tmp.cleanup()
@@ -508,13 +514,7 @@ class StateService:
             self.proc.wait()
 
     def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
     def admin(self, path: str, method="GET", **kw):
         return requests.request(method, self.url + path, headers={"authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=5, **kw)
@@ -570,13 +570,7 @@ class McpServer:
         raise RuntimeError("MCP server not accepting connections")
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 def buffer_filter(max_bytes: int = 1024 * 1024) -> dict:

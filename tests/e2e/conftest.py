@@ -1,6 +1,8 @@
+import contextlib
 import hashlib
 import sys
 import tempfile
+import uuid
 from pathlib import Path
 
 import pytest
@@ -101,3 +103,18 @@ def envoy(runtime, keys, echo, jwks_server, certs):
         yield e
     finally:
         e.stop()
+
+
+@contextlib.contextmanager
+def envoy_with_state(tmpdir: Path, name: str, listeners: list, clusters: list):
+    """A real warden-state (SQLite under `tmpdir`) and an Envoy whose `warden-state` cluster
+    points at it; both stopped on exit, also on failure."""
+    state = h.StateService(tmpdir / f"{name}-{uuid.uuid4().hex[:6]}.db")
+    envoy = None
+    try:
+        envoy = h.Envoy(h.bootstrap(listeners, clusters + [h.cluster("warden-state", state.port)])).wait_ready()
+        yield envoy, state
+    finally:
+        if envoy:
+            envoy.stop()
+        state.stop()

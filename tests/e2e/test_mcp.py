@@ -3,7 +3,6 @@ the filter: allowed tools pass, a forbidden tool is refused as a JSON-RPC error,
 MCP session is one governed session with one trail."""
 
 import asyncio
-import uuid
 
 import httpx2
 import pytest
@@ -12,31 +11,23 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
 import harness as h
-from conftest import base_config
+from conftest import base_config, envoy_with_state
 
 
 @pytest.fixture(scope="module")
 def mcp_stack(runtime, keys, tmpdir_session):
-    state = h.StateService(tmpdir_session / f"mcp-{uuid.uuid4().hex[:6]}.db")
     server = h.McpServer()
-    envoy = None
     try:
         cfg = base_config(keys, state=h.state_config())
         cfg = h.deep_merge(cfg, {"policy": {"data": {"warden": {"config": {
             "limits": {"max_steps": 1000},
             "tools": {"allow": {"mcp-agent": ["search", "ticket.*", "secrets.*"]}},
         }}}}})
-        config = h.bootstrap(
-            [h.listener("mcp", [h.wasm_filter(cfg, runtime), h.buffer_filter()], cluster="mcp")],
-            [h.cluster("mcp", server.port), h.cluster("warden-state", state.port)],
-        )
-        envoy = h.Envoy(config).wait_ready()
-        yield envoy, state
+        listeners = [h.listener("mcp", [h.wasm_filter(cfg, runtime), h.buffer_filter()], cluster="mcp")]
+        with envoy_with_state(tmpdir_session, "mcp", listeners, [h.cluster("mcp", server.port)]) as stack:
+            yield stack
     finally:
-        if envoy:
-            envoy.stop()
         server.stop()
-        state.stop()
 
 
 async def agent_session(url: str, token: str) -> dict:

@@ -9,7 +9,7 @@ import pytest
 import requests
 
 import harness as h
-from conftest import base_config
+from conftest import base_config, envoy_with_state
 
 
 def candidate_dir(tmp, forbid: list[str]) -> str:
@@ -24,23 +24,13 @@ def candidate_dir(tmp, forbid: list[str]) -> str:
 
 @pytest.fixture(scope="module")
 def stack(runtime, keys, echo, tmpdir_session):
-    state = h.StateService(tmpdir_session / f"rollout-{uuid.uuid4().hex[:6]}.db")
-    envoy = None
-    try:
-        library = h.policy_library()
-        candidate = h.deep_merge(library, {"data": {"warden": {"config": {"forbidden_paths": ["/admin", "/reports"]}}}})
-        cfg = base_config(keys, state=h.state_config())
-        cfg["policy"]["candidate"] = {"modules": candidate["modules"], "data": candidate["data"]}
-        config = h.bootstrap(
-            [h.listener("shadowed", [h.wasm_filter(cfg, runtime)])],
-            [h.cluster("echo", echo.port), h.cluster("warden-state", state.port)],
-        )
-        envoy = h.Envoy(config).wait_ready()
-        yield envoy, state
-    finally:
-        if envoy:
-            envoy.stop()
-        state.stop()
+    library = h.policy_library()
+    candidate = h.deep_merge(library, {"data": {"warden": {"config": {"forbidden_paths": ["/admin", "/reports"]}}}})
+    cfg = base_config(keys, state=h.state_config())
+    cfg["policy"]["candidate"] = {"modules": candidate["modules"], "data": candidate["data"]}
+    listeners = [h.listener("shadowed", [h.wasm_filter(cfg, runtime)])]
+    with envoy_with_state(tmpdir_session, "rollout", listeners, [h.cluster("echo", echo.port)]) as stack:
+        yield stack
 
 
 def workflow(envoy, keys, subject, paths):

@@ -12,7 +12,7 @@ import pytest
 import requests
 
 import harness as h
-from conftest import API_KEY, base_config
+from conftest import API_KEY, base_config, envoy_with_state
 
 NOW_HOUR = time.gmtime().tm_hour
 # A schedule that excludes the hour the tests run in.
@@ -21,26 +21,16 @@ OFF_HOURS = [(NOW_HOUR + 2) % 24, (NOW_HOUR + 4) % 24]
 
 @pytest.fixture(scope="module")
 def stack(runtime, keys, echo, tmpdir_session):
-    state = h.StateService(tmpdir_session / f"scenarios-{uuid.uuid4().hex[:6]}.db")
-    envoy = None
-    try:
-        cfg = base_config(keys, state=h.state_config(), identity={"spiffe": {"trust_domains": ["example.org"], "trusted_xfcc_hops": ["127.0.0.1"]}})
-        cfg = h.deep_merge(cfg, {"policy": {"input_headers": ["user-agent"], "data": {"warden": {"config": {
-            "limits": {"max_steps": 1000, "rate_burst": 10, "max_steps_per_minute": 120, "schedules": {"night-batch": OFF_HOURS}},
-            "tools": {"allow": {"scoped-agent": ["search", "ticket.*"]}},
-        }}}}})
-        config = h.bootstrap(
-            # The test client plays the trusted front proxy that sends x-forwarded-client-cert;
-            # Envoy only passes that header on when told to (it sanitizes it by default).
-            [h.listener("s", [h.wasm_filter(cfg, runtime), h.buffer_filter()], hcm={"forward_client_cert_details": "ALWAYS_FORWARD_ONLY"})],
-            [h.cluster("echo", echo.port), h.cluster("warden-state", state.port)],
-        )
-        envoy = h.Envoy(config).wait_ready()
-        yield envoy, state
-    finally:
-        if envoy:
-            envoy.stop()
-        state.stop()
+    cfg = base_config(keys, state=h.state_config(), identity={"spiffe": {"trust_domains": ["example.org"], "trusted_xfcc_hops": ["127.0.0.1"]}})
+    cfg = h.deep_merge(cfg, {"policy": {"input_headers": ["user-agent"], "data": {"warden": {"config": {
+        "limits": {"max_steps": 1000, "rate_burst": 10, "max_steps_per_minute": 120, "schedules": {"night-batch": OFF_HOURS}},
+        "tools": {"allow": {"scoped-agent": ["search", "ticket.*"]}},
+    }}}}})
+    # The test client plays the trusted front proxy that sends x-forwarded-client-cert; Envoy only
+    # passes that header on from a plaintext downstream when told to (it sanitizes it by default).
+    listeners = [h.listener("s", [h.wasm_filter(cfg, runtime), h.buffer_filter()], hcm={"forward_client_cert_details": "ALWAYS_FORWARD_ONLY"})]
+    with envoy_with_state(tmpdir_session, "scenarios", listeners, [h.cluster("echo", echo.port)]) as stack:
+        yield stack
 
 
 class Agent:

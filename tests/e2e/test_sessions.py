@@ -8,7 +8,7 @@ import pytest
 import requests
 
 import harness as h
-from conftest import base_config
+from conftest import base_config, envoy_with_state
 
 
 def config_with_state(keys, mode="sync", degraded=False):
@@ -19,23 +19,13 @@ def config_with_state(keys, mode="sync", degraded=False):
 
 @pytest.fixture(scope="module")
 def stack(runtime, keys, echo, tmpdir_session):
-    state = h.StateService(tmpdir_session / f"state-{uuid.uuid4().hex[:6]}.db")
-    envoy = None
-    try:
-        config = h.bootstrap(
-            [
-                h.listener("sync", [h.wasm_filter(config_with_state(keys), runtime)]),
-                h.listener("degraded", [h.wasm_filter(config_with_state(keys, degraded=True), runtime)]),
-                h.listener("cached", [h.wasm_filter(config_with_state(keys, mode="cached"), runtime)]),
-            ],
-            [h.cluster("echo", echo.port), h.cluster("warden-state", state.port)],
-        )
-        envoy = h.Envoy(config).wait_ready()
-        yield envoy, state
-    finally:
-        if envoy:
-            envoy.stop()
-        state.stop()
+    listeners = [
+        h.listener("sync", [h.wasm_filter(config_with_state(keys), runtime)]),
+        h.listener("degraded", [h.wasm_filter(config_with_state(keys, degraded=True), runtime)]),
+        h.listener("cached", [h.wasm_filter(config_with_state(keys, mode="cached"), runtime)]),
+    ]
+    with envoy_with_state(tmpdir_session, "state", listeners, [h.cluster("echo", echo.port)]) as stack:
+        yield stack
 
 
 def send(envoy, listener, token, sid, path="/tickets", **headers):
