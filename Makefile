@@ -29,8 +29,11 @@ lint:
 	@$(CARGO) clippy --release --target wasm32-wasip1 -p session-warden --quiet -- -D warnings
 
 test-unit:
-	@echo "[test] warden-core unit tests and policy case files"
+	@echo "[test] unit tests (warden-core, warden-state, warden-cli) and policy case files"
 	@$(CARGO) test --workspace
+	@echo "[test] warden policy check / test over policies/"
+	@$(CARGO) run -q -p warden-cli -- policy check policies
+	@$(CARGO) run -q -p warden-cli -- policy test policies
 
 test-e2e: build
 	@echo "[test] end-to-end: real Envoy + the built filter"

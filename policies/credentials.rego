@@ -26,7 +26,7 @@ signals contains "credential_shared" if {
 
 signals contains "credential_expiring" if {
 	enabled
-	input.credential.exp != null
+	is_number(input.credential.exp)
 	input.credential.exp - input.now < cfg.expiring_seconds
 }
 

@@ -41,11 +41,18 @@ acting(action) := {s | some s in signals; cfg.actions[s] == action}
 # and keeps it satisfied for the session for step_up.valid_seconds.
 presented if input.identity.claims.acr in cfg.step_up.acr_values
 
-presented if input.now - input.identity.claims.auth_time <= cfg.step_up.max_age_seconds
+# is_number guards: a missing or null time is "not satisfied" on the RVM and the interpreter alike.
+presented if {
+	is_number(input.identity.claims.auth_time)
+	input.now - input.identity.claims.auth_time <= cfg.step_up.max_age_seconds
+}
 
 presented if input.identity.issuer in cfg.step_up.issuers
 
-recently_stepped_up if input.now - input.session.last_step_up <= cfg.step_up.valid_seconds
+recently_stepped_up if {
+	is_number(input.session.last_step_up)
+	input.now - input.session.last_step_up <= cfg.step_up.valid_seconds
+}
 
 satisfied if presented
 

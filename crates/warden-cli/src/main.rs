@@ -1,6 +1,7 @@
 //! `warden`: investigate governed sessions. Reads the session-state service's admin API.
 
 mod client;
+mod policy;
 mod replay;
 mod time;
 
@@ -79,6 +80,11 @@ enum Command {
         #[arg(long)]
         fail_on_change: bool,
     },
+    /// Test, evaluate and check a policy directory on the proxy's own engine set-up.
+    Policy {
+        #[command(subcommand)]
+        command: policy::PolicyCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -115,7 +121,11 @@ enum SessionCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::parse() {
+        // Local: no state service, no token.
+        Cli { command: Command::Policy { command }, .. } => return policy::run(command),
+        cli => cli,
+    };
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -237,6 +247,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Policy { command } => Ok(policy::run(command)),
     }
 }
 

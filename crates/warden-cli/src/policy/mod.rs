@@ -14,8 +14,6 @@ use std::process::ExitCode;
 
 use clap::Subcommand;
 
-pub use load::LoadError;
-
 /// The proxy's default entrypoint (`policy.entrypoint`).
 pub const DEFAULT_ENTRYPOINT: &str = "data.warden.session.decision";
 /// The proxy's default `policy.max_instructions`.
