@@ -53,14 +53,41 @@ impl Host for ProxyHost {
     }
 
     fn fill_random(&mut self, buf: &mut [u8]) {
-        if getrandom::getrandom(buf).is_err() {
-            // WASI random_get is always there in Envoy; should it fail, ids must still differ.
-            let seed = warden_core::hash::sha256(&now_ms().to_le_bytes());
-            for (i, b) in buf.iter_mut().enumerate() {
-                *b = seed[i % seed.len()];
+        DRBG.with(|d| d.borrow_mut().fill(buf));
+    }
+}
+
+/// Ids (session, decision, trace) come from a hash DRBG seeded once per VM from WASI
+/// `random_get`: SHA-256(key || counter). One host call per VM instead of several per request;
+/// the key never leaves the VM, so the ids stay unpredictable.
+struct Drbg {
+    key: Option<[u8; 32]>,
+    counter: u64,
+}
+
+impl Drbg {
+    fn fill(&mut self, buf: &mut [u8]) {
+        let key = *self.key.get_or_insert_with(|| {
+            let mut k = [0u8; 32];
+            if getrandom::getrandom(&mut k).is_err() {
+                // WASI random_get is always there in Envoy; should it fail, ids must still differ.
+                k = warden_core::hash::sha256(&now_ms().to_le_bytes());
             }
+            k
+        });
+        for chunk in buf.chunks_mut(32) {
+            self.counter = self.counter.wrapping_add(1);
+            let mut block = [0u8; 40];
+            block[..32].copy_from_slice(&key);
+            block[32..].copy_from_slice(&self.counter.to_le_bytes());
+            let out = warden_core::hash::sha256(&block);
+            chunk.copy_from_slice(&out[..chunk.len()]);
         }
     }
+}
+
+thread_local! {
+    static DRBG: RefCell<Drbg> = const { RefCell::new(Drbg { key: None, counter: 0 }) };
 }
 
 pub fn now_ms() -> u64 {
@@ -135,15 +162,14 @@ impl RootContext for WardenRoot {
         let targets = warden.jwks_targets();
         self.jwks = (!targets.is_empty()).then(|| JwksFetcher::new(targets));
         self.state = warden.config.state.clone().map(|cfg| Rc::new(RefCell::new(StateClient::new(cfg))));
-        if self.jwks.is_some() || self.state.is_some() {
-            // Fetch keys right away and keep trying quickly until every provider has some.
-            let _ = hostcalls::set_tick_period(Duration::from_millis(TICK_MS));
-        }
+        // The tick flushes counters, fetches JWKS, sends attribution records, polls revocations.
+        let _ = hostcalls::set_tick_period(Duration::from_millis(TICK_MS));
         self.warden = Some(Rc::new(RefCell::new(warden)));
         true
     }
 
     fn on_tick(&mut self) {
+        self.metrics.borrow_mut().flush();
         let now = now_ms();
         if let Some(client) = &self.state {
             client.borrow_mut().on_tick(now);
@@ -166,6 +192,7 @@ impl RootContext for WardenRoot {
             awaiting_body: None,
             adopt: None,
             headers_sent: false,
+            raw_headers: Vec::new(),
         }))
     }
 
@@ -174,8 +201,8 @@ impl RootContext for WardenRoot {
     }
 }
 
-/// The root tick: JWKS fetches, attribution batches and revocation polls each keep their own
-/// schedule within it.
+/// The root tick: counter flushes, JWKS fetches, attribution batches and revocation polls each
+/// keep their own schedule within it.
 const TICK_MS: u64 = 100;
 
 struct WardenHttp {
@@ -192,6 +219,8 @@ struct WardenHttp {
     awaiting_body: Option<(Headers, Early)>,
     /// The request headers have gone on (MCP body phase): they can no longer be changed.
     headers_sent: bool,
+    /// The request headers as read, every value of every name, to rewrite them in one host call.
+    raw_headers: Vec<(String, Vec<u8>)>,
     /// The minted session of an MCP `initialize`, to adopt under the server's session id.
     adopt: Option<String>,
 }
@@ -227,6 +256,7 @@ impl HttpContext for WardenHttp {
                 return Action::Pause;
             }
         };
+        self.raw_headers = pairs.clone();
         let headers = Headers::from_pairs(pairs);
         if !end_of_stream && self.warden.borrow().wants_body(&headers) {
             // An MCP POST. Proxy-wasm hosts deliver the body only once the headers have gone on
@@ -242,12 +272,7 @@ impl HttpContext for WardenHttp {
                     }
                 }
                 Ok((early, stamps)) => {
-                    for name in &stamps.remove_headers {
-                        let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
-                    }
-                    for (k, v) in &stamps.set_headers {
-                        let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, k, Some(v));
-                    }
+                    self.rewrite_headers(&stamps.remove_headers, &stamps.set_headers);
                     self.awaiting_body = Some((headers, early));
                     self.headers_sent = true;
                     Action::Continue
@@ -360,23 +385,37 @@ impl WardenHttp {
         if outcome.adopt_session {
             self.adopt = outcome.session_id.clone();
         }
-        if !self.headers_sent {
-            for name in &outcome.remove_headers {
-                let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
-            }
-        }
         if let Some(reply) = &outcome.reply {
             let hs: Vec<(&str, &str)> = reply.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
             self.reply(reply.status, &hs, &reply.body);
             return true;
         }
         if !self.headers_sent {
-            for (k, v) in &outcome.set_headers {
-                let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, k, Some(v));
-            }
+            self.rewrite_headers(&outcome.remove_headers, &outcome.set_headers);
         }
         self.response_headers = outcome.response_headers;
         false
+    }
+
+    /// Strip and stamp in one host call: every header call crosses the wasm boundary, which
+    /// costs more than rebuilding the map here.
+    fn rewrite_headers(&mut self, remove: &[String], set: &[(String, String)]) {
+        if remove.is_empty() && set.is_empty() {
+            return;
+        }
+        let keep = |k: &str| !remove.iter().any(|r| r == k) && !set.iter().any(|(s, _)| s == k);
+        let mut pairs: Vec<(&str, &[u8])> =
+            self.raw_headers.iter().filter(|(k, _)| keep(k)).map(|(k, v)| (k.as_str(), v.as_slice())).collect();
+        pairs.extend(set.iter().map(|(k, v)| (k.as_str(), v.as_bytes())));
+        if hostcalls::set_map_bytes(MapType::HttpRequestHeaders, pairs).is_err() {
+            // Never forward a client's x-warden-* copy: fall back to one call per header.
+            for name in remove {
+                let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
+            }
+            for (k, v) in set {
+                let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, k, Some(v));
+            }
+        }
     }
 
     fn reply(&mut self, status: u32, headers: &[(&str, &str)], body: &[u8]) {

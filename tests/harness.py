@@ -437,7 +437,7 @@ class Envoy:
     def url(self, listener: str, path="/", scheme="http") -> str:
         return f"{scheme}://127.0.0.1:{self.ports[listener]}{path}"
 
-    def stats(self, filter_re="warden") -> dict[str, int]:
+    def _stats(self, filter_re: str) -> dict[str, int]:
         text = requests.get(self.admin + "/stats", params={"filter": filter_re}, timeout=2).text
         out = {}
         for line in text.splitlines():
@@ -445,6 +445,19 @@ class Envoy:
             if v.strip().lstrip("-").isdigit():
                 out[k] = int(v)
         return out
+
+    def stats(self, filter_re="warden", timeout=5.0) -> dict[str, int]:
+        """Counters once settled: the filter flushes its counters to Envoy on its 100 ms tick, so
+        read until two reads 150 ms apart agree."""
+        deadline = time.time() + timeout
+        prev = self._stats(filter_re)
+        while time.time() < deadline:
+            time.sleep(0.15)
+            cur = self._stats(filter_re)
+            if cur == prev:
+                return cur
+            prev = cur
+        return prev
 
     def prometheus(self) -> str:
         return requests.get(self.admin + "/stats/prometheus", timeout=2).text

@@ -587,7 +587,9 @@ impl Warden {
         let sess = input::SessionFacts { session: &session, before: &before, is_new, unavailable };
         let mode = if shadow { "shadow" } else { "enforce" };
         let input = input::build(now_ms, mode, &facts, &identity, &sess);
-        let recorded_input = if self.config.policy.record_input { serde_json::to_value(&input).ok() } else { None };
+        // Records only go somewhere when a state service is configured.
+        let recording = self.config.state.is_some();
+        let recorded_input = if recording && self.config.policy.record_input { serde_json::to_value(&input).ok() } else { None };
         // The candidate sees the very same input (values are shared, not copied).
         let candidate_result = self.candidate.as_mut().map(|c| (c.version.clone(), c.eval(input.clone()).and_then(|v| decision::parse_output(&v))));
         let decision = match self.policy.eval(input).and_then(|v| decision::parse_output(&v)) {
@@ -618,7 +620,7 @@ impl Warden {
             }
             c
         });
-        let mut record = StepRecord {
+        let mut record = recording.then(|| StepRecord {
             session_id: session.id.clone(),
             step,
             decision_id: out.decision_id.clone(),
@@ -656,7 +658,7 @@ impl Warden {
             degraded: unavailable,
             input: recorded_input,
             candidate,
-        };
+        });
 
         // 5. Enforce.
         if !shadow {
@@ -674,8 +676,10 @@ impl Warden {
             if !shadow {
                 let mut out = self.refuse(out, decision, Some(&session), status, false, mcp.as_ref());
                 out.set_headers.push((STEP_HEADER.into(), step.to_string()));
-                record.status = Some(status);
-                out.record = Some(record);
+                if let Some(r) = record.as_mut() {
+                    r.status = Some(status);
+                }
+                out.record = record;
                 return out;
             }
             out.metrics.push(metrics::shadow(decision.action.as_str()));
@@ -699,7 +703,7 @@ impl Warden {
         out.response_headers.push((DECISION_HEADER.into(), out.decision_id.clone()));
         out.session_id = Some(session.id);
         out.decision = Some(decision);
-        out.record = Some(record);
+        out.record = record;
         out
     }
 

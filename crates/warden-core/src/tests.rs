@@ -392,6 +392,26 @@ fn no_input_makes_it_panic() {
     }
 }
 
+/// A request through sync mode, the service answering like the real one would (counting steps
+/// per session in `steps`): records exist only when there is a service to send them to.
+fn through_service(w: &mut Warden, headers: Headers, body: Body<'_>, host: &mut FakeHost, steps: &mut std::collections::HashMap<String, u64>) -> RequestOutcome {
+    match w.on_request(headers, body, host) {
+        Step::Done(out) => out,
+        Step::Call { pending, call } => {
+            let begin: BeginStep = serde_json::from_slice(&call.body).unwrap();
+            let n = steps.entry(begin.session_id).or_insert(0);
+            *n += 1;
+            w.resume(pending, Ok(answer(*n, *n == 1, &begin.subject)), host)
+        }
+    }
+}
+
+fn with_state_config(k: &Keys, extra: serde_json::Value) -> Warden {
+    let mut cfg: serde_json::Value = serde_json::from_slice(&config(k, extra)).unwrap();
+    cfg["state"] = json!({"cluster": "warden-state", "mode": "sync", "token": "proxy-token-0123456789"});
+    Warden::from_json(&serde_json::to_vec(&cfg).unwrap()).unwrap()
+}
+
 fn with_state(k: &Keys, mode: &str) -> Warden {
     let state = json!({"state": {"cluster": "warden-state", "mode": mode, "token": "proxy-token-0123456789"}});
     Warden::from_json(&config(k, state)).unwrap()
@@ -499,21 +519,22 @@ fn mcp_done(w: &mut Warden, headers: Headers, body: Body<'_>, host: &mut FakeHos
 #[test]
 fn mcp_tool_calls_reach_the_policy_and_refusals_are_jsonrpc_errors() {
     let k = keys();
-    let mut w = Warden::from_json(&config(&k, json!({}))).unwrap();
+    let mut w = with_state_config(&k, json!({}));
     let mut h = live_host();
+    let mut steps = Default::default();
     let t = bearer(&sign_es(&k, claims("agent-7")));
     let headers = || post("/mcp", &[("authorization", &t), ("mcp-session-id", b"mcp-1")]);
     assert!(w.wants_body(&headers()));
     assert!(!w.wants_body(&req("/mcp", &[])), "GET streams are not read");
     let ok = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search","arguments":{"q":"x"}}}"#;
-    let out = mcp_done(&mut w, headers(), Body::Complete(ok), &mut h);
+    let out = through_service(&mut w, headers(), Body::Complete(ok), &mut h, &mut steps);
     assert!(out.reply.is_none());
     let rec = out.record.unwrap();
     assert_eq!((rec.tool.as_deref(), rec.mcp_method.as_deref()), (Some("search"), Some("tools/call")));
     assert!(rec.arguments_digest.unwrap().starts_with("sha256:"));
 
     let bad = br#"{"jsonrpc":"2.0","id":"c-9","method":"tools/call","params":{"name":"shell.exec"}}"#;
-    let out = mcp_done(&mut w, headers(), Body::Complete(bad), &mut h);
+    let out = through_service(&mut w, headers(), Body::Complete(bad), &mut h, &mut steps);
     let r = out.reply.unwrap();
     assert_eq!(r.status, 403);
     let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
@@ -521,10 +542,10 @@ fn mcp_tool_calls_reach_the_policy_and_refusals_are_jsonrpc_errors() {
     assert_eq!(body["error"]["code"], json!(-32001));
     assert_eq!(body["error"]["data"]["reasons"], json!(["tool_forbidden"]));
 
-    let out = mcp_done(&mut w, headers(), Body::Complete(b"{nope"), &mut h);
+    let out = through_service(&mut w, headers(), Body::Complete(b"{nope"), &mut h, &mut steps);
     assert_eq!(reply_reason(&out), (400, reply_reason(&out).1.clone()));
     assert_eq!(reply_reason(&out).1["reasons"], json!(["mcp_body_not_json"]));
-    let out = mcp_done(&mut w, headers(), Body::TooLarge, &mut h);
+    let out = through_service(&mut w, headers(), Body::TooLarge, &mut h, &mut steps);
     assert_eq!(reply_reason(&out).0, 413);
 }
 
@@ -548,19 +569,20 @@ fn an_mcp_initialize_is_adopted_under_the_servers_session_id() {
 #[test]
 fn risk_flags_and_step_ups_carry_to_the_next_step() {
     let k = keys();
-    let mut w = Warden::from_json(&config(&k, json!({}))).unwrap();
+    let mut w = with_state_config(&k, json!({}));
     let mut h = live_host();
+    let mut steps = Default::default();
     let t = bearer(&sign_es(&k, claims("agent-7")));
     let sid: &[u8] = b"carry-1";
-    let first = done(&mut w, req("/risky", &[("authorization", &t), ("x-session-id", sid)]), &mut h);
+    let first = through_service(&mut w, req("/risky", &[("authorization", &t), ("x-session-id", sid)]), Body::Absent, &mut h, &mut steps);
     assert_eq!(first.record.as_ref().unwrap().risk, 10.0);
-    let second = done(&mut w, req("/risky", &[("authorization", &t), ("x-session-id", sid)]), &mut h);
+    let second = through_service(&mut w, req("/risky", &[("authorization", &t), ("x-session-id", sid)]), Body::Absent, &mut h, &mut steps);
     let rec = second.record.unwrap();
     assert_eq!((rec.risk_before, rec.risk), (10.0, 20.0));
     assert_eq!(rec.flags, vec!["risky"]);
-    let out = done(&mut w, req("/strong", &[("authorization", &t), ("x-session-id", sid)]), &mut h);
+    let out = through_service(&mut w, req("/strong", &[("authorization", &t), ("x-session-id", sid)]), Body::Absent, &mut h, &mut steps);
     assert!(out.record.unwrap().step_up);
-    let out = done(&mut w, req("/check-step-up", &[("authorization", &t), ("x-session-id", sid)]), &mut h);
+    let out = through_service(&mut w, req("/check-step-up", &[("authorization", &t), ("x-session-id", sid)]), Body::Absent, &mut h, &mut steps);
     assert_eq!(header(&out.set_headers, "x-last-step-up"), Some((h.now_ms / 1000).to_string().as_str()));
 }
 
@@ -569,25 +591,27 @@ fn a_candidate_policy_is_evaluated_beside_and_disagreements_are_recorded() {
     let k = keys();
     let candidate = json!({"policy": {"modules": {"session.rego": POLICY}, "candidate": {"modules": {"c.rego":
         "package warden.session\nimport rego.v1\ndefault decision := {\"action\": \"allow\"}\ndecision := {\"action\": \"deny\", \"reasons\": [\"candidate_says_no\"]} if input.request.path == \"/tickets\""}}}});
-    let mut w = Warden::from_json(&config(&k, candidate)).unwrap();
+    let mut w = with_state_config(&k, candidate);
     assert!(w.candidate_version().is_some());
     let t = bearer(&sign_es(&k, claims("a")));
-    let out = done(&mut w, req("/tickets", &[("authorization", &t)]), &mut live_host());
+    let mut steps = Default::default();
+    let out = through_service(&mut w, req("/tickets", &[("authorization", &t)]), Body::Absent, &mut live_host(), &mut steps);
     assert!(out.reply.is_none(), "the candidate never acts");
     let c = out.record.unwrap().candidate.unwrap();
     assert_eq!((c.action.as_str(), c.disagrees, c.reasons), ("deny", true, vec!["candidate_says_no".to_string()]));
     assert!(out.metrics.contains(&"warden.candidate.disagreements".to_string()));
-    let out = done(&mut w, req("/other", &[("authorization", &t)]), &mut live_host());
+    let out = through_service(&mut w, req("/other", &[("authorization", &t)]), Body::Absent, &mut live_host(), &mut steps);
     assert!(!out.record.unwrap().candidate.unwrap().disagrees);
 }
 
 #[test]
 fn the_recorded_input_reproduces_the_decision() {
     let k = keys();
-    let mut w = Warden::from_json(&config(&k, json!({}))).unwrap();
+    let mut w = with_state_config(&k, json!({}));
     let t = bearer(&sign_es(&k, claims("a")));
+    let mut steps = Default::default();
     for path in ["/admin/x", "/secrets", "/busy", "/ok"] {
-        let out = done(&mut w, req(path, &[("authorization", &t)]), &mut live_host());
+        let out = through_service(&mut w, req(path, &[("authorization", &t)]), Body::Absent, &mut live_host(), &mut steps);
         let rec = out.record.unwrap();
         let input = rec.input.clone().expect("the input is recorded");
         assert!(!input.to_string().contains(&String::from_utf8_lossy(&t)[7..]), "the token itself is never recorded");
@@ -596,4 +620,12 @@ fn the_recorded_input_reproduces_the_decision() {
         assert_eq!(again.action.as_str(), rec.action, "{path}");
         assert_eq!(again.reasons, rec.reasons, "{path}");
     }
+}
+
+#[test]
+fn without_a_state_service_no_record_is_built() {
+    let k = keys();
+    let mut w = Warden::from_json(&config(&k, json!({}))).unwrap();
+    let out = done(&mut w, req("/ok", &[("authorization", &bearer(&sign_es(&k, claims("a"))))]), &mut live_host());
+    assert!(out.reply.is_none() && out.record.is_none());
 }

@@ -88,13 +88,14 @@ impl JwtVerifier {
         if token.len() > self.max_token_bytes {
             return Err(IdentityError::TokenTooLarge);
         }
-        let hash = sha256(token.as_bytes());
-        if let Some(hit) = self.cache.get(&hash) {
+        // Keyed by the token itself: a hit costs one map lookup, no hashing of the token.
+        if let Some(hit) = self.cache.get(token) {
             hit.still_valid(now)?;
             return Ok((hit, true));
         }
+        let hash = sha256(token.as_bytes());
         let verified = Rc::new(self.verify_uncached(token, &hash, now)?);
-        self.cache.insert(hash, verified.clone());
+        self.cache.insert(token, verified.clone());
         Ok((verified, false))
     }
 
@@ -225,11 +226,11 @@ fn delegation(claims: &serde_json::Value) -> Vec<String> {
     out
 }
 
-/// Bounded, first-in-first-out cache of verified tokens keyed by SHA-256 of the token.
+/// Bounded, first-in-first-out cache of verified tokens, keyed by the token.
 struct TokenCache {
     max: usize,
-    map: HashMap<[u8; 32], Rc<VerifiedToken>>,
-    order: VecDeque<[u8; 32]>,
+    map: HashMap<Rc<str>, Rc<VerifiedToken>>,
+    order: VecDeque<Rc<str>>,
 }
 
 impl TokenCache {
@@ -237,12 +238,13 @@ impl TokenCache {
         Self { max: max.max(1), map: HashMap::new(), order: VecDeque::new() }
     }
 
-    fn get(&self, key: &[u8; 32]) -> Option<Rc<VerifiedToken>> {
-        self.map.get(key).cloned()
+    fn get(&self, token: &str) -> Option<Rc<VerifiedToken>> {
+        self.map.get(token).cloned()
     }
 
-    fn insert(&mut self, key: [u8; 32], value: Rc<VerifiedToken>) {
-        if self.map.insert(key, value).is_none() {
+    fn insert(&mut self, token: &str, value: Rc<VerifiedToken>) {
+        let key: Rc<str> = Rc::from(token);
+        if self.map.insert(key.clone(), value).is_none() {
             self.order.push_back(key);
         }
         while self.map.len() > self.max {
