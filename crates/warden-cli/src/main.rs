@@ -40,22 +40,8 @@ enum Command {
     },
     /// Find sessions.
     Sessions {
-        #[arg(long)]
-        subject: Option<String>,
-        /// Credential fingerprint (`sha256:…`).
-        #[arg(long)]
-        credential: Option<String>,
-        /// Workload SPIFFE ID.
-        #[arg(long)]
-        workload: Option<String>,
-        /// Seen since: `15m`, `2h`, `7d`, or unix milliseconds.
-        #[arg(long)]
-        since: Option<String>,
-        /// Started before: same forms as --since.
-        #[arg(long)]
-        until: Option<String>,
-        #[arg(long, default_value_t = 100)]
-        limit: usize,
+        #[command(flatten)]
+        select: Selection,
     },
     /// Re-decide recorded sessions with a candidate policy and show what would change.
     Replay {
@@ -67,15 +53,11 @@ enum Command {
         /// Sessions exported with `warden session export` (else they are read from the service).
         #[arg(long)]
         file: Option<PathBuf>,
-        /// A session to replay (repeatable); without it, --subject/--since select them.
+        /// A session to replay (repeatable); without it, the selection flags choose them.
         #[arg(long = "session")]
         sessions: Vec<String>,
-        #[arg(long)]
-        subject: Option<String>,
-        #[arg(long)]
-        since: Option<String>,
-        #[arg(long, default_value_t = 1000)]
-        limit: usize,
+        #[command(flatten)]
+        select: Selection,
         /// Exit 1 when any step would be decided differently (for CI).
         #[arg(long)]
         fail_on_change: bool,
@@ -85,6 +67,27 @@ enum Command {
         #[command(subcommand)]
         command: policy::PolicyCommand,
     },
+}
+
+/// Which sessions, when none are named: by subject, credential, workload and time.
+#[derive(clap::Args, Clone, Default)]
+struct Selection {
+    #[arg(long)]
+    subject: Option<String>,
+    /// Credential fingerprint (`sha256:…`).
+    #[arg(long)]
+    credential: Option<String>,
+    /// Workload SPIFFE ID.
+    #[arg(long)]
+    workload: Option<String>,
+    /// Seen since: `15m`, `2h`, `7d`, or unix milliseconds.
+    #[arg(long)]
+    since: Option<String>,
+    /// Started before: same forms as --since.
+    #[arg(long)]
+    until: Option<String>,
+    #[arg(long, default_value_t = 100)]
+    limit: usize,
 }
 
 #[derive(Subcommand)]
@@ -102,12 +105,8 @@ enum SessionCommand {
     /// Write sessions with their trails as JSON Lines (for replay and offline verify).
     Export {
         ids: Vec<String>,
-        #[arg(long)]
-        subject: Option<String>,
-        #[arg(long)]
-        since: Option<String>,
-        #[arg(long, default_value_t = 1000)]
-        limit: usize,
+        #[command(flatten)]
+        select: Selection,
         /// Output file (default: standard output).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -174,9 +173,9 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             }
             Ok(code)
         }
-        Command::Session { command: SessionCommand::Export { ids, subject, since, limit, out } } => {
+        Command::Session { command: SessionCommand::Export { ids, select, out } } => {
             let client = connect()?;
-            let ids = if ids.is_empty() { search(&client, subject, None, None, since, None, limit)?.into_iter().map(|s| s.id).collect() } else { ids };
+            let ids = if ids.is_empty() { search(&client, &select)?.into_iter().map(|s| s.id).collect() } else { ids };
             let mut text = String::new();
             for id in &ids {
                 let view: SessionView = client.get(&format!("/v1/sessions/{}", client::escape(id)))?;
@@ -192,14 +191,14 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Replay { policy, entrypoint, file, sessions, subject, since, limit, fail_on_change } => {
+        Command::Replay { policy, entrypoint, file, sessions, select, fail_on_change } => {
             let (mut candidate, version) = load_policy(&policy, &entrypoint)?;
             let views: Vec<SessionView> = match file {
                 Some(f) => replay::read_export(&std::fs::read_to_string(&f).map_err(|e| format!("cannot read {}: {e}", f.display()))?)?,
                 None => {
                     let client = connect()?;
                     let ids = if sessions.is_empty() {
-                        search(&client, subject, None, None, since, None, limit)?.into_iter().map(|s| s.id).collect()
+                        search(&client, &select)?.into_iter().map(|s| s.id).collect()
                     } else {
                         sessions
                     };
@@ -226,8 +225,8 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Sessions { subject, credential, workload, since, until, limit } => {
-            let list = SessionList { sessions: search(&connect()?, subject, credential, workload, since, until, limit)? };
+        Command::Sessions { select } => {
+            let list = SessionList { sessions: search(&connect()?, &select)? };
             if cli.json {
                 println!("{}", serde_json::to_string_pretty(&list).map_err(|e| e.to_string())?);
             } else {
@@ -251,27 +250,19 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
     }
 }
 
-fn search(
-    client: &Client,
-    subject: Option<String>,
-    credential: Option<String>,
-    workload: Option<String>,
-    since: Option<String>,
-    until: Option<String>,
-    limit: usize,
-) -> Result<Vec<warden_core::wire::SessionSummary>, String> {
+fn search(client: &Client, select: &Selection) -> Result<Vec<warden_core::wire::SessionSummary>, String> {
     let now = time::now_ms();
-    let mut q = vec![format!("limit={limit}")];
-    for (k, v) in [("subject", subject), ("credential", credential), ("workload", workload)] {
+    let mut q = vec![format!("limit={}", select.limit)];
+    for (k, v) in [("subject", &select.subject), ("credential", &select.credential), ("workload", &select.workload)] {
         if let Some(v) = v {
-            q.push(format!("{k}={}", client::escape(&v)));
+            q.push(format!("{k}={}", client::escape(v)));
         }
     }
-    if let Some(s) = since {
-        q.push(format!("since_ms={}", time::parse_when(&s, now)?));
+    if let Some(s) = &select.since {
+        q.push(format!("since_ms={}", time::parse_when(s, now)?));
     }
-    if let Some(u) = until {
-        q.push(format!("until_ms={}", time::parse_when(&u, now)?));
+    if let Some(u) = &select.until {
+        q.push(format!("until_ms={}", time::parse_when(u, now)?));
     }
     Ok(client.get::<SessionList>(&format!("/v1/sessions?{}", q.join("&")))?.sessions)
 }
