@@ -45,3 +45,8 @@ demo: build
 
 clean:
 	$(CARGO) clean
+
+## bench: throughput/latency vs Envoy with no filter and native jwt_authn+rbac (not part of make test)
+bench: build
+	@./scripts/setup-bench.sh
+	@$(PY) bench/run.py

