@@ -50,6 +50,9 @@ struct BatchRef<'a> {
     records: &'a [StepRecord],
 }
 
+/// Batches of records sent and not yet confirmed, at most.
+const MAX_BATCHES_IN_FLIGHT: usize = 4;
+
 enum InFlight {
     Records(u32, Vec<StepRecord>),
     Revocations(u32),
@@ -86,19 +89,31 @@ impl StateClient {
     }
 
     pub fn on_tick(&mut self, now: u64) {
-        if !self.queue.is_empty() && now >= self.next_flush_ms && !self.in_flight.iter().any(|f| matches!(f, InFlight::Records(..))) {
-            let n = self.queue.len().min(self.cfg.max_batch);
-            let batch: Vec<StepRecord> = self.queue.drain(..n).collect();
-            // The batch stays here, to go back in the queue unless the service confirms it.
-            let body = serde_json::to_vec(&BatchRef { records: &batch }).unwrap_or_default();
-            match dispatch(&self.cfg, "POST", "/v1/records", Some(&body), 5000) {
-                Ok(token) => self.in_flight.push(InFlight::Records(token, batch)),
-                Err(e) => {
-                    warn!("session-warden: cannot send attribution records ({e:?}): is cluster `{}` defined?", self.cfg.cluster);
-                    self.requeue(batch, now);
+        // Send when the interval is up, or at once when a full batch is waiting and the service
+        // is healthy: the flush rate must keep up with the request rate, or the queue fills.
+        // After a failure only the (backed-off) interval counts.
+        let due = now >= self.next_flush_ms || (self.failures == 0 && self.queue.len() >= self.cfg.max_batch);
+        if due {
+            while !self.queue.is_empty() && self.records_in_flight() < MAX_BATCHES_IN_FLIGHT {
+                let n = self.queue.len().min(self.cfg.max_batch);
+                let batch: Vec<StepRecord> = self.queue.drain(..n).collect();
+                // The batch stays here, to go back in the queue unless the service confirms it.
+                let body = serde_json::to_vec(&BatchRef { records: &batch }).unwrap_or_default();
+                match dispatch(&self.cfg, "POST", "/v1/records", Some(&body), 5000) {
+                    Ok(token) => self.in_flight.push(InFlight::Records(token, batch)),
+                    Err(e) => {
+                        warn!("session-warden: cannot send attribution records ({e:?}): is cluster `{}` defined?", self.cfg.cluster);
+                        self.requeue(batch, now);
+                        break;
+                    }
+                }
+                if self.failures > 0 {
+                    break;
                 }
             }
-            self.next_flush_ms = now + self.cfg.flush_interval_ms;
+            if self.failures == 0 {
+                self.next_flush_ms = now + self.cfg.flush_interval_ms;
+            }
         }
         if self.cfg.mode == StateMode::Cached && now >= self.next_poll_ms && !self.in_flight.iter().any(|f| matches!(f, InFlight::Revocations(_))) {
             let path = format!("/v1/revocations?after={}", self.cursor.unwrap_or(0));
@@ -107,6 +122,10 @@ impl StateClient {
             }
             self.next_poll_ms = now + self.cfg.revocation_poll_ms;
         }
+    }
+
+    fn records_in_flight(&self) -> usize {
+        self.in_flight.iter().filter(|f| matches!(f, InFlight::Records(..))).count()
     }
 
     fn requeue(&mut self, batch: Vec<StepRecord>, now: u64) {

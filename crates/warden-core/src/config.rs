@@ -126,7 +126,7 @@ fn default_flush_interval() -> u64 {
     200
 }
 fn default_max_batch() -> usize {
-    200
+    500
 }
 fn default_queue_limit() -> usize {
     50_000
