@@ -548,6 +548,17 @@ class StateService:
         got = len(view["timeline"]) if view else 0
         raise AssertionError(f"session {sid}: {got} records after {timeout}s, expected {n}")
 
+    def wait_complete_timeline(self, sid: str, at_least: int, timeout=10.0) -> dict:
+        """The session once its trail holds a record for every step the service counted (a
+        streaming request's record is written when its stream ends)."""
+        deadline = time.time() + timeout
+        view = self.wait_timeline(sid, at_least, timeout)
+        while len(view["timeline"]) < view["state"]["steps"] and time.time() < deadline:
+            time.sleep(0.05)
+            view = self.session(sid) or view
+        assert len(view["timeline"]) == view["state"]["steps"], f"{sid}: {len(view['timeline'])} records for {view['state']['steps']} steps"
+        return view
+
 
 def warden_cli(*args: str, url: str, token: str | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, WARDEN_STATE_URL=url, WARDEN_ADMIN_TOKEN=token or ADMIN_TOKEN)

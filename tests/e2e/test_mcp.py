@@ -74,7 +74,8 @@ def test_an_mcp_client_session_is_one_governed_session(mcp_stack, keys):
     found = state.admin("/v1/sessions?subject=mcp-agent").json()["sessions"]
     assert len(found) == 1, f"one MCP session is one governed session, got {found}"
     sid = found[0]["id"]
-    view = state.wait_timeline(sid, 7)
+    # The client's GET event stream is a step too; its record comes when the stream closes.
+    view = state.wait_complete_timeline(sid, 7)
     steps = sorted(view["timeline"], key=lambda e: e["record"]["step"])
     methods = [(e["record"]["step"], e["record"]["mcp_method"], e["record"]["tool"], e["record"]["action"]) for e in steps]
     assert [m[0] for m in methods] == list(range(1, len(methods) + 1)), methods
