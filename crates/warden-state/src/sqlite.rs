@@ -109,6 +109,8 @@ impl SqliteStore {
             tx.pragma_update(None, "user_version", (i + 1) as i64).map_err(backend)?;
             tx.commit().map_err(backend)?;
         }
+        // Hot statements are prepared once and reused (begin, append, load, save).
+        conn.set_prepared_statement_cache_capacity(32);
         Ok(Self { conn: Mutex::new(conn) })
     }
 
@@ -125,11 +127,9 @@ struct Row {
 }
 
 fn load(tx: &Transaction<'_>, id: &str) -> Result<Option<Row>, StoreError> {
-    tx.query_row(
-        "SELECT state, revoked_at_ms IS NOT NULL, records, head_hash FROM sessions WHERE id = ?1",
-        params![id],
-        |r| Ok((r.get::<_, String>(0)?, r.get::<_, bool>(1)?, r.get::<_, i64>(2)?, r.get::<_, String>(3)?)),
-    )
+    tx.prepare_cached("SELECT state, revoked_at_ms IS NOT NULL, records, head_hash FROM sessions WHERE id = ?1")
+        .map_err(backend)?
+        .query_row(params![id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, bool>(1)?, r.get::<_, i64>(2)?, r.get::<_, String>(3)?)))
     .optional()
     .map_err(backend)?
     .map(|(state, revoked, records, head)| {
@@ -142,12 +142,13 @@ fn load(tx: &Transaction<'_>, id: &str) -> Result<Option<Row>, StoreError> {
 
 fn save(tx: &Transaction<'_>, id: &str, s: &SessionState, records: u64, head: &str) -> Result<(), StoreError> {
     let state = serde_json::to_string(s).map_err(backend)?;
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO sessions (id, subject, started_at_ms, last_seen_at_ms, steps, state, records, head_hash)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
          ON CONFLICT(id) DO UPDATE SET last_seen_at_ms = ?4, steps = ?5, state = ?6, records = ?7, head_hash = ?8",
-        params![id, s.subject, s.started_at_ms as i64, s.last_seen_at_ms as i64, s.steps as i64, state, records as i64, head],
     )
+    .map_err(backend)?
+    .execute(params![id, s.subject, s.started_at_ms as i64, s.last_seen_at_ms as i64, s.steps as i64, state, records as i64, head])
     .map_err(backend)?;
     Ok(())
 }
@@ -164,11 +165,10 @@ fn audit(tx: &Transaction<'_>, id: &str, now_ms: u64, kind: &str, subject: &str,
 /// Remember that `subject` presented `credential`; return every subject that has (bounded).
 fn credential_subjects(tx: &Transaction<'_>, credential: Option<&str>, subject: &str, now_ms: u64) -> Result<Vec<String>, StoreError> {
     let Some(cred) = credential else { return Ok(Vec::new()) };
-    tx.execute(
-        "INSERT OR IGNORE INTO credential_subjects (credential, subject, first_seen_ms) VALUES (?1, ?2, ?3)",
-        params![cred, subject, now_ms as i64],
-    )
-    .map_err(backend)?;
+    tx.prepare_cached("INSERT OR IGNORE INTO credential_subjects (credential, subject, first_seen_ms) VALUES (?1, ?2, ?3)")
+        .map_err(backend)?
+        .execute(params![cred, subject, now_ms as i64])
+        .map_err(backend)?;
     let mut stmt = tx
         .prepare_cached("SELECT subject FROM credential_subjects WHERE credential = ?1 ORDER BY first_seen_ms LIMIT 16")
         .map_err(backend)?;
@@ -259,11 +259,9 @@ impl Store for SqliteStore {
         let (mut appended, mut duplicates) = (0, 0);
         for r in batch {
             let exists: Option<i64> = tx
-                .query_row(
-                    "SELECT seq FROM records WHERE session_id = ?1 AND step = ?2 AND decision_id = ?3",
-                    params![r.session_id, r.step as i64, r.decision_id],
-                    |row| row.get(0),
-                )
+                .prepare_cached("SELECT seq FROM records WHERE session_id = ?1 AND step = ?2 AND decision_id = ?3")
+                .map_err(backend)?
+                .query_row(params![r.session_id, r.step as i64, r.decision_id], |row| row.get(0))
                 .optional()
                 .map_err(backend)?;
             if exists.is_some() {
@@ -280,11 +278,12 @@ impl Store for SqliteStore {
             let body = serde_json::to_string(r).map_err(backend)?;
             let seq = row.records + 1;
             let hash = chain_hash(&row.head, &body);
-            tx.execute(
+            tx.prepare_cached(
                 "INSERT INTO records (session_id, seq, step, decision_id, at_ms, credential, workload, body, prev_hash, hash)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-                params![r.session_id, seq as i64, r.step as i64, r.decision_id, r.at_ms as i64, r.credential, r.workload, body, row.head, hash],
             )
+            .map_err(backend)?
+            .execute(params![r.session_id, seq as i64, r.step as i64, r.decision_id, r.at_ms as i64, r.credential, r.workload, body, row.head, hash])
             .map_err(backend)?;
             let mut state = row.state;
             state.steps = state.steps.max(r.step);
