@@ -30,7 +30,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -288,29 +287,11 @@ def start_envoy(name: str, v: Variant, ctx: Ctx, pin: bool, log_level="warning")
     with affinity(ENVOY_CPUS if pin else ENVOY_CPUS | CLIENT_CPUS):
         env = h.Envoy(cfg, concurrency=1, log_level=log_level)
     try:
-        deadline = t0 + 60
-        s = requests.Session()
-        while time.perf_counter() < deadline:
-            if env.proc.poll() is not None:
-                raise h.EnvoyError(f"{name}: Envoy exited with {env.proc.returncode}:\n{env.log()[-4000:]}")
-            if not env.admin and env.admin_path.exists():
-                addr = env.admin_path.read_text().strip()
-                if addr:
-                    env.admin = f"http://{addr}"
-            if env.admin:
-                try:
-                    if s.get(env.admin + "/ready", timeout=1).text.strip() == "LIVE":
-                        ls = s.get(env.admin + "/listeners?format=json", timeout=1).json().get("listener_statuses", [])
-                        for l in ls:
-                            env.ports[l["name"]] = l["local_address"]["socket_address"]["port_value"]
-                        if "bench" in env.ports:
-                            socket.create_connection(("127.0.0.1", env.ports["bench"]), timeout=1).close()
-                            ready = (time.perf_counter() - t0) * 1000
-                            return env, ready
-                except (requests.RequestException, OSError, ValueError):
-                    pass
-            time.sleep(0.005)
-        raise h.EnvoyError(f"{name}: Envoy not ready after 60 s:\n{env.log()[-4000:]}")
+        env.wait_ready(timeout=60, accepting="bench", poll=0.005)
+        return env, (time.perf_counter() - t0) * 1000
+    except h.EnvoyError as e:
+        env.stop()
+        raise h.EnvoyError(f"{name}: {e}") from None
     except BaseException:
         env.stop()
         raise

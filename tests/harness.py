@@ -410,8 +410,11 @@ class Envoy:
         self._log.flush()
         return self.log_path.read_text(errors="replace")
 
-    def wait_ready(self, timeout=30.0) -> "Envoy":
+    def wait_ready(self, timeout=30.0, accepting: str | None = None, poll=0.05) -> "Envoy":
+        """Until /ready says LIVE and the listener ports are known; with `accepting`, also until
+        that listener accepts a TCP connection (the bench times this)."""
         deadline = time.time() + timeout
+        session = requests.Session()
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise EnvoyError(f"Envoy exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
@@ -421,14 +424,18 @@ class Envoy:
                     self.admin = f"http://{addr}"
             if self.admin:
                 try:
-                    if requests.get(self.admin + "/ready", timeout=1).text.strip() == "LIVE":
-                        listeners = requests.get(self.admin + "/listeners?format=json", timeout=1).json()
+                    if session.get(self.admin + "/ready", timeout=1).text.strip() == "LIVE":
+                        listeners = session.get(self.admin + "/listeners?format=json", timeout=1).json()
                         for l in listeners.get("listener_statuses", []):
                             self.ports[l["name"]] = l["local_address"]["socket_address"]["port_value"]
-                        return self
-                except requests.RequestException:
+                        if accepting is None:
+                            return self
+                        if accepting in self.ports:
+                            socket.create_connection(("127.0.0.1", self.ports[accepting]), timeout=1).close()
+                            return self
+                except (requests.RequestException, OSError, ValueError):
                     pass
-            time.sleep(0.05)
+            time.sleep(poll)
         raise EnvoyError(f"Envoy not ready after {timeout}s:\n{self.log()[-4000:]}")
 
     def wait_exit(self, timeout=30.0) -> int:
