@@ -353,8 +353,9 @@ impl Warden {
 
         // MCP: what the JSON-RPC message asks for.
         let mcp = match body {
-            _ if !self.wants_body(&headers) => None,
+            // Most requests: no body was read, nothing to check.
             Body::Absent => None,
+            _ if !self.wants_body(&headers) => None,
             Body::TooLarge => {
                 return Step::Done(self.refuse(out, Decision::internal(Action::Deny, "mcp_body_too_large"), None, 413, shadow, None));
             }
