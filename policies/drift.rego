@@ -5,23 +5,26 @@ import rego.v1
 
 enabled if data.warden.config.modules.drift
 
-changed(value, seen) if {
-	value != null
-	count(seen) > 0
-	not value in seen
-}
+# Each check is written out rather than shared through a function: a function call is the
+# costliest thing the RVM does, and these run on every request.
 
 signals contains "region_changed" if {
 	enabled
-	changed(input.context.region, input.session.regions)
+	input.context.region != null
+	count(input.session.regions) > 0
+	not input.context.region in input.session.regions
 }
 
 signals contains "device_changed" if {
 	enabled
-	changed(input.context.device, input.session.devices)
+	input.context.device != null
+	count(input.session.devices) > 0
+	not input.context.device in input.session.devices
 }
 
 signals contains "workload_changed" if {
 	enabled
-	changed(input.identity.workload, input.session.workloads)
+	input.identity.workload != null
+	count(input.session.workloads) > 0
+	not input.identity.workload in input.session.workloads
 }

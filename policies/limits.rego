@@ -34,6 +34,13 @@ max_age := min(ages)
 signals contains "session_too_long" if {
 	enabled
 	not input.session.new
+	# Younger than every configured limit (a missing one never applies: 2^53 - 1 s): skip
+	# working out which limit is this session's.
+	input.now - input.session.started_at > min([
+		object.get(cfg, "max_session_seconds", 9007199254740991),
+		object.get(cfg, "privileged_max_session_seconds", 9007199254740991),
+		object.get(cfg, "delegated_sensitive_max_session_seconds", 9007199254740991),
+	])
 	input.now - input.session.started_at > max_age
 }
 

@@ -34,3 +34,9 @@ step_up contains "risk_high" if {
 	enabled
 	score >= cfg.thresholds.step_up
 }
+
+# Some threshold is reached (the fast path of the decision checks this once).
+acting if {
+	enabled
+	score >= min([cfg.thresholds.terminate, cfg.thresholds.throttle, cfg.thresholds.step_up])
+}

@@ -83,7 +83,18 @@ stepped_up_now := false if not presented
 
 # The most severe action wins (terminate > deny > throttle > step_up, the order of the risk
 # thresholds); its reasons are reported, sorted for stable output.
-decision := object.union(common, {"action": "terminate", "reasons": sort(terminate)}) if {
+# The common case first: no signal and a quiet risk score allow without composing the rest.
+decision := {
+	"action": "allow",
+	"reasons": [],
+	"risk": data.warden.risk.score,
+	"signals": [],
+	"flags": [],
+	"step_up_satisfied": stepped_up_now,
+} if {
+	count(signals) == 0
+	not data.warden.risk.acting
+} else := object.union(common, {"action": "terminate", "reasons": sort(terminate)}) if {
 	count(terminate) > 0
 } else := object.union(common, {"action": "deny", "reasons": sort(deny)}) if {
 	count(deny) > 0
