@@ -397,24 +397,19 @@ impl WardenHttp {
         false
     }
 
-    /// Strip and stamp in one host call: every header call crosses the wasm boundary, which
-    /// costs more than rebuilding the map here.
+    /// Strip what a client sent under our names (rare: only names present are removed), then
+    /// stamp: a name the request does not carry is added, which costs Envoy less than replacing.
     fn rewrite_headers(&mut self, remove: &[String], set: &[(String, String)]) {
-        if remove.is_empty() && set.is_empty() {
-            return;
+        for name in remove {
+            let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
         }
-        let keep = |k: &str| !remove.iter().any(|r| r == k) && !set.iter().any(|(s, _)| s == k);
-        let mut pairs: Vec<(&str, &[u8])> =
-            self.raw_headers.iter().filter(|(k, _)| keep(k)).map(|(k, v)| (k.as_str(), v.as_slice())).collect();
-        pairs.extend(set.iter().map(|(k, v)| (k.as_str(), v.as_bytes())));
-        if hostcalls::set_map_bytes(MapType::HttpRequestHeaders, pairs).is_err() {
-            // Never forward a client's x-warden-* copy: fall back to one call per header.
-            for name in remove {
-                let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
-            }
-            for (k, v) in set {
-                let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, k, Some(v));
-            }
+        for (k, v) in set {
+            let present = !remove.iter().any(|r| r == k) && self.raw_headers.iter().any(|(n, _)| n == k);
+            let _ = if present {
+                hostcalls::set_map_value(MapType::HttpRequestHeaders, k, Some(v))
+            } else {
+                hostcalls::add_map_value(MapType::HttpRequestHeaders, k, v)
+            };
         }
     }
 
