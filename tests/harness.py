@@ -35,7 +35,7 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = ROOT / ".venv" / "bin"
 ENVOY = Path(os.environ.get("ENVOY_BIN", VENV_BIN / "envoy"))
-WASM = Path(os.environ.get("WARDEN_WASM", ROOT / "target/wasm32-wasip1/release/session_warden.wasm"))
+WASM = Path(os.environ.get("WARDEN_WASM", ROOT / "target/session_warden.wasm"))
 ISSUER = "https://issuer.warden.test"
 HS_ISSUER = "https://hs.warden.test"
 AUDIENCE = "tickets-api"
