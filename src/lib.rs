@@ -90,6 +90,18 @@ thread_local! {
     static DRBG: RefCell<Drbg> = const { RefCell::new(Drbg { key: None, counter: 0 }) };
 }
 
+/// The VM's linear memory: it only grows, so after `on_configure` it is what configuring took.
+fn memory_kib() -> usize {
+    #[cfg(target_arch = "wasm32")]
+    {
+        core::arch::wasm32::memory_size(0) * 64
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        0
+    }
+}
+
 pub fn now_ms() -> u64 {
     hostcalls::get_current_time()
         .ok()
@@ -145,9 +157,10 @@ impl RootContext for WardenRoot {
         };
         match warden.policy_fallback() {
             None => info!(
-                "session-warden: configured (mode {:?}, policy {} on the RVM)",
+                "session-warden: configured (mode {:?}, policy {} on the RVM; VM memory {} KiB)",
                 warden.config.mode,
-                warden.policy_version()
+                warden.policy_version(),
+                memory_kib()
             ),
             Some(why) => warn!(
                 "session-warden: configured (mode {:?}, policy {}); the RVM cannot compile this policy, using the interpreter: {why}",
