@@ -45,7 +45,12 @@ pub fn replay(policy: &mut Policy, sessions: &[SessionView]) -> Report {
                 continue;
             };
             *report.recorded_totals.entry(r.action.clone()).or_default() += 1;
-            let (action, reasons) = match policy.eval(regorus::Value::from(input.clone())).and_then(|v| parse_output(&v)) {
+            let evaluated = input
+                .to_json()
+                .map_err(|e| warden_core::error::PolicyError(format!("the recorded input is not JSON: {e}")))
+                .and_then(|json| policy.eval(regorus::Value::from(json)))
+                .and_then(|v| parse_output(&v));
+            let (action, reasons) = match evaluated {
                 Ok(d) => (d.action.as_str().to_string(), d.reasons),
                 Err(err) => ("error".to_string(), vec![err.0]),
             };
@@ -115,7 +120,7 @@ mod tests {
                     step: i as u64 + 1,
                     action: action.to_string(),
                     path: Some(path.to_string()),
-                    input: Some(serde_json::json!({"request": {"path": path}})),
+                    input: warden_core::wire::RecordedInput::new(&serde_json::json!({"request": {"path": path}})),
                     ..Default::default()
                 };
                 TrailEntry { seq: i as u64 + 1, record, body: String::new(), prev_hash: String::new(), hash: String::new() }

@@ -590,7 +590,7 @@ impl Warden {
         let input = input::build(now_ms, mode, &facts, &identity, &sess);
         // Records only go somewhere when a state service is configured.
         let recording = self.config.state.is_some();
-        let recorded_input = if recording && self.config.policy.record_input { serde_json::to_value(&input).ok() } else { None };
+        let recorded_input = if recording && self.config.policy.record_input { wire::RecordedInput::new(&input) } else { None };
         // The candidate sees the very same input (values are shared, not copied).
         let candidate_result = self.candidate.as_mut().map(|c| (c.version.clone(), c.eval(input.clone()).and_then(|v| decision::parse_output(&v))));
         let decision = match self.policy.eval(input).and_then(|v| decision::parse_output(&v)) {

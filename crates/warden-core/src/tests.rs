@@ -613,7 +613,7 @@ fn the_recorded_input_reproduces_the_decision() {
     for path in ["/admin/x", "/secrets", "/busy", "/ok"] {
         let out = through_service(&mut w, req(path, &[("authorization", &t)]), Body::Absent, &mut live_host(), &mut steps);
         let rec = out.record.unwrap();
-        let input = rec.input.clone().expect("the input is recorded");
+        let input = rec.input.as_ref().expect("the input is recorded").to_json().unwrap();
         assert!(!input.to_string().contains(&String::from_utf8_lossy(&t)[7..]), "the token itself is never recorded");
         let mut p = Policy::compile(&PolicySource { modules: vec![("session.rego", POLICY)], data: None, entrypoint: "data.warden.session.decision", max_instructions: 100_000 }).unwrap();
         let again = decision::parse_output(&p.eval(regorus::Value::from(input)).unwrap()).unwrap();
@@ -628,4 +628,18 @@ fn without_a_state_service_no_record_is_built() {
     let mut w = Warden::from_json(&config(&k, json!({}))).unwrap();
     let out = done(&mut w, req("/ok", &[("authorization", &bearer(&sign_es(&k, claims("a"))))]), &mut live_host());
     assert!(out.reply.is_none() && out.record.is_none());
+}
+
+#[test]
+fn recorded_input_is_carried_as_recorded() {
+    let rec = StepRecord { step: 1, input: wire::RecordedInput::new(&json!({"b": 1, "a": [true, null]})), ..Default::default() };
+    assert_eq!(rec.input.as_ref().unwrap().get(), r#"{"a":[true,null],"b":1}"#);
+    let text = serde_json::to_string(&rec).unwrap();
+    assert!(text.contains(r#""input":{"a":[true,null],"b":1}"#), "{text}");
+    let back: StepRecord = serde_json::from_str(&text).unwrap();
+    assert_eq!(back, rec);
+    // Through a JSON tree too (as a test client may build it).
+    let via_tree: StepRecord = serde_json::from_value(serde_json::to_value(&rec).unwrap()).unwrap();
+    assert_eq!(via_tree, rec);
+    assert_eq!(back.input.unwrap().to_json().unwrap(), json!({"a": [true, null], "b": 1}));
 }
