@@ -644,39 +644,59 @@ STATE_BATCH = 50
 # the native profiles named, on this machine, 2026-11-22).
 PROFILE = """### Profile, levers and what stands in the way
 
-**Where the time goes natively** (`bench/policy-eval`, warden-core on the host, same input): the
-whole `on_request` ≈ 57 µs, of which the policy library ≈ 38–40 µs on the RVM. A one-line policy
-costs 0.37 µs and one `data` lookup 0.4 µs, so the library's cost is its rules: bisecting
-`session.rego`, building `signals` (the union of every module's signal set) alone costs ~20 µs,
-each module's set 3–6 µs, the five request rules of `base` 3.7 µs: about 0.7 µs per rule the RVM
-evaluates, and the library has about 45. Rewriting `cfg.` aliases as direct `data.` references
-changed nothing (36.6 vs 37.8 µs). In V8 the same code runs about 3.4× slower than natively.
+**Where the time goes.** Natively (`bench/policy-eval` under callgrind: instruction counts, which
+other processes cannot disturb): one evaluation of the policy library costs 227k instructions
+(415k before this round's changes); the whole `on_request` with a one-line policy about 83k
+(≈ 8 µs), of which building the 60-field policy input as regorus values is 36k. In Envoy's V8
+(Envoy CPU per request, `bench/quick.py` on a quiet machine): the filter with a one-line policy
+adds 70–90 µs, the library about 50 µs more, cached mode about 60 µs more (the shared-data
+snapshot with compare-and-swap, the attribution record with the step's exact input, its share of
+the batch to the service). V8 runs the same code about 3.5× slower than natively, and every host
+call (headers, properties, clock) crosses the wasm boundary. The filter's own linear memory is
+1.3–1.8 MiB per VM (`on_configure` logs it): Envoy's added RSS is V8's compiled code and VM
+instances, not the filter's heap.
 
-**Levers applied, and what each bought** (µs the filter adds per request, from `make bench`):
+**Levers applied, and what each bought.** The first two rows are earlier `make bench` runs (µs
+the filter adds per request); the others were measured one at a time against the commit before
+them (Envoy CPU per request with `bench/quick.py`, or natively with callgrind).
 
-| Change | allow-all policy | library (local sessions) |
-|---|---:|---:|
-| first measured filter (commit 1d07e47) | 120 | 254 |
-| verified-token cache keyed by the token (no SHA-256 of the token on a hit); no attribution record or recorded input built without a state service; one `set_map_bytes` call to strip and stamp instead of one per header; counters batched and flushed on the tick; a per-VM hash DRBG for ids instead of WASI `random_get` per id (commit 3cb3740) | 81–86 | 202–231 |
+| Change | What it bought |
+|---|---|
+| first measured filter (commit 1d07e47) | allow-all policy +120 µs, library +254 µs |
+| verified-token cache keyed by the token; no record or recorded input without a state service; counters batched on the tick; a per-VM hash DRBG for ids (3cb3740) | allow-all +81–86 µs, library +202–231 µs |
+| the library shaped for the RVM: the common step (no signal, quiet score) allowed before the full decision is composed; drift checks written out instead of a function; the session-age check compares with the shortest limit first (6476d82) | 415k → 295k instructions per evaluation |
+| request headers stripped and stamped one call each (added when absent) instead of replacing the whole map (0b5c71a) | −11 µs |
+| the recorded input serialized once, as JSON text, straight from the policy value, not built as a JSON tree and serialized again at the flush (f752c06) | cached mode −22 µs (recording the input costs about 50 µs in all: `policy.record_input: false` saves it, at the cost of replay) |
+| regorus's RVM patched (`vendor/regorus/WARDEN.md`: no error value built per executed instruction, no `RuleInfo` cloned per rule call) (63e625c) | −50 µs (proxy-local sessions); natively 295k → 227k instructions |
+| `make build` runs `wasm-opt -Oz` without inlining (954dd0b) | 2.57 → 2.25 MB; with binaryen's inlining V8 took 20 MiB more RSS and longer to compile, for no speed |
 
 Already in place from the start: the RVM (compiled once, one `RegoVM` per VM), the input built
-as regorus values, verified tokens served from the cache.
+as regorus values, verified tokens served from the cache, session snapshots in shared data,
+records batched on the tick.
 
 **What stands in the way of the targets.**
-- Throughput: the library's ~45 rules on the RVM (~40 µs natively, ×3.4 in V8) are most of
-  C's gap. The remaining levers are in the policy's shape (fewer, larger rules; an early `allow`
-  for steps with no signal), or a faster regorus RVM; both are outside this report's changes.
-- RSS and time to ready: V8 compiles the whole 2.3–2.6 MB module with TurboFan up front
-  (proxy-wasm-cpp-host turns Liftoff off), and Envoy holds a base VM plus one per thread, each
-  with the compiled module and the compiled policy. `wasm-opt -O3` trims 12% of the bytes.
+- Throughput: C ≥ 50% of A leaves 1e6/rps_A µs for everything the filter does (about 30–40 µs
+  here). The issue's own prototype figures, an empty filter (4.5 µs), one header read and set
+  (8 µs) and a one-rule RVM policy (23 µs), already add up to that. Session Warden with a one-line
+  policy adds 70–90 µs: it also verifies (from its cache) and fingerprints the credential,
+  resolves and binds the session, builds a 60-field input, stamps five request headers and two
+  response headers, and counts. Levers left: fewer host calls (the source address fetched only
+  when the policy reads it), the input built lazily or partly cached with the verified token,
+  the RVM's remaining per-call costs (failed rule bodies travel as error values; register windows
+  are resized per call), and the runtime: V8 runs this code about 3.5× slower than natively.
+- Time to ready and RSS: V8 compiles the whole module with TurboFan before the listener starts
+  (proxy-wasm-cpp-host turns Liftoff off) and Envoy holds a base VM plus one per thread. Less code
+  is the lever on our side (the module carries regorus's parser, compiler, RVM and builtins, and
+  jwt-simple's pure-Rust RSA, ECDSA and EdDSA); on Envoy's side a V8 with Liftoff or precompiled
+  modules.
+- D (sync mode) makes one callout per request to a service on the same two CPUs; it saturates
+  well below half of A's rate, so its p99 there is queueing.
 
-**State service.** Measured alone (the bench's `measure_state`, service pinned to one CPU): with
-every hot SQLite statement prepared once and cached (`prepare_cached`) instead of parsed per call,
-begin-steps went from 5,105/s to 8,118/s and records from 13,287/s to 25,643/s, so steps/s from
-3,688 to 6,166 (the state-service figures elsewhere in a report taken before that change show the
-old numbers). The rest is one SQLite write transaction per begin-step on a single writer
-connection: the 20,000 steps/s target needs begin-steps batched per transaction or a store with
-more writers (the Redis store the design foresees).
+**State service.** Measured alone above (`measure_state`, or `BENCH_ONLY=state make bench` for
+that part only, several rounds): the store is SQLite in WAL mode behind one writer connection,
+with every hot statement prepared once (`prepare_cached`: steps/s 3,688 → about 6,000). A
+begin-step is one write transaction; committing many per transaction (group commit) is the lever
+for the 20,000 steps/s target.
 """
 
 
@@ -734,6 +754,12 @@ def measure_state(state: "h.StateService", seconds: int) -> dict:
     return out
 
 
+def steal_seconds() -> float:
+    """CPU time the hypervisor took from this machine's CPUs so far (/proc/stat `steal`)."""
+    f = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    return int(f[8]) / os.sysconf("SC_CLK_TCK") if len(f) > 8 else 0.0
+
+
 def state_only() -> int:
     """BENCH_ONLY=state: measure_state BENCH_ROUNDS times, each on a fresh service and database
     (as in the whole bench), the service started on the client CPUs; medians to stdout."""
@@ -750,15 +776,20 @@ def state_only() -> int:
             try:
                 assert state.proc is not None
                 t0, me0, b0, s0 = time.time(), sum(os.times()[:4]), machine_busy_seconds(), cpu_seconds(state.proc.pid)
+                st0 = steal_seconds()
                 r = measure_state(state, SECONDS)
                 busy = (machine_busy_seconds() - b0) - (sum(os.times()[:4]) - me0) - (cpu_seconds(state.proc.pid) - s0)
                 r["foreign_cpu_pct"] = round(max(0.0, 100 * busy / (time.time() - t0)), 1)
+                # A virtual machine's CPUs taken by the host meanwhile (other guests): invisible
+                # as load, yet it slows every run that has it.
+                r["steal_cpu_pct"] = round(100 * (steal_seconds() - st0) / (time.time() - t0), 1)
             finally:
                 state.stop()
         runs.append(r)
         log(f"state service run {i + 1}/{ROUNDS}: {r['begin_rps']:.0f} begin-steps/s, {r['records_per_s']:.0f} records/s "
-            f"-> {r['steps_per_s']:.0f} steps/s (other processes {r['foreign_cpu_pct']:.0f}% of a CPU)")
-    keys = ("begin_rps", "records_rps", "records_per_s", "steps_per_s", "foreign_cpu_pct")
+            f"-> {r['steps_per_s']:.0f} steps/s (other processes {r['foreign_cpu_pct']:.0f}% of a CPU, stolen by the host "
+            f"{r['steal_cpu_pct']:.0f}%)")
+    keys = ("begin_rps", "records_rps", "records_per_s", "steps_per_s", "foreign_cpu_pct", "steal_cpu_pct")
     median = {k: med([r[k] for r in runs]) for k in keys}
     log(f"state service, median of {ROUNDS}: {median['begin_rps']:.0f} begin-steps/s, {median['records_per_s']:.0f} records/s "
         f"-> {median['steps_per_s']:.0f} steps/s")
