@@ -145,29 +145,31 @@ fn counted<T>(st: &AppState, r: Result<T, ApiError>) -> Result<T, ApiError> {
 }
 
 async fn begin_step(State(st): Shared, headers: HeaderMap, body: Result<Json<BeginStep>, JsonRejection>) -> Result<Json<BeginResponse>, ApiError> {
-    let r = (|| {
+    let r = async {
         st.require(&headers, &[Role::Proxy])?;
         let Json(req) = body?;
-        let resp = st.store.begin_step(&req, now_ms())?;
+        let resp = st.store.begin_step(req, now_ms()).await?;
         let c = if resp.outcome == BeginOutcome::Ok { &st.counters.steps_begun } else { &st.counters.steps_refused };
         c.fetch_add(1, Ordering::Relaxed);
         Ok(Json(resp))
-    })();
+    }
+    .await;
     counted(&st, r)
 }
 
 async fn append_records(State(st): Shared, headers: HeaderMap, body: Result<Json<RecordBatch>, JsonRejection>) -> Result<Json<AppendResult>, ApiError> {
-    let r = (|| {
+    let r = async {
         st.require(&headers, &[Role::Proxy])?;
         let Json(batch) = body?;
         if batch.records.len() > MAX_BATCH {
             return Err(ApiError::BadRequest(format!("at most {MAX_BATCH} records per batch")));
         }
-        let res = st.store.append(&batch.records, now_ms())?;
+        let res = st.store.append(batch.records, now_ms()).await?;
         st.counters.records_appended.fetch_add(res.appended, Ordering::Relaxed);
         st.counters.records_duplicate.fetch_add(res.duplicates, Ordering::Relaxed);
         Ok(Json(res))
-    })();
+    }
+    .await;
     counted(&st, r)
 }
 
@@ -184,11 +186,12 @@ fn default_feed_limit() -> usize {
 }
 
 async fn revocations(State(st): Shared, headers: HeaderMap, q: Result<Query<FeedQuery>, QueryRejection>) -> Result<impl IntoResponse, ApiError> {
-    let r = (|| {
+    let r = async {
         st.require(&headers, &[Role::Proxy, Role::Admin])?;
         let Query(q) = q?;
-        Ok(Json(st.store.revocations(q.after, q.limit.clamp(1, 5000))?))
-    })();
+        Ok(Json(st.store.revocations(q.after, q.limit.clamp(1, 5000)).await?))
+    }
+    .await;
     counted(&st, r)
 }
 
@@ -203,7 +206,7 @@ struct SearchQuery {
 }
 
 async fn search(State(st): Shared, headers: HeaderMap, q: Result<Query<SearchQuery>, QueryRejection>) -> Result<Json<SessionList>, ApiError> {
-    let r = (|| {
+    let r = async {
         st.require(&headers, &[Role::Admin])?;
         let Query(q) = q?;
         let s = Search {
@@ -214,35 +217,38 @@ async fn search(State(st): Shared, headers: HeaderMap, q: Result<Query<SearchQue
             until_ms: q.until_ms,
             limit: q.limit.unwrap_or(100).clamp(1, 10_000),
         };
-        Ok(Json(SessionList { sessions: st.store.search(&s)? }))
-    })();
+        Ok(Json(SessionList { sessions: st.store.search(s).await? }))
+    }
+    .await;
     counted(&st, r)
 }
 
 async fn session(State(st): Shared, headers: HeaderMap, Path(id): Path<String>) -> Result<impl IntoResponse, ApiError> {
-    let r = (|| {
+    let r = async {
         st.require(&headers, &[Role::Admin])?;
-        match st.store.session(&id)? {
+        match st.store.session(id.clone()).await? {
             Some(v) => Ok(Json(v)),
             None => Err(ApiError::NotFound(format!("no session {id}"))),
         }
-    })();
+    }
+    .await;
     counted(&st, r)
 }
 
 async fn revoke(State(st): Shared, headers: HeaderMap, Path(id): Path<String>, body: Option<Json<RevokeRequest>>) -> Result<impl IntoResponse, ApiError> {
-    let r = (|| {
+    let r = async {
         st.require(&headers, &[Role::Admin])?;
         let reason = body.and_then(|Json(b)| b.reason).unwrap_or_else(|| "revoked by an administrator".into());
         if reason.len() > 1024 {
             return Err(ApiError::BadRequest("reason is longer than 1024 bytes".into()));
         }
-        let changed = st.store.revoke(&id, &reason, now_ms())?;
+        let changed = st.store.revoke(id.clone(), reason, now_ms()).await?;
         if changed {
             st.counters.revocations.fetch_add(1, Ordering::Relaxed);
         }
         Ok(Json(serde_json::json!({"session_id": id, "revoked": true, "changed": changed})))
-    })();
+    }
+    .await;
     counted(&st, r)
 }
 
@@ -258,8 +264,9 @@ async fn metrics(State(st): Shared) -> impl IntoResponse {
         ("warden_state_store_errors_total", "Requests that failed in the store", &c.store_errors),
     ];
     let mut out = String::new();
+    let lines = lines.into_iter().map(|(name, help, v)| (name, help, v.load(Ordering::Relaxed))).chain(st.store.counters());
     for (name, help, v) in lines {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n", v.load(Ordering::Relaxed)));
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"));
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }

@@ -2,6 +2,8 @@
 //! proxies and replicas implements the same trait.
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 
 use warden_core::wire::{AppendResult, BeginResponse, BeginStep, RevocationFeed, SessionSummary, SessionView, StepRecord};
 
@@ -36,16 +38,28 @@ pub struct Search {
     pub limit: usize,
 }
 
+/// What a store call returns: the store's work happens off the async runtime (the SQLite store
+/// hands writes to its writer thread and reads to blocking threads), the handler awaits it.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// A store's own counters for `/metrics`: (name, help, value).
+pub type StoreCounter = (&'static str, &'static str, u64);
+
 pub trait Store: Send + Sync + 'static {
     /// Atomically: create the session if new and bind it to the subject, refuse another subject
     /// or a revoked session (recording an audit event), count the step, merge what was seen.
-    fn begin_step(&self, req: &BeginStep, now_ms: u64) -> Result<BeginResponse, StoreError>;
+    /// Resolves once the step is durably stored.
+    fn begin_step(&self, req: BeginStep, now_ms: u64) -> StoreFuture<'_, BeginResponse>;
     /// Append attribution records to their sessions' hash chains, all or nothing; a record
     /// already stored (same session, step and decision id) is counted as a duplicate.
-    fn append(&self, records: &[StepRecord], now_ms: u64) -> Result<AppendResult, StoreError>;
-    fn session(&self, id: &str) -> Result<Option<SessionView>, StoreError>;
-    fn search(&self, q: &Search) -> Result<Vec<SessionSummary>, StoreError>;
+    fn append(&self, records: Vec<StepRecord>, now_ms: u64) -> StoreFuture<'_, AppendResult>;
+    fn session(&self, id: String) -> StoreFuture<'_, Option<SessionView>>;
+    fn search(&self, q: Search) -> StoreFuture<'_, Vec<SessionSummary>>;
     /// Revoke a session (a session not seen yet is created revoked). True if it was not revoked before.
-    fn revoke(&self, id: &str, reason: &str, now_ms: u64) -> Result<bool, StoreError>;
-    fn revocations(&self, after: u64, limit: usize) -> Result<RevocationFeed, StoreError>;
+    fn revoke(&self, id: String, reason: String, now_ms: u64) -> StoreFuture<'_, bool>;
+    fn revocations(&self, after: u64, limit: usize) -> StoreFuture<'_, RevocationFeed>;
+    /// Counters the store keeps about itself (none by default).
+    fn counters(&self) -> Vec<StoreCounter> {
+        Vec::new()
+    }
 }

@@ -10,8 +10,9 @@ use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 use warden_core::trail;
-use warden_core::wire::{SessionView, StepRecord};
+use warden_core::wire::{BeginOutcome, BeginStep, SessionView, StepRecord};
 use warden_state::sqlite::SqliteStore;
+use warden_state::store::StoreError;
 use warden_state::{app, AppState};
 
 const PROXY: &str = "proxy-token-0123456789";
@@ -184,6 +185,9 @@ async fn search_by_subject_credential_workload_and_time() {
     assert_eq!(ids(api.call("GET", "/v1/sessions?credential=sha256:aaaa", Some(ADMIN), None).await.1), vec!["c1"]);
     assert_eq!(ids(api.call("GET", "/v1/sessions?workload=spiffe://example.org/w", Some(ADMIN), None).await.1), vec!["c1"]);
     assert_eq!(ids(api.call("GET", "/v1/sessions?since_ms=99999999999999", Some(ADMIN), None).await.1), Vec::<String>::new());
+    assert_eq!(ids(api.call("GET", "/v1/sessions?subject=alice&until_ms=99999999999999&since_ms=1", Some(ADMIN), None).await.1), vec!["a1"]);
+    assert_eq!(ids(api.call("GET", "/v1/sessions?subject=alice&credential=sha256:aaaa", Some(ADMIN), None).await.1), Vec::<String>::new());
+    assert_eq!(ids(api.call("GET", "/v1/sessions?limit=2", Some(ADMIN), None).await.1).len(), 2);
 }
 
 #[tokio::test]
@@ -214,4 +218,175 @@ async fn a_credential_shared_between_subjects_is_reported_and_scopes_are_kept() 
         .call("POST", "/v1/steps/begin", Some(PROXY), Some(json!({"session_id": "x1", "subject": "alice", "credential": "sha256:same", "scopes": ["read", "admin"]})))
         .await;
     assert_eq!(v["session"]["scopes"], json!(["read"]), "a session keeps the scopes it started with");
+}
+
+// ---------------------------------------------------------------- group commit
+
+fn store_counter(metrics: &Value, name: &str) -> u64 {
+    let text = metrics.as_str().unwrap();
+    text.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).unwrap().trim().parse().unwrap()
+}
+
+fn begin_req(sid: &str, subject: &str) -> BeginStep {
+    BeginStep {
+        session_id: sid.into(),
+        subject: subject.into(),
+        credential: Some("sha256:c".into()),
+        workload: None,
+        region: None,
+        device: None,
+        tools: Vec::new(),
+        known_steps: None,
+        scopes: Vec::new(),
+    }
+}
+
+/// Hold the database's write lock from another connection: the store's writer waits for it,
+/// so everything queued meanwhile is committed together in the group after.
+fn lock_writes(db: &std::path::Path) -> rusqlite::Connection {
+    let c = rusqlite::Connection::open(db).unwrap();
+    c.execute_batch("BEGIN IMMEDIATE").unwrap();
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_begin_steps_get_unique_consecutive_numbers_and_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state.db");
+    let api = Arc::new(Api::with(SqliteStore::open(&db).unwrap()));
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let api = api.clone();
+        // Half on one shared session, half each on a session of its own.
+        let sid = if i % 2 == 0 { "shared".to_string() } else { format!("own-{i}") };
+        tasks.push(tokio::spawn(async move { (sid.clone(), api.begin(&sid, "agent-7", "sha256:a").await) }));
+    }
+    let mut shared_steps = Vec::new();
+    for t in tasks {
+        let (sid, v) = t.await.unwrap();
+        assert_eq!(v["outcome"], "ok");
+        if sid == "shared" {
+            shared_steps.push(v["step"].as_u64().unwrap());
+        } else {
+            assert_eq!((v["step"].as_u64(), v["new"].as_bool()), (Some(1), Some(true)), "{sid}");
+        }
+    }
+    shared_steps.sort_unstable();
+    assert_eq!(shared_steps, (1..=100).collect::<Vec<_>>(), "every step number once, none lost");
+    let (_, m) = api.call("GET", "/metrics", None, None).await;
+    let (commits, writes) = (store_counter(&m, "warden_state_store_commits_total"), store_counter(&m, "warden_state_store_writes_total"));
+    assert_eq!(writes, 200);
+    assert!(commits >= 1 && commits <= writes, "{commits} commits for {writes} writes");
+    assert_eq!(api.view("shared").await.state.steps, 100);
+    let (_, list) = api.call("GET", "/v1/sessions?subject=agent-7&limit=1000", Some(ADMIN), None).await;
+    assert_eq!(list["sessions"].as_array().unwrap().len(), 101);
+    drop(list);
+
+    // Reopen the same file: everything is there and counting goes on.
+    drop(Arc::try_unwrap(api).ok().unwrap());
+    let api = Api::with(SqliteStore::open(&db).unwrap());
+    assert_eq!(api.view("shared").await.state.steps, 100);
+    assert_eq!(api.view("own-199").await.state.steps, 1);
+    assert_eq!(api.begin("shared", "agent-7", "sha256:a").await["step"], 101);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_record_batches_keep_a_verifiable_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state.db");
+    let api = Arc::new(Api::with(SqliteStore::open(&db).unwrap()));
+    let mut tasks = Vec::new();
+    // 40 batches of 5 records of one session, plus begin-steps of that session, all at once.
+    for b in 0..40u64 {
+        let a = api.clone();
+        tasks.push(tokio::spawn(async move {
+            let batch = json!({"records": (1..=5).map(|i| record("chain", b * 5 + i, "allow")).collect::<Vec<_>>()});
+            let (s, v) = a.call("POST", "/v1/records", Some(PROXY), Some(batch)).await;
+            assert_eq!((s, v["appended"].as_u64()), (StatusCode::OK, Some(5)), "{v}");
+        }));
+        let a = api.clone();
+        tasks.push(tokio::spawn(async move {
+            a.begin("chain", "agent-7", "sha256:aaaa").await;
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let view = api.view("chain").await;
+    assert_eq!(view.timeline.len(), 200);
+    assert_eq!(trail::verify(&view.timeline), Ok(()));
+    let mut steps: Vec<u64> = view.timeline.iter().map(|e| e.record.step).collect();
+    steps.sort_unstable();
+    assert_eq!(steps, (1..=200).collect::<Vec<_>>());
+    drop(Arc::try_unwrap(api).ok().unwrap());
+    let api = Api::with(SqliteStore::open(&db).unwrap());
+    let again = api.view("chain").await;
+    assert_eq!(trail::verify(&again.timeline), Ok(()));
+    assert_eq!(again.timeline, view.timeline);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failing_operation_does_not_affect_the_others_in_its_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state.db");
+    let api = Api::with(SqliteStore::open(&db).unwrap());
+    api.begin("bound", "alice", "sha256:a").await;
+    api.begin("revoked", "alice", "sha256:a").await;
+    api.call("POST", "/v1/sessions/revoked/revoke", Some(ADMIN), None).await;
+    api.begin("broken", "alice", "sha256:a").await;
+    api.begin("good", "alice", "sha256:a").await;
+    let (_, m) = api.call("GET", "/metrics", None, None).await;
+    let (commits0, writes0) = (store_counter(&m, "warden_state_store_commits_total"), store_counter(&m, "warden_state_store_writes_total"));
+
+    let locker = lock_writes(&db);
+    // A session whose stored state no longer parses: appending to it fails in the store.
+    locker.execute("UPDATE sessions SET state = 'not json' WHERE id = 'broken'", []).unwrap();
+    let store = api.state.store.clone();
+    // Queued in this order while the writer waits for the lock.
+    let ok1 = store.begin_step(begin_req("good", "alice"), 5);
+    let mismatch = store.begin_step(begin_req("bound", "mallory"), 5);
+    let revoked = store.begin_step(begin_req("revoked", "alice"), 5);
+    // The batch's first record (session "fresh") is written, then "broken" fails: all of it goes.
+    let failing = store.append(vec![record("fresh", 1, "allow"), record("broken", 1, "allow")], 5);
+    let mut invalid = record("good", 1, "explode");
+    invalid.decision_id = "bad".into();
+    let invalid = store.append(vec![record("good", 2, "allow"), invalid], 5);
+    let batch = store.append(vec![record("good", 1, "allow"), record("other", 1, "allow")], 5);
+    let mut ok2 = store.begin_step(begin_req("good", "alice"), 5);
+    // Nothing is answered before its transaction has committed.
+    assert!(tokio::time::timeout(std::time::Duration::from_millis(100), &mut ok2).await.is_err());
+    // Reads are not queued behind the writer: they see the last commit.
+    assert_eq!(api.view("good").await.state.steps, 1);
+    locker.execute_batch("COMMIT").unwrap();
+
+    let ok1 = ok1.await.unwrap();
+    assert_eq!((ok1.outcome, ok1.step), (BeginOutcome::Ok, 2));
+    assert_eq!(mismatch.await.unwrap().outcome, BeginOutcome::SubjectMismatch);
+    assert_eq!(revoked.await.unwrap().outcome, BeginOutcome::Revoked);
+    assert!(matches!(failing.await, Err(StoreError::Backend(_))));
+    assert!(matches!(invalid.await, Err(StoreError::Invalid(_))));
+    let batch = batch.await.unwrap();
+    assert_eq!((batch.appended, batch.duplicates), (2, 0));
+    assert_eq!(ok2.await.unwrap().step, 3);
+
+    let (_, m) = api.call("GET", "/metrics", None, None).await;
+    let (commits, writes) = (store_counter(&m, "warden_state_store_commits_total"), store_counter(&m, "warden_state_store_writes_total"));
+    // The invalid batch never reached the writer; the other six went in at most two transactions.
+    assert_eq!(writes - writes0, 6);
+    assert!(commits - commits0 <= 2, "{} commits", commits - commits0);
+    assert_eq!(store_counter(&m, "warden_state_store_failed_transactions_total"), 0);
+
+    // The failed batch left nothing, not even its first record's new session.
+    assert_eq!(api.call("GET", "/v1/sessions/fresh", Some(ADMIN), None).await.0, StatusCode::NOT_FOUND);
+    // The refusals were audited and changed nothing else.
+    let bound = api.view("bound").await;
+    assert_eq!((bound.state.steps, bound.audit.len(), bound.audit[0].kind.as_str()), (1, 1, "subject_mismatch"));
+    let rv = api.view("revoked").await;
+    assert_eq!((rv.state.steps, rv.audit[0].kind.as_str()), (1, "revoked_session_used"));
+    // The good session has its steps and its one record (the invalid batch's record 2 is not there).
+    let good = api.view("good").await;
+    assert_eq!(good.state.steps, 3);
+    assert_eq!(good.timeline.iter().map(|e| e.record.step).collect::<Vec<_>>(), vec![1]);
+    assert_eq!(trail::verify(&good.timeline), Ok(()));
+    assert_eq!(api.view("other").await.timeline.len(), 1);
 }
