@@ -12,20 +12,7 @@ command -v wrk >/dev/null || missing+=(wrk)
 command -v wasm-opt >/dev/null || missing+=(binaryen)
 command -v taskset >/dev/null || missing+=(util-linux)
 
-if [ ${#missing[@]} -gt 0 ]; then
-  if ! command -v apt-get >/dev/null; then
-    echo "[setup-bench] missing: ${missing[*]}; install them with your package manager, then run 'make bench' again." >&2
-    exit 1
-  fi
-  sudo=""
-  if [ "$(id -u)" != 0 ]; then
-    command -v sudo >/dev/null || { echo "[setup-bench] missing: ${missing[*]}; run as root or install them, then run 'make bench' again." >&2; exit 1; }
-    sudo="sudo"
-  fi
-  say "installing ${missing[*]} (Debian packages)"
-  # Only refresh the package lists when a package is really missing.
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+. scripts/apt.sh
+apt_install setup-bench "make bench" "${missing[@]}"
 
 say "ready: $(wrk --version 2>&1 | head -1 | cut -d' ' -f1-2), wasm-opt $(wasm-opt --version 2>/dev/null | awk '{print $3}')"

@@ -21,20 +21,8 @@ if ! command -v python3 >/dev/null; then
 fi
 
 # wasm-opt (binaryen) shrinks the built module; Debian's package, installed only if missing.
-if ! command -v wasm-opt >/dev/null; then
-  if ! command -v apt-get >/dev/null; then
-    echo "[setup] wasm-opt (binaryen) is missing: install binaryen with your package manager, then run 'make setup' again." >&2
-    exit 1
-  fi
-  sudo=""
-  if [ "$(id -u)" != 0 ]; then
-    command -v sudo >/dev/null || { echo "[setup] wasm-opt (binaryen) is missing: run as root or install binaryen, then run 'make setup' again." >&2; exit 1; }
-    sudo="sudo"
-  fi
-  say "installing binaryen (wasm-opt, Debian package)"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends binaryen >/dev/null
-fi
+. scripts/apt.sh
+command -v wasm-opt >/dev/null || apt_install setup "make setup" binaryen
 
 stamp=.venv/.requirements.sha256
 want=$(sha256sum tests/requirements.txt | cut -d' ' -f1)
