@@ -358,10 +358,7 @@ impl Writer {
             Ok(true) => Ok(()),
             Ok(false) => {
                 self.rollback();
-                match self.attempt(&mut group, true) {
-                    Ok(_) => Ok(()),
-                    Err(e) => Err(e),
-                }
+                self.attempt(&mut group, true).map(|_| ())
             }
             Err(e) => Err(e),
         };
