@@ -205,7 +205,6 @@ impl RootContext for WardenRoot {
             awaiting_body: None,
             adopt: None,
             headers_sent: false,
-            raw_headers: Vec::new(),
         }))
     }
 
@@ -232,8 +231,6 @@ struct WardenHttp {
     awaiting_body: Option<(Headers, Early)>,
     /// The request headers have gone on (MCP body phase): they can no longer be changed.
     headers_sent: bool,
-    /// The request headers as read, every value of every name, to rewrite them in one host call.
-    raw_headers: Vec<(String, Vec<u8>)>,
     /// The minted session of an MCP `initialize`, to adopt under the server's session id.
     adopt: Option<String>,
 }
@@ -269,7 +266,6 @@ impl HttpContext for WardenHttp {
                 return Action::Pause;
             }
         };
-        self.raw_headers = pairs.clone();
         let headers = Headers::from_pairs(pairs);
         if !end_of_stream && self.warden.borrow().wants_body(&headers) {
             // An MCP POST. Proxy-wasm hosts deliver the body only once the headers have gone on
@@ -411,17 +407,18 @@ impl WardenHttp {
     }
 
     /// Strip what a client sent under our names (rare: only names present are removed), then
-    /// stamp: a name the request does not carry is added, which costs Envoy less than replacing.
+    /// stamp. Our `x-warden-*` names are added, which costs Envoy less than replacing: any client
+    /// copy was just removed and policies may not set them. Anything else (`traceparent`, a
+    /// policy's headers) replaces what the request carries.
     fn rewrite_headers(&mut self, remove: &[String], set: &[(String, String)]) {
         for name in remove {
             let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
         }
         for (k, v) in set {
-            let present = !remove.iter().any(|r| r == k) && self.raw_headers.iter().any(|(n, _)| n == k);
-            let _ = if present {
-                hostcalls::set_map_value(MapType::HttpRequestHeaders, k, Some(v))
-            } else {
+            let _ = if k.starts_with(warden_core::config::STAMPED_HEADER_PREFIX) {
                 hostcalls::add_map_value(MapType::HttpRequestHeaders, k, v)
+            } else {
+                hostcalls::set_map_value(MapType::HttpRequestHeaders, k, Some(v))
             };
         }
     }
