@@ -27,7 +27,7 @@ use std::thread::JoinHandle;
 use rusqlite::config::DbConfig;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::oneshot;
-use warden_core::session::{remember_value, SessionState};
+use warden_core::session::{remember_value, Seen, SessionState};
 use warden_core::trail::GENESIS;
 use warden_core::wire::{
     AppendResult, AuditEvent, BeginOutcome, BeginResponse, BeginStep, Revocation, RevocationFeed, SessionSummary, SessionView, StepRecord,
@@ -546,13 +546,14 @@ fn begin_in(conn: &Connection, req: &BeginStep, now_ms: u64) -> Result<BeginResp
     before.credential_subjects = sharing;
     state.steps += 1;
     state.last_seen_at_ms = now_ms;
-    remember_value(&mut state.credentials, req.credential.as_deref());
-    remember_value(&mut state.workloads, req.workload.as_deref());
-    remember_value(&mut state.regions, req.region.as_deref());
-    remember_value(&mut state.devices, req.device.as_deref());
-    for t in &req.tools {
-        remember_value(&mut state.tools, Some(t));
-    }
+    state.remember(&Seen {
+        credential: req.credential.as_deref(),
+        workload: req.workload.as_deref(),
+        region: req.region.as_deref(),
+        device: req.device.as_deref(),
+        tools: &req.tools,
+        scopes: &req.scopes,
+    });
     save(conn, &req.session_id, &state, records, &head)?;
     Ok(BeginResponse { outcome: BeginOutcome::Ok, step: state.steps, new: is_new, session: before })
 }
@@ -606,11 +607,14 @@ fn append_in(conn: &Connection, batch: &[StepRecord], now_ms: u64) -> Result<App
         if state.subject.is_empty() {
             state.subject = r.subject.clone();
         }
-        remember_value(&mut state.credentials, r.credential.as_deref());
-        remember_value(&mut state.workloads, r.workload.as_deref());
-        remember_value(&mut state.regions, r.region.as_deref());
-        remember_value(&mut state.devices, r.device.as_deref());
-        remember_value(&mut state.tools, r.tool.as_deref());
+        state.remember(&Seen {
+            credential: r.credential.as_deref(),
+            workload: r.workload.as_deref(),
+            region: r.region.as_deref(),
+            device: r.device.as_deref(),
+            tools: r.tool.as_slice(),
+            scopes: &[],
+        });
         for f in &r.flags {
             remember_value(&mut state.flags, Some(f));
         }
