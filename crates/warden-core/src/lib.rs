@@ -434,11 +434,7 @@ impl Warden {
                     // This VM's own latest view of what decisions left behind (risk, flags, a
                     // step-up) is newer than what the service has heard through the trail.
                     if let Some(mine) = self.sessions.get(&ctx.session.id) {
-                        before.risk = mine.risk;
-                        before.last_step_up_ms = before.last_step_up_ms.max(mine.last_step_up_ms);
-                        for f in &mine.flags {
-                            session::remember_value(&mut before.flags, Some(f));
-                        }
+                        before.overlay_decisions(mine);
                     }
                     let mut after = before.clone();
                     after.steps = resp.step;
@@ -535,19 +531,15 @@ impl Warden {
         let seen = ctx.seen(&self.config);
         for _ in 0..4 {
             let Some((mut state, cas)) = cache_get(host, &ctx.session.id) else { return Cached::Miss };
-            if state.revoked {
-                return Cached::Refused(BeginError::Revoked);
-            }
-            if state.subject.is_empty() {
+            // A snapshot with no subject only marks a revocation heard of before the session
+            // was: its first step goes through the service, which binds it.
+            if state.subject.is_empty() && !state.revoked {
                 return Cached::Miss;
             }
-            if state.subject != ctx.identity.subject {
-                return Cached::Refused(BeginError::SubjectMismatch);
-            }
-            let before = state.clone();
-            state.steps += 1;
-            state.last_seen_at_ms = ctx.now_ms;
-            state.remember(&seen);
+            let before = match state.begin_step(&ctx.identity.subject, &seen, ctx.now_ms) {
+                Ok(before) => before,
+                Err(e) => return Cached::Refused(e),
+            };
             if cache_put(host, &ctx.session.id, &state, Some(cas)) {
                 return Cached::Hit(Box::new(before), state.steps);
             }

@@ -7,6 +7,7 @@ use crate::config::SessionConfig;
 use crate::correlation::new_session_id;
 use crate::host::{Headers, Host};
 use crate::identity::Identity;
+use crate::wire::StepRecord;
 
 /// Where the session id came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,6 +91,38 @@ pub struct SessionState {
 }
 
 impl SessionState {
+    /// A session opened by `subject` now, with the scopes it starts with: the one way a
+    /// session comes into being, in the proxy and in every store.
+    pub fn open(subject: &str, scopes: &[String], now_ms: u64) -> Self {
+        Self {
+            subject: subject.to_string(),
+            started_at_ms: now_ms,
+            last_seen_at_ms: now_ms,
+            subjects: vec![subject.to_string()],
+            scopes: scopes.iter().take(MAX_SCOPES).cloned().collect(),
+            ..Default::default()
+        }
+    }
+
+    /// The session-binding rule, the one place it lives (the proxy's table, its shared-data
+    /// snapshot and every store call it): a revoked session takes no step, a session is only
+    /// ever continued by the subject that opened it (credential rotation by that subject is
+    /// fine and remembered); otherwise the step is counted and what it saw is merged. Returns
+    /// the state as it was before this step, which is what the policy decides on.
+    pub fn begin_step(&mut self, subject: &str, seen: &Seen<'_>, now_ms: u64) -> Result<SessionState, BeginError> {
+        if self.revoked {
+            return Err(BeginError::Revoked);
+        }
+        if self.subject != subject {
+            return Err(BeginError::SubjectMismatch);
+        }
+        let before = self.clone();
+        self.steps += 1;
+        self.last_seen_at_ms = now_ms;
+        self.remember(seen);
+        Ok(before)
+    }
+
     /// Merge what a step saw (bounded per kind).
     pub fn remember(&mut self, seen: &Seen<'_>) {
         remember_value(&mut self.credentials, seen.credential);
@@ -101,6 +134,27 @@ impl SessionState {
         }
     }
 
+    /// What an attribution record adds to its session, in the store that keeps the trail:
+    /// what the step saw, what its decision left behind (flags, a satisfied step-up, the risk
+    /// of the latest step: records may arrive out of order) and the step count it proves.
+    pub fn apply_record(&mut self, r: &StepRecord) {
+        self.steps = self.steps.max(r.step);
+        self.last_seen_at_ms = self.last_seen_at_ms.max(r.at_ms);
+        if self.subject.is_empty() {
+            self.subject = r.subject.clone();
+        }
+        self.remember(&r.seen());
+        for f in &r.flags {
+            remember_value(&mut self.flags, Some(f));
+        }
+        if r.step_up {
+            self.last_step_up_ms = self.last_step_up_ms.max(Some(r.at_ms));
+        }
+        if r.step >= self.steps {
+            self.risk = r.risk;
+        }
+    }
+
     /// What a decision leaves behind: the new risk, flags, and a satisfied step-up.
     pub fn after_decision(&mut self, risk: f64, flags: &[String], stepped_up_at_ms: Option<u64>) {
         self.risk = risk;
@@ -109,6 +163,17 @@ impl SessionState {
         }
         if stepped_up_at_ms.is_some() {
             self.last_step_up_ms = stepped_up_at_ms;
+        }
+    }
+
+    /// A snapshot from the state service, overlaid with this proxy's own newer view of what
+    /// decisions left behind (risk, flags, a step-up): the service only hears of those through
+    /// the trail, which the proxy sends later.
+    pub fn overlay_decisions(&mut self, mine: &SessionState) {
+        self.risk = mine.risk;
+        self.last_step_up_ms = self.last_step_up_ms.max(mine.last_step_up_ms);
+        for f in &mine.flags {
+            remember_value(&mut self.flags, Some(f));
         }
     }
 }
@@ -132,6 +197,8 @@ pub enum BeginError {
 
 /// How many distinct values of each kind a session remembers.
 pub const MAX_SEEN: usize = 32;
+/// How many of its starting scopes a session remembers.
+pub const MAX_SCOPES: usize = 64;
 
 pub fn remember_value(list: &mut Vec<String>, v: Option<&str>) {
     if let Some(v) = v {
@@ -160,25 +227,8 @@ impl LocalSessions {
             self.evict();
         }
         let is_new = !self.map.contains_key(id);
-        let s = self.map.entry(id.to_string()).or_insert_with(|| SessionState {
-            subject: subject.to_string(),
-            started_at_ms: now_ms,
-            last_seen_at_ms: now_ms,
-            subjects: vec![subject.to_string()],
-            scopes: seen.scopes.to_vec(),
-            ..Default::default()
-        });
-        if s.revoked {
-            return Err(BeginError::Revoked);
-        }
-        if s.subject != subject {
-            return Err(BeginError::SubjectMismatch);
-        }
-        let before = s.clone();
-        s.steps += 1;
-        s.last_seen_at_ms = now_ms;
-        s.remember(seen);
-        Ok((before, is_new))
+        let s = self.map.entry(id.to_string()).or_insert_with(|| SessionState::open(subject, seen.scopes, now_ms));
+        Ok((s.begin_step(subject, seen, now_ms)?, is_new))
     }
 
     /// Mirror the service's view of a session (state after the step just counted).
@@ -259,6 +309,48 @@ mod tests {
         assert_eq!(t.begin_step("s1", "mallory", &seen("fp3"), 4000).unwrap_err(), BeginError::SubjectMismatch);
         t.revoke("s1");
         assert_eq!(t.begin_step("s1", "alice", &seen("fp2"), 5000).unwrap_err(), BeginError::Revoked);
+    }
+
+    #[test]
+    fn the_binding_rule_refuses_revoked_sessions_and_other_subjects_without_a_change() {
+        let mut s = SessionState::open("alice", &["read".into()], 1000);
+        assert_eq!((s.steps, s.subjects.clone(), s.scopes.clone()), (0, vec!["alice".to_string()], vec!["read".to_string()]));
+        let before = s.begin_step("alice", &seen("fp1"), 2000).unwrap();
+        assert_eq!((before.steps, s.steps, s.last_seen_at_ms), (0, 1, 2000));
+        assert_eq!(s.credentials, vec!["fp1"]);
+        let unchanged = s.clone();
+        assert_eq!(s.begin_step("mallory", &seen("fp9"), 3000).unwrap_err(), BeginError::SubjectMismatch);
+        assert_eq!(s, unchanged, "a refused step changes nothing");
+        s.revoked = true;
+        assert_eq!(s.begin_step("alice", &seen("fp1"), 3000).unwrap_err(), BeginError::Revoked);
+        // A revocation heard of before the session (no subject) refuses everyone.
+        let mut pre = SessionState { revoked: true, ..Default::default() };
+        assert_eq!(pre.begin_step("", &seen("fp1"), 1).unwrap_err(), BeginError::Revoked);
+        assert_eq!(SessionState::open("a", &vec!["s".to_string(); 100], 0).scopes.len(), MAX_SCOPES);
+    }
+
+    #[test]
+    fn a_record_adds_what_its_step_saw_and_decided() {
+        let mut s = SessionState::open("alice", &[], 1000);
+        let r = StepRecord {
+            session_id: "s1".into(),
+            step: 3,
+            at_ms: 5000,
+            subject: "alice".into(),
+            credential: Some("fp1".into()),
+            region: Some("eu".into()),
+            tool: Some("ticket.create".into()),
+            flags: vec!["review".into()],
+            step_up: true,
+            risk: 42.0,
+            ..Default::default()
+        };
+        s.apply_record(&r);
+        assert_eq!((s.steps, s.last_seen_at_ms, s.risk, s.last_step_up_ms), (3, 5000, 42.0, Some(5000)));
+        assert_eq!((s.credentials.clone(), s.regions.clone(), s.tools.clone(), s.flags.clone()), (vec!["fp1".to_string()], vec!["eu".to_string()], vec!["ticket.create".to_string()], vec!["review".to_string()]));
+        // An older step's record arriving late keeps the latest risk and time.
+        s.apply_record(&StepRecord { step: 2, at_ms: 4000, risk: 7.0, subject: "alice".into(), ..Default::default() });
+        assert_eq!((s.steps, s.last_seen_at_ms, s.risk), (3, 5000, 42.0));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::session::SessionState;
+use crate::session::{Seen, SessionState};
 
 /// A step's policy input as JSON text: serialized once, in the proxy, straight from the policy
 /// value, then carried through batches, the store and exports as it is. (Building a JSON tree
@@ -57,6 +57,20 @@ pub struct BeginStep {
     /// The credential's scopes: a new session remembers them as the scopes it started with.
     #[serde(default)]
     pub scopes: Vec<String>,
+}
+
+impl BeginStep {
+    /// What this step adds to its session.
+    pub fn seen(&self) -> Seen<'_> {
+        Seen {
+            credential: self.credential.as_deref(),
+            workload: self.workload.as_deref(),
+            region: self.region.as_deref(),
+            device: self.device.as_deref(),
+            tools: &self.tools,
+            scopes: &self.scopes,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,6 +142,20 @@ pub struct StepRecord {
     pub input: Option<RecordedInput>,
     /// What the candidate (shadow) policy decided, when one is configured.
     pub candidate: Option<CandidateOutcome>,
+}
+
+impl StepRecord {
+    /// What this step added to its session (a record carries one tool, and no scopes).
+    pub fn seen(&self) -> Seen<'_> {
+        Seen {
+            credential: self.credential.as_deref(),
+            workload: self.workload.as_deref(),
+            region: self.region.as_deref(),
+            device: self.device.as_deref(),
+            tools: self.tool.as_slice(),
+            scopes: &[],
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]

@@ -27,7 +27,7 @@ use std::thread::JoinHandle;
 use rusqlite::config::DbConfig;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::oneshot;
-use warden_core::session::{remember_value, Seen, SessionState};
+use warden_core::session::{BeginError, SessionState};
 use warden_core::trail::GENESIS;
 use warden_core::wire::{
     AppendResult, AuditEvent, BeginOutcome, BeginResponse, BeginStep, Revocation, RevocationFeed, SessionSummary, SessionView, StepRecord,
@@ -489,20 +489,10 @@ fn credential_subjects(conn: &Connection, credential: Option<&str>, subject: &st
     list(conn)
 }
 
-fn new_session(subject: &str, now_ms: u64) -> SessionState {
-    SessionState {
-        subject: subject.to_string(),
-        started_at_ms: now_ms,
-        last_seen_at_ms: now_ms,
-        subjects: vec![subject.to_string()],
-        ..Default::default()
-    }
-}
-
 fn revoke_in(conn: &Connection, id: &str, reason: &str, now_ms: u64) -> Result<bool, StoreError> {
     if load(conn, id)?.is_none() {
         // Revoking a session no proxy has reported yet: it must never start.
-        save(conn, id, &new_session("", now_ms), 0, GENESIS)?;
+        save(conn, id, &SessionState::open("", &[], now_ms), 0, GENESIS)?;
     }
     let changed = conn
         .prepare_cached("UPDATE sessions SET revoked_at_ms = ?2, revoke_reason = ?3 WHERE id = ?1 AND revoked_at_ms IS NULL")
@@ -520,40 +510,28 @@ fn revoke_in(conn: &Connection, id: &str, reason: &str, now_ms: u64) -> Result<b
 
 fn begin_in(conn: &Connection, req: &BeginStep, now_ms: u64) -> Result<BeginResponse, StoreError> {
     let (mut state, records, head, is_new) = match load(conn, &req.session_id)? {
-        Some(row) => {
-            if row.revoked {
-                audit(conn, &req.session_id, now_ms, "revoked_session_used", &req.subject, req.credential.as_deref(), "a revoked session was presented")?;
-                return Ok(BeginResponse { outcome: BeginOutcome::Revoked, step: 0, new: false, session: row.state });
-            }
-            if row.state.subject != req.subject {
-                let detail = format!("session bound to {:?} presented by {:?}", row.state.subject, req.subject);
-                audit(conn, &req.session_id, now_ms, "subject_mismatch", &req.subject, req.credential.as_deref(), &detail)?;
-                return Ok(BeginResponse { outcome: BeginOutcome::SubjectMismatch, step: 0, new: false, session: row.state });
-            }
-            (row.state, row.records, row.head, false)
-        }
-        None => {
-            let mut s = new_session(&req.subject, now_ms);
-            s.scopes = req.scopes.iter().take(64).cloned().collect();
-            (s, 0, GENESIS.to_string(), true)
-        }
+        Some(row) => (row.state, row.records, row.head, false),
+        None => (SessionState::open(&req.subject, &req.scopes, now_ms), 0, GENESIS.to_string(), true),
     };
-    let sharing = credential_subjects(conn, req.credential.as_deref(), &req.subject, now_ms)?;
     if let Some(known) = req.known_steps {
         state.steps = state.steps.max(known);
     }
-    let mut before = state.clone();
-    before.credential_subjects = sharing;
-    state.steps += 1;
-    state.last_seen_at_ms = now_ms;
-    state.remember(&Seen {
-        credential: req.credential.as_deref(),
-        workload: req.workload.as_deref(),
-        region: req.region.as_deref(),
-        device: req.device.as_deref(),
-        tools: &req.tools,
-        scopes: &req.scopes,
-    });
+    let mut before = match state.begin_step(&req.subject, &req.seen(), now_ms) {
+        Ok(before) => before,
+        Err(why) => {
+            let (outcome, kind, detail) = match why {
+                BeginError::Revoked => (BeginOutcome::Revoked, "revoked_session_used", "a revoked session was presented".to_string()),
+                BeginError::SubjectMismatch => (
+                    BeginOutcome::SubjectMismatch,
+                    "subject_mismatch",
+                    format!("session bound to {:?} presented by {:?}", state.subject, req.subject),
+                ),
+            };
+            audit(conn, &req.session_id, now_ms, kind, &req.subject, req.credential.as_deref(), &detail)?;
+            return Ok(BeginResponse { outcome, step: 0, new: false, session: state });
+        }
+    };
+    before.credential_subjects = credential_subjects(conn, req.credential.as_deref(), &req.subject, now_ms)?;
     save(conn, &req.session_id, &state, records, &head)?;
     Ok(BeginResponse { outcome: BeginOutcome::Ok, step: state.steps, new: is_new, session: before })
 }
@@ -584,7 +562,7 @@ fn append_in(conn: &Connection, batch: &[StepRecord], now_ms: u64) -> Result<App
                 }
                 // In cached or degraded mode the trail may be the first the service hears of a session.
                 load(conn, &r.session_id)?.unwrap_or_else(|| Row {
-                    state: new_session(&r.subject, r.at_ms),
+                    state: SessionState::open(&r.subject, &[], r.at_ms),
                     revoked: false,
                     records: 0,
                     head: GENESIS.to_string(),
@@ -601,30 +579,7 @@ fn append_in(conn: &Connection, batch: &[StepRecord], now_ms: u64) -> Result<App
         .map_err(backend)?
         .execute(params![r.session_id, seq as i64, r.step as i64, r.decision_id, r.at_ms as i64, r.credential, r.workload, body, row.head, hash])
         .map_err(backend)?;
-        let state = &mut row.state;
-        state.steps = state.steps.max(r.step);
-        state.last_seen_at_ms = state.last_seen_at_ms.max(r.at_ms);
-        if state.subject.is_empty() {
-            state.subject = r.subject.clone();
-        }
-        state.remember(&Seen {
-            credential: r.credential.as_deref(),
-            workload: r.workload.as_deref(),
-            region: r.region.as_deref(),
-            device: r.device.as_deref(),
-            tools: r.tool.as_slice(),
-            scopes: &[],
-        });
-        for f in &r.flags {
-            remember_value(&mut state.flags, Some(f));
-        }
-        if r.step_up {
-            state.last_step_up_ms = state.last_step_up_ms.max(Some(r.at_ms));
-        }
-        // Records may arrive out of order; the latest step's risk is the session's.
-        if r.step >= state.steps {
-            state.risk = r.risk;
-        }
+        row.state.apply_record(r);
         row.records = seq;
         row.head = hash;
         if let Some(cred) = r.credential.as_deref() {
