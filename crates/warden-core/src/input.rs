@@ -1,50 +1,12 @@
 //! The policy input, built directly as regorus values (never through JSON text: that costs
 //! more than the evaluation itself). Its schema is `policies/input.schema.json`.
 
-use std::collections::BTreeMap;
-
 use regorus::Value;
 
 use crate::host::Headers;
 use crate::identity::Identity;
 use crate::session::{SessionRef, SessionState};
-
-pub struct Obj(BTreeMap<Value, Value>);
-
-impl Obj {
-    pub fn new() -> Self {
-        Self(BTreeMap::new())
-    }
-    pub fn set(mut self, k: &str, v: Value) -> Self {
-        self.0.insert(Value::from(k), v);
-        self
-    }
-    pub fn build(self) -> Value {
-        Value::from(self.0)
-    }
-}
-
-impl Default for Obj {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-pub fn s(v: &str) -> Value {
-    Value::from(v)
-}
-
-pub fn opt_s(v: Option<&str>) -> Value {
-    v.map(Value::from).unwrap_or(Value::Null)
-}
-
-pub fn opt_n(v: Option<u64>) -> Value {
-    v.map(Value::from).unwrap_or(Value::Null)
-}
-
-pub fn strings<'a, I: IntoIterator<Item = &'a String>>(items: I) -> Value {
-    Value::from(items.into_iter().map(|x| Value::from(x.as_str())).collect::<Vec<_>>())
-}
+use crate::value::{opt_n, opt_s, s, strings, Obj};
 
 /// Facts about the request that are not the identity or the session.
 pub struct RequestFacts<'a> {

@@ -6,7 +6,7 @@ use regorus::Value;
 use serde_json::Value as Json;
 
 use crate::hash::{hex, sha256};
-use crate::input::{opt_s, s, Obj};
+use crate::value::{opt_s, s, Obj};
 
 /// One JSON-RPC message of an MCP request.
 #[derive(Debug, Clone, PartialEq)]

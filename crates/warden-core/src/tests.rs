@@ -3,7 +3,11 @@
 use jwt_simple::prelude::*;
 use serde_json::json;
 
-use super::*;
+use crate::*;
+use crate::decision::Action;
+use crate::host::Headers;
+use crate::policy::{Policy, PolicySource};
+use crate::wire::StepRecord;
 use crate::session::SessionState;
 use crate::wire::{BeginOutcome, BeginResponse, BeginStep};
 use crate::host::FakeHost;

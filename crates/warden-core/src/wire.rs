@@ -3,7 +3,14 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::correlation::trace_id;
+use crate::decision::Decision;
+use crate::identity::Identity;
+use crate::input::RequestFacts;
 use crate::session::{Seen, SessionState};
+
+/// A recorded path is cut to this many characters.
+pub const MAX_RECORDED_PATH: usize = 1024;
 
 /// A step's policy input as JSON text: serialized once, in the proxy, straight from the policy
 /// value, then carried through batches, the store and exports as it is. (Building a JSON tree
@@ -144,7 +151,74 @@ pub struct StepRecord {
     pub candidate: Option<CandidateOutcome>,
 }
 
+/// What the proxy knows of a step when its decision is taken: the record's facts apart from
+/// the decision itself.
+pub struct StepFacts<'a> {
+    pub session_id: &'a str,
+    pub step: u64,
+    pub decision_id: &'a str,
+    pub at_ms: u64,
+    pub identity: &'a Identity,
+    pub request: &'a RequestFacts<'a>,
+    /// MCP tools this step calls.
+    pub tools: &'a [String],
+    pub traceparent: &'a str,
+    pub risk_before: f64,
+    pub policy_version: &'a str,
+    /// `enforce` or `shadow`.
+    pub mode: &'a str,
+    pub degraded: bool,
+}
+
 impl StepRecord {
+    /// The record of a decided step. The proxy adds the response's status and the duration when
+    /// the step completes (a refusal's status is set by the flow).
+    pub fn new(f: &StepFacts<'_>, d: &Decision, input: Option<RecordedInput>, candidate: Option<CandidateOutcome>) -> Self {
+        let id = f.identity;
+        let token = id.token.as_ref();
+        let first_call = f.request.mcp.and_then(|m| m.first());
+        let headers = f.request.headers;
+        Self {
+            session_id: f.session_id.to_string(),
+            step: f.step,
+            decision_id: f.decision_id.to_string(),
+            at_ms: f.at_ms,
+            subject: id.subject.clone(),
+            identity_kind: id.kind.as_str().into(),
+            issuer: id.issuer.clone(),
+            credential: id.fingerprint.clone(),
+            kid: token.and_then(|t| t.kid.clone()),
+            jti: token.and_then(|t| t.jti.clone()),
+            delegation: token.map(|t| t.delegation.clone()).unwrap_or_default(),
+            workload: id.workload.clone(),
+            region: f.request.region.map(str::to_string),
+            device: f.request.device.map(str::to_string),
+            source_address: f.request.source_address.map(str::to_string),
+            method: headers.get_str(":method").map(str::to_string),
+            authority: headers.get_str(":authority").map(str::to_string),
+            path: headers.get_str(":path").map(|p| p.chars().take(MAX_RECORDED_PATH).collect()),
+            tool: f.tools.first().cloned(),
+            mcp_method: first_call.map(|c| c.method.clone()),
+            arguments_digest: first_call.and_then(|c| c.arguments_digest.clone()),
+            action: d.action.as_str().into(),
+            enforced: f.mode != "shadow",
+            reasons: d.reasons.clone(),
+            risk_before: f.risk_before,
+            risk: d.risk,
+            signals: d.signals.clone(),
+            flags: d.flags.clone(),
+            step_up: d.step_up_satisfied,
+            policy_version: f.policy_version.to_string(),
+            mode: f.mode.to_string(),
+            status: None,
+            duration_ms: None,
+            trace_id: trace_id(f.traceparent).map(str::to_string),
+            degraded: f.degraded,
+            input,
+            candidate,
+        }
+    }
+
     /// What this step added to its session (a record carries one tool, and no scopes).
     pub fn seen(&self) -> Seen<'_> {
         Seen {

@@ -1,0 +1,265 @@
+//! The first half of a request's flow: strip client copies of our headers, identify, read an
+//! MCP body, resolve the session and take the step on the session's state (the proxy's own
+//! table, the shared snapshot, or the state service in sync mode, resumed in `resume`). What
+//! every path ends in, a decision, is `decide.rs`.
+
+use super::reply::unauthenticated;
+use super::snapshot::Cached;
+use super::{Body, Early, Pending, RequestOutcome, StateCall, Step, Warden};
+use crate::config::{self, Mode};
+use crate::correlation::{self, DECISION_HEADER, SESSION_HEADER, SUBJECT_HEADER, TRACEPARENT};
+use crate::decision::{Action, Decision};
+use crate::error::IdentityError;
+use crate::host::{Headers, Host};
+use crate::identity::{Identity, IdentityKind};
+use crate::mcp;
+use crate::metrics;
+use crate::session::{self, BeginError, SessionRef, SessionSource};
+use crate::wire::{BeginOutcome, BeginResponse, BeginStep};
+
+/// Client-sent headers under our prefix: none of them survives.
+fn stamped_by_client(headers: &Headers) -> Vec<String> {
+    headers.names().filter(|n| n.starts_with(config::STAMPED_HEADER_PREFIX)).map(str::to_string).collect()
+}
+
+/// The client's trace context if it is valid, else a new one.
+fn traceparent_of(headers: &Headers, host: &mut dyn Host) -> String {
+    match headers.get_str(TRACEPARENT) {
+        Some(tp) if correlation::is_valid_traceparent(tp) => tp.to_string(),
+        _ => correlation::new_traceparent(host),
+    }
+}
+
+impl Warden {
+    /// Whether the filter must read this request's body before deciding (MCP JSON-RPC POSTs).
+    pub fn wants_body(&self, headers: &Headers) -> bool {
+        if headers.get_str(":method") != Some("POST") {
+            return false;
+        }
+        let path = headers.get_str(":path").unwrap_or_default();
+        let path = path.split('?').next().unwrap_or_default();
+        headers.get("mcp-session-id").is_some() || self.config.mcp.paths.iter().any(|p| path.starts_with(p.as_str()))
+    }
+
+    pub fn max_body_bytes(&self) -> usize {
+        self.config.mcp.max_body_bytes
+    }
+
+    /// The headers phase of a request whose body is read (MCP): refuse now what can be refused
+    /// on headers alone (credential, session id); otherwise strip and stamp what is known and let
+    /// the headers go on. `on_request_early` with the body and this `Early` decides.
+    pub fn on_body_request_headers(&mut self, headers: &Headers, host: &mut dyn Host) -> Result<(Early, RequestOutcome), Box<RequestOutcome>> {
+        let early = Early { decision_id: correlation::new_decision_id(host), traceparent: traceparent_of(headers, host), minted_session: None };
+        let mut out = RequestOutcome { decision_id: early.decision_id.clone(), ..Default::default() };
+        out.remove_headers = stamped_by_client(headers);
+        let now_s = host.now_ms() / 1000;
+        let identity = match self.identifier.identify(headers, host, now_s) {
+            Ok(id) => id,
+            Err(e) => {
+                // A refusal here ends the request: it is counted now, as the body phase would have.
+                out.metrics.push(metrics::REQUESTS.into());
+                return Err(Box::new(self.refuse_identity(out, e, early.traceparent)));
+            }
+        };
+        let session = match session::resolve(&self.config.session, headers, &identity, host) {
+            Ok(s) => s,
+            Err(session::MalformedSessionId) => {
+                out.metrics.push(metrics::REQUESTS.into());
+                count_token_cache(&mut out, &identity);
+                return Err(Box::new(self.refuse_session_id(out)));
+            }
+        };
+        let early = Early { minted_session: (session.source == SessionSource::Minted).then(|| session.id.clone()), ..early };
+        out.set_headers.push((SESSION_HEADER.into(), session.id.clone()));
+        out.set_headers.push((DECISION_HEADER.into(), early.decision_id.clone()));
+        if !identity.subject.is_empty() {
+            out.set_headers.push((SUBJECT_HEADER.into(), identity.subject.clone()));
+        }
+        out.set_headers.push((TRACEPARENT.into(), early.traceparent.clone()));
+        Ok((early, out))
+    }
+
+    pub fn on_request(&mut self, headers: Headers, body: Body<'_>, host: &mut dyn Host) -> Step {
+        self.on_request_early(headers, body, None, host)
+    }
+
+    /// The whole flow; `early` carries the ids an MCP request's headers phase already stamped.
+    pub fn on_request_early(&mut self, headers: Headers, body: Body<'_>, early: Option<&Early>, host: &mut dyn Host) -> Step {
+        let now_ms = host.now_ms();
+        let shadow = self.config.mode == Mode::Shadow;
+        let decision_id = match early {
+            Some(e) => e.decision_id.clone(),
+            None => correlation::new_decision_id(host),
+        };
+        let mut out = RequestOutcome { decision_id, ..Default::default() };
+        out.metrics.push(metrics::REQUESTS.into());
+
+        // 1. Nothing a client sends under our names survives.
+        out.remove_headers = stamped_by_client(&headers);
+        let traceparent = match early {
+            Some(e) => e.traceparent.clone(),
+            None => traceparent_of(&headers, host),
+        };
+
+        // 2. Identify.
+        let identity = match self.identifier.identify(&headers, host, now_ms / 1000) {
+            Ok(id) => id,
+            Err(e) => return Step::Done(self.refuse_identity(out, e, traceparent)),
+        };
+        count_token_cache(&mut out, &identity);
+
+        // MCP: what the JSON-RPC message asks for.
+        let mcp = match body {
+            // Most requests: no body was read, nothing to check.
+            Body::Absent => None,
+            _ if !self.wants_body(&headers) => None,
+            Body::TooLarge => {
+                return Step::Done(self.refuse(out, Decision::internal(Action::Deny, "mcp_body_too_large"), None, 413, shadow, None));
+            }
+            Body::Complete(b) => match mcp::parse(b) {
+                Ok(m) => Some(m),
+                Err(e) => return Step::Done(self.refuse(out, Decision::internal(Action::Deny, e.code()), None, 400, shadow, None)),
+            },
+        };
+        let tools: Vec<String> = mcp.as_ref().map(|m| m.tools().map(str::to_string).collect()).unwrap_or_default();
+
+        // 3. Resolve the session (under the id the headers phase already stamped, if any).
+        let resolved = match early.and_then(|e| e.minted_session.clone()) {
+            Some(id) => Ok(SessionRef { id, source: SessionSource::Minted }),
+            None => session::resolve(&self.config.session, &headers, &identity, host),
+        };
+        let session = match resolved {
+            Ok(s) => s,
+            Err(session::MalformedSessionId) => return Step::Done(self.refuse_session_id(out)),
+        };
+        if session.source == SessionSource::Minted {
+            out.metrics.push(metrics::SESSIONS_NEW.into());
+        }
+        // An MCP `initialize` opens a session whose id the MCP server assigns in its answer: it is
+        // decided as a new session here and adopted under that id when the answer comes.
+        let initialize =
+            session.source == SessionSource::Minted && mcp.as_ref().and_then(|m| m.first()).is_some_and(|c| c.method == "initialize");
+        let ctx = Pending { out, headers, identity, session, traceparent, now_ms, mcp, tools };
+
+        // A session this proxy knows to be revoked goes no further, whatever the mode.
+        if self.sessions.is_revoked(&ctx.session.id) {
+            return Step::Done(self.refused_session(ctx, BeginError::Revoked));
+        }
+
+        // 4. Take the step on the session's state.
+        let Some(state) = self.config.state.clone() else {
+            return Step::Done(self.begin_locally(ctx, host, false));
+        };
+        if initialize {
+            let mut out = self.begin_locally(ctx, host, false);
+            out.adopt_session = out.reply.is_none();
+            return Step::Done(out);
+        }
+        if state.mode == config::StateMode::Cached {
+            match self.begin_cached(&ctx, host) {
+                Cached::Hit(before, step) => return Step::Done(self.decide(ctx, *before, step, false, false, host)),
+                Cached::Refused(why) => return Step::Done(self.refused_session(ctx, why)),
+                Cached::Miss => {}
+            }
+        }
+        let seen = ctx.seen(&self.config);
+        let req = BeginStep {
+            session_id: ctx.session.id.clone(),
+            subject: ctx.identity.subject.clone(),
+            credential: seen.credential.map(str::to_string),
+            workload: seen.workload.map(str::to_string),
+            region: seen.region.map(str::to_string),
+            device: seen.device.map(str::to_string),
+            tools: ctx.tools.clone(),
+            known_steps: self.sessions.steps(&ctx.session.id),
+            scopes: ctx.identity.scopes.clone(),
+        };
+        let body = serde_json::to_vec(&req).unwrap_or_default();
+        Step::Call { pending: Box::new(ctx), call: StateCall { path: "/v1/steps/begin", body } }
+    }
+
+    /// Finish a request that waited for the state service. `Err` is the service being
+    /// unavailable (no answer, timeout, an error status): the policy decides, degraded.
+    pub fn resume(&mut self, pending: Box<Pending>, answer: Result<BeginResponse, String>, host: &mut dyn Host) -> RequestOutcome {
+        let mut ctx = *pending;
+        match answer {
+            Ok(resp) => match resp.outcome {
+                BeginOutcome::Ok => {
+                    let mut before = resp.session;
+                    if let Some(mine) = self.sessions.get(&ctx.session.id) {
+                        before.overlay_decisions(mine);
+                    }
+                    // Mirror the step the service counted, under its number.
+                    let mut after = before.clone();
+                    after.steps = resp.step;
+                    after.last_seen_at_ms = ctx.now_ms;
+                    after.remember(&ctx.seen(&self.config));
+                    self.remember_step(&ctx.session.id, after, host);
+                    self.decide(ctx, before, resp.step, resp.new, false, host)
+                }
+                BeginOutcome::SubjectMismatch => self.refused_session(ctx, BeginError::SubjectMismatch),
+                BeginOutcome::Revoked => {
+                    self.sessions.revoke(&ctx.session.id);
+                    self.refused_session(ctx, BeginError::Revoked)
+                }
+            },
+            Err(why) => {
+                ctx.out.metrics.push(metrics::STATE_UNAVAILABLE.into());
+                ctx.out.log = Some(format!("session state unavailable ({why}); the policy decides with session.unavailable = true"));
+                self.begin_locally(ctx, host, true)
+            }
+        }
+    }
+
+    /// The proxy VM's own session table: no service configured, or the service unavailable.
+    fn begin_locally(&mut self, ctx: Pending, host: &mut dyn Host, unavailable: bool) -> RequestOutcome {
+        let seen = ctx.seen(&self.config);
+        match self.sessions.begin_step(&ctx.session.id, &ctx.identity.subject, &seen, ctx.now_ms) {
+            Ok((before, is_new)) => {
+                let step = before.steps + 1;
+                self.decide(ctx, before, step, is_new, unavailable, host)
+            }
+            Err(e) => self.refused_session(ctx, e),
+        }
+    }
+
+    fn refused_session(&mut self, ctx: Pending, why: BeginError) -> RequestOutcome {
+        let shadow = self.config.mode == Mode::Shadow;
+        let mut out = ctx.out;
+        let reason = match why {
+            BeginError::SubjectMismatch => {
+                out.metrics.push(metrics::SESSION_BINDING_VIOLATIONS.into());
+                out.log = Some(format!("session {} presented by another subject ({})", ctx.session.id, ctx.identity.subject));
+                "session_bound_to_other_subject"
+            }
+            BeginError::Revoked => "session_revoked",
+        };
+        self.refuse(out, Decision::internal(Action::Deny, reason), Some(&ctx.session), 403, shadow, ctx.mcp.as_ref())
+    }
+
+    /// A credential refused: 401 (400 for an unreadable header) with its reason, or in shadow
+    /// mode counted and let through.
+    fn refuse_identity(&self, mut out: RequestOutcome, e: IdentityError, traceparent: String) -> RequestOutcome {
+        out.metrics.push(metrics::identity_failure(e.code()));
+        if self.config.mode == Mode::Shadow {
+            out.metrics.push(metrics::shadow("unauthenticated"));
+            out.log = Some(format!("shadow: would refuse the credential ({})", e.code()));
+            out.set_headers.push((DECISION_HEADER.into(), out.decision_id.clone()));
+            out.set_headers.push((TRACEPARENT.into(), traceparent));
+            return out;
+        }
+        out.reply = Some(unauthenticated(e, &out.decision_id));
+        out
+    }
+
+    fn refuse_session_id(&self, out: RequestOutcome) -> RequestOutcome {
+        let shadow = self.config.mode == Mode::Shadow;
+        self.refuse(out, Decision::internal(Action::Deny, "session_id_malformed"), None, 400, shadow, None)
+    }
+}
+
+fn count_token_cache(out: &mut RequestOutcome, identity: &Identity) {
+    if identity.kind == IdentityKind::Jwt {
+        out.metrics.push(if identity.token_cache_hit { metrics::JWT_CACHE_HIT } else { metrics::JWT_CACHE_MISS }.into());
+    }
+}
