@@ -13,8 +13,9 @@ use crate::session::{Seen, SessionState};
 pub const MAX_RECORDED_PATH: usize = 1024;
 
 /// A step's policy input as JSON text: serialized once, in the proxy, straight from the policy
-/// value, then carried through batches, the store and exports as it is. (Building a JSON tree
-/// per request first, to serialize it again at the flush, cost the proxy 50 µs per request in V8.)
+/// value, then carried through batches, the store and exports as it is: building a JSON tree per
+/// request, to serialize it again at the flush, was a measurable part of the proxy's cost
+/// (bench/README.md).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct RecordedInput(Box<serde_json::value::RawValue>);
