@@ -188,6 +188,20 @@ pub struct Seen<'a> {
     pub scopes: &'a [String],
 }
 
+impl<'a> Seen<'a> {
+    /// From the optional fields of a begin-step or a record.
+    pub fn of(
+        credential: &'a Option<String>,
+        workload: &'a Option<String>,
+        region: &'a Option<String>,
+        device: &'a Option<String>,
+        tools: &'a [String],
+        scopes: &'a [String],
+    ) -> Self {
+        Self { credential: credential.as_deref(), workload: workload.as_deref(), region: region.as_deref(), device: device.as_deref(), tools, scopes }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BeginError {
     /// The session is bound to another subject.

@@ -70,14 +70,7 @@ pub struct BeginStep {
 impl BeginStep {
     /// What this step adds to its session.
     pub fn seen(&self) -> Seen<'_> {
-        Seen {
-            credential: self.credential.as_deref(),
-            workload: self.workload.as_deref(),
-            region: self.region.as_deref(),
-            device: self.device.as_deref(),
-            tools: &self.tools,
-            scopes: &self.scopes,
-        }
+        Seen::of(&self.credential, &self.workload, &self.region, &self.device, &self.tools, &self.scopes)
     }
 }
 
@@ -222,14 +215,7 @@ impl StepRecord {
 
     /// What this step added to its session (a record carries one tool, and no scopes).
     pub fn seen(&self) -> Seen<'_> {
-        Seen {
-            credential: self.credential.as_deref(),
-            workload: self.workload.as_deref(),
-            region: self.region.as_deref(),
-            device: self.device.as_deref(),
-            tools: self.tool.as_slice(),
-            scopes: &[],
-        }
+        Seen::of(&self.credential, &self.workload, &self.region, &self.device, self.tool.as_slice(), &[])
     }
 }
 
