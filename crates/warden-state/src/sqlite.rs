@@ -419,8 +419,8 @@ impl Writer {
 }
 
 struct Row {
+    /// `revoked` set from the row's `revoked_at_ms`, which is what says it.
     state: SessionState,
-    revoked: bool,
     records: u64,
     head: String,
 }
@@ -434,7 +434,7 @@ fn load(conn: &Connection, id: &str) -> Result<Option<Row>, StoreError> {
         .map(|(state, revoked, records, head)| {
             let mut state: SessionState = serde_json::from_str(&state).map_err(backend)?;
             state.revoked = revoked;
-            Ok(Row { state, revoked, records: records as u64, head })
+            Ok(Row { state, records: records as u64, head })
         })
         .transpose()
 }
@@ -513,12 +513,16 @@ fn begin_in(conn: &Connection, req: &BeginStep, now_ms: u64) -> Result<BeginResp
         Some(row) => (row.state, row.records, row.head, false),
         None => (SessionState::open(&req.subject, &req.scopes, now_ms), 0, GENESIS.to_string(), true),
     };
+    let stored_steps = state.steps;
     if let Some(known) = req.known_steps {
         state.steps = state.steps.max(known);
     }
     let mut before = match state.begin_step(&req.subject, &req.seen(), now_ms) {
         Ok(before) => before,
         Err(why) => {
+            // A refused step answers with the session as stored: the proxy's count is only
+            // taken into a step that is counted.
+            state.steps = stored_steps;
             let (outcome, kind, detail) = match why {
                 BeginError::Revoked => (BeginOutcome::Revoked, "revoked_session_used", "a revoked session was presented".to_string()),
                 BeginError::SubjectMismatch => (
@@ -563,7 +567,6 @@ fn append_in(conn: &Connection, batch: &[StepRecord], now_ms: u64) -> Result<App
                 // In cached or degraded mode the trail may be the first the service hears of a session.
                 load(conn, &r.session_id)?.unwrap_or_else(|| Row {
                     state: SessionState::open(&r.subject, &[], r.at_ms),
-                    revoked: false,
                     records: 0,
                     head: GENESIS.to_string(),
                 })

@@ -113,6 +113,18 @@ async fn begin_step_counts_binds_and_audits() {
 }
 
 #[tokio::test]
+async fn a_refused_step_answers_with_the_session_as_stored() {
+    let api = Api::new();
+    api.begin("k1", "agent-7", "sha256:a").await;
+    let (s, v) = api
+        .call("POST", "/v1/steps/begin", Some(PROXY), Some(json!({"session_id": "k1", "subject": "intruder", "known_steps": 50})))
+        .await;
+    assert_eq!((s, v["outcome"].as_str()), (StatusCode::OK, Some("subject_mismatch")));
+    assert_eq!(v["session"]["steps"], 1, "a proxy's step count is not taken into a refused step");
+    assert_eq!(api.view("k1").await.state.steps, 1);
+}
+
+#[tokio::test]
 async fn records_chain_and_retries_are_idempotent() {
     let api = Api::new();
     let batch = json!({"records": (1..=5).map(|i| record("s2", i, "allow")).collect::<Vec<_>>()});
