@@ -15,7 +15,7 @@ use warden_core::hash::sha256;
 use warden_core::wire::{AppendResult, BeginOutcome, BeginResponse, BeginStep, ErrorBody, RecordBatch, RevokeRequest, SessionList};
 
 use crate::store::{Search, Store, StoreError};
-use crate::validate::MAX_BATCH;
+use crate::validate::{self, Invalid};
 
 /// Who may call what: proxies report steps; admins read trails and revoke.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,12 +107,17 @@ impl IntoResponse for ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Invalid(m) => Self::BadRequest(m),
             StoreError::Backend(m) => {
                 log::error!("store failure: {m}");
                 Self::Internal
             }
         }
+    }
+}
+
+impl From<Invalid> for ApiError {
+    fn from(Invalid(m): Invalid) -> Self {
+        Self::BadRequest(m)
     }
 }
 
@@ -148,6 +153,7 @@ async fn begin_step(State(st): Shared, headers: HeaderMap, body: Result<Json<Beg
     let r = async {
         st.require(&headers, &[Role::Proxy])?;
         let Json(req) = body?;
+        validate::begin(&req)?;
         let resp = st.store.begin_step(req, now_ms()).await?;
         let c = if resp.outcome == BeginOutcome::Ok { &st.counters.steps_begun } else { &st.counters.steps_refused };
         c.fetch_add(1, Ordering::Relaxed);
@@ -161,9 +167,7 @@ async fn append_records(State(st): Shared, headers: HeaderMap, body: Result<Json
     let r = async {
         st.require(&headers, &[Role::Proxy])?;
         let Json(batch) = body?;
-        if batch.records.len() > MAX_BATCH {
-            return Err(ApiError::BadRequest(format!("at most {MAX_BATCH} records per batch")));
-        }
+        validate::batch(&batch.records)?;
         let res = st.store.append(batch.records, now_ms()).await?;
         st.counters.records_appended.fetch_add(res.appended, Ordering::Relaxed);
         st.counters.records_duplicate.fetch_add(res.duplicates, Ordering::Relaxed);
@@ -242,6 +246,7 @@ async fn revoke(State(st): Shared, headers: HeaderMap, Path(id): Path<String>, b
         if reason.len() > 1024 {
             return Err(ApiError::BadRequest("reason is longer than 1024 bytes".into()));
         }
+        validate::session_id(&id)?;
         let changed = st.store.revoke(id.clone(), reason, now_ms()).await?;
         if changed {
             st.counters.revocations.fetch_add(1, Ordering::Relaxed);

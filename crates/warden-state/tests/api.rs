@@ -468,9 +468,14 @@ async fn a_failing_operation_does_not_affect_the_others_in_its_group() {
     let revoked = store.begin_step(begin_req("revoked", "alice"), 5);
     // The batch's first record (session "fresh") is written, then "broken" fails: all of it goes.
     let failing = store.append(vec![record("fresh", 1, "allow"), record("broken", 1, "allow")], 5);
+    // An invalid batch is refused at the API edge: answered while the writer still waits, it
+    // never reaches the store.
     let mut invalid = record("good", 1, "explode");
     invalid.decision_id = "bad".into();
-    let invalid = store.append(vec![record("good", 2, "allow"), invalid], 5);
+    let refused = api.call("POST", "/v1/records", Some(PROXY), Some(json!({"records": [record("good", 2, "allow"), invalid]})));
+    let (s, v) = tokio::time::timeout(std::time::Duration::from_secs(5), refused).await.expect("answered without the writer");
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("unknown action"), "{v}");
     let batch = store.append(vec![record("good", 1, "allow"), record("other", 1, "allow")], 5);
     let mut ok2 = store.begin_step(begin_req("good", "alice"), 5);
     // Nothing is answered before its transaction has committed.
@@ -484,7 +489,6 @@ async fn a_failing_operation_does_not_affect_the_others_in_its_group() {
     assert_eq!(mismatch.await.unwrap().outcome, BeginOutcome::SubjectMismatch);
     assert_eq!(revoked.await.unwrap().outcome, BeginOutcome::Revoked);
     assert!(matches!(failing.await, Err(StoreError::Backend(_))));
-    assert!(matches!(invalid.await, Err(StoreError::Invalid(_))));
     let batch = batch.await.unwrap();
     assert_eq!((batch.appended, batch.duplicates), (2, 0));
     assert_eq!(ok2.await.unwrap().step, 3);

@@ -33,7 +33,6 @@ use queries::{append_in, begin_in, revocations_in, revoke_in, search_in, session
 use writer::{Readers, WriteQueue};
 
 use crate::store::{Search, Store, StoreCounter, StoreError, StoreFuture};
-use crate::validate;
 
 pub struct SqliteStore {
     writes: WriteQueue,
@@ -81,22 +80,13 @@ impl SqliteStore {
     }
 }
 
-fn ready<T: Send + 'static>(r: Result<T, StoreError>) -> StoreFuture<'static, T> {
-    Box::pin(std::future::ready(r))
-}
 
 impl Store for SqliteStore {
     fn begin_step(&self, req: BeginStep, now_ms: u64) -> StoreFuture<'_, BeginResponse> {
-        if let Err(e) = validate::begin(&req) {
-            return ready(Err(e));
-        }
         self.write(1, move |conn| begin_in(conn, &req, now_ms))
     }
 
     fn append(&self, batch: Vec<StepRecord>, now_ms: u64) -> StoreFuture<'_, AppendResult> {
-        if let Err(e) = batch.iter().try_for_each(validate::record) {
-            return ready(Err(e));
-        }
         self.write(batch.len(), move |conn| append_in(conn, &batch, now_ms))
     }
 
@@ -109,9 +99,6 @@ impl Store for SqliteStore {
     }
 
     fn revoke(&self, id: String, reason: String, now_ms: u64) -> StoreFuture<'_, bool> {
-        if let Err(e) = validate::session_id(&id) {
-            return ready(Err(e));
-        }
         self.write(1, move |conn| revoke_in(conn, &id, &reason, now_ms))
     }
 
