@@ -274,13 +274,15 @@ async fn metrics_count_refusals_and_store_failures_of_the_endpoints() {
     assert!(v["message"].as_str().unwrap().starts_with("query: "), "{v}");
     let (s, v) = api.call("GET", "/v1/sessions/unknown", Some(ADMIN), None).await;
     assert_eq!((s, v["message"].as_str()), (StatusCode::NOT_FOUND, Some("no session unknown")));
-    // Not counted: an unknown endpoint, and a revocation's body that does not parse (refused
-    // before the token is looked at).
+    // Not counted: an unknown endpoint, and what axum refuses before the token is looked at (a
+    // session id that does not decode, a revocation's body that does not parse).
     assert_eq!(api.call("GET", "/nope", Some(ADMIN), None).await.0, StatusCode::NOT_FOUND);
     for token in [Some(ADMIN), None] {
-        let (s, v) = api.call_raw("POST", "/v1/sessions/m1/revoke", token, Some("{".into())).await;
-        assert_eq!(s, StatusCode::BAD_REQUEST);
-        assert!(v.is_string(), "axum's own rejection, not an API error body: {v}");
+        for (method, path, body) in [("GET", "/v1/sessions/%FF", None), ("POST", "/v1/sessions/%FF/revoke", None), ("POST", "/v1/sessions/m1/revoke", Some("{"))] {
+            let (s, v) = api.call_raw(method, path, token, body.map(String::from)).await;
+            assert_eq!(s, StatusCode::BAD_REQUEST, "{method} {path}");
+            assert!(v.is_string(), "axum's own rejection, not an API error body: {v}");
+        }
     }
     // A store failure: a session whose stored state no longer parses.
     let c = rusqlite::Connection::open(&db).unwrap();
