@@ -1,21 +1,27 @@
 //! The HTTP API. `app(state)` builds the router, apart from `main`, so tests drive it in-process.
 
+use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use warden_core::hash::sha256;
-use warden_core::wire::{AppendResult, BeginOutcome, BeginResponse, BeginStep, ErrorBody, RecordBatch, RevokeRequest, SessionList};
+use warden_core::wire::{
+    AppendResult, BeginOutcome, BeginResponse, BeginStep, ErrorBody, RecordBatch, RevocationFeed, RevokeRequest, SessionList, SessionView,
+};
 
 use crate::store::{Search, Store, StoreError};
-use crate::validate::MAX_BATCH;
+use crate::validate::{self, Invalid};
 
 /// Who may call what: proxies report steps; admins read trails and revoke.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,6 +99,7 @@ pub enum ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let failure = if matches!(self, Self::Internal) { Failure::Store } else { Failure::Rejected };
         let (status, code, message) = match self {
             Self::Unauthenticated => (StatusCode::UNAUTHORIZED, "unauthenticated", "send Authorization: Bearer <token> with the proxy or admin token".to_string()),
             Self::Forbidden => (StatusCode::FORBIDDEN, "forbidden", "this token may not call this endpoint".to_string()),
@@ -100,19 +107,26 @@ impl IntoResponse for ApiError {
             Self::NotFound(m) => (StatusCode::NOT_FOUND, "not_found", m),
             Self::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal", "the store failed; see the service log".to_string()),
         };
-        (status, Json(ErrorBody { error: code.into(), message })).into_response()
+        let mut response = (status, Json(ErrorBody { error: code.into(), message })).into_response();
+        response.extensions_mut().insert(failure);
+        response
     }
 }
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Invalid(m) => Self::BadRequest(m),
             StoreError::Backend(m) => {
                 log::error!("store failure: {m}");
                 Self::Internal
             }
         }
+    }
+}
+
+impl From<Invalid> for ApiError {
+    fn from(Invalid(m): Invalid) -> Self {
+        Self::BadRequest(m)
     }
 }
 
@@ -128,49 +142,100 @@ impl From<QueryRejection> for ApiError {
     }
 }
 
+/// Which counter an `ApiError` response goes to. The error leaves it on its response and
+/// `count_failures` counts it, so no handler or extractor has to remember to.
+#[derive(Debug, Clone, Copy)]
+enum Failure {
+    Rejected,
+    Store,
+}
+
+async fn count_failures(State(st): Shared, req: Request, next: Next) -> Response {
+    let response = next.run(req).await;
+    let counter = match response.extensions().get::<Failure>() {
+        Some(Failure::Rejected) => &st.counters.rejected_requests,
+        Some(Failure::Store) => &st.counters.store_errors,
+        None => return response,
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    response
+}
+
 type Shared = State<Arc<AppState>>;
 
-/// Count rejected requests and store failures on the way out.
-fn counted<T>(st: &AppState, r: Result<T, ApiError>) -> Result<T, ApiError> {
-    match &r {
-        Err(ApiError::Internal) => {
-            st.counters.store_errors.fetch_add(1, Ordering::Relaxed);
-        }
-        Err(_) => {
-            st.counters.rejected_requests.fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(_) => {}
-    }
-    r
+/// The roles that may call an endpoint: the parameter of its `Caller`.
+trait Allowed {
+    const ROLES: &'static [Role];
 }
 
-async fn begin_step(State(st): Shared, headers: HeaderMap, body: Result<Json<BeginStep>, JsonRejection>) -> Result<Json<BeginResponse>, ApiError> {
-    let r = async {
-        st.require(&headers, &[Role::Proxy])?;
-        let Json(req) = body?;
-        let resp = st.store.begin_step(req, now_ms()).await?;
-        let c = if resp.outcome == BeginOutcome::Ok { &st.counters.steps_begun } else { &st.counters.steps_refused };
-        c.fetch_add(1, Ordering::Relaxed);
-        Ok(Json(resp))
-    }
-    .await;
-    counted(&st, r)
+/// Proxies report steps and records.
+struct Proxies;
+/// Admins read sessions and revoke them.
+struct Admins;
+/// The revocation feed: proxies follow it, admins may read it.
+struct ProxiesOrAdmins;
+
+impl Allowed for Proxies {
+    const ROLES: &'static [Role] = &[Role::Proxy];
+}
+impl Allowed for Admins {
+    const ROLES: &'static [Role] = &[Role::Admin];
+}
+impl Allowed for ProxiesOrAdmins {
+    const ROLES: &'static [Role] = &[Role::Proxy, Role::Admin];
 }
 
-async fn append_records(State(st): Shared, headers: HeaderMap, body: Result<Json<RecordBatch>, JsonRejection>) -> Result<Json<AppendResult>, ApiError> {
-    let r = async {
-        st.require(&headers, &[Role::Proxy])?;
-        let Json(batch) = body?;
-        if batch.records.len() > MAX_BATCH {
-            return Err(ApiError::BadRequest(format!("at most {MAX_BATCH} records per batch")));
-        }
-        let res = st.store.append(batch.records, now_ms()).await?;
-        st.counters.records_appended.fetch_add(res.appended, Ordering::Relaxed);
-        st.counters.records_duplicate.fetch_add(res.duplicates, Ordering::Relaxed);
-        Ok(Json(res))
+/// A caller whose bearer token has one of `R`'s roles. A handler that takes one is closed to
+/// everyone else: 401 without a known token, 403 with a token of another role.
+struct Caller<R>(PhantomData<fn() -> R>);
+
+impl<R: Allowed> FromRequestParts<Arc<AppState>> for Caller<R> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, st: &Arc<AppState>) -> Result<Self, ApiError> {
+        st.require(&parts.headers, R::ROLES)?;
+        Ok(Self(PhantomData))
     }
-    .await;
-    counted(&st, r)
+}
+
+/// A JSON body; one that does not parse is a 400 with an `ErrorBody`, like every refusal.
+struct Body<T>(T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let Json(v) = Json::<T>::from_request(req, state).await?;
+        Ok(Self(v))
+    }
+}
+
+/// A query string; one that does not parse is a 400 with an `ErrorBody`, like every refusal.
+struct Params<T>(T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Params<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Query(v) = Query::<T>::from_request_parts(parts, state).await?;
+        Ok(Self(v))
+    }
+}
+
+async fn begin_step(_: Caller<Proxies>, State(st): Shared, Body(req): Body<BeginStep>) -> Result<Json<BeginResponse>, ApiError> {
+    validate::begin(&req)?;
+    let resp = st.store.begin_step(req, now_ms()).await?;
+    let c = if resp.outcome == BeginOutcome::Ok { &st.counters.steps_begun } else { &st.counters.steps_refused };
+    c.fetch_add(1, Ordering::Relaxed);
+    Ok(Json(resp))
+}
+
+async fn append_records(_: Caller<Proxies>, State(st): Shared, Body(batch): Body<RecordBatch>) -> Result<Json<AppendResult>, ApiError> {
+    validate::batch(&batch.records)?;
+    let res = st.store.append(batch.records, now_ms()).await?;
+    st.counters.records_appended.fetch_add(res.appended, Ordering::Relaxed);
+    st.counters.records_duplicate.fetch_add(res.duplicates, Ordering::Relaxed);
+    Ok(Json(res))
 }
 
 #[derive(Deserialize)]
@@ -185,14 +250,8 @@ fn default_feed_limit() -> usize {
     500
 }
 
-async fn revocations(State(st): Shared, headers: HeaderMap, q: Result<Query<FeedQuery>, QueryRejection>) -> Result<impl IntoResponse, ApiError> {
-    let r = async {
-        st.require(&headers, &[Role::Proxy, Role::Admin])?;
-        let Query(q) = q?;
-        Ok(Json(st.store.revocations(q.after, q.limit.clamp(1, 5000)).await?))
-    }
-    .await;
-    counted(&st, r)
+async fn revocations(_: Caller<ProxiesOrAdmins>, State(st): Shared, Params(q): Params<FeedQuery>) -> Result<Json<RevocationFeed>, ApiError> {
+    Ok(Json(st.store.revocations(q.after, q.limit.clamp(1, 5000)).await?))
 }
 
 #[derive(Deserialize)]
@@ -205,51 +264,46 @@ struct SearchQuery {
     limit: Option<usize>,
 }
 
-async fn search(State(st): Shared, headers: HeaderMap, q: Result<Query<SearchQuery>, QueryRejection>) -> Result<Json<SessionList>, ApiError> {
-    let r = async {
-        st.require(&headers, &[Role::Admin])?;
-        let Query(q) = q?;
-        let s = Search {
-            subject: q.subject,
-            credential: q.credential,
-            workload: q.workload,
-            since_ms: q.since_ms,
-            until_ms: q.until_ms,
-            limit: q.limit.unwrap_or(100).clamp(1, 10_000),
-        };
-        Ok(Json(SessionList { sessions: st.store.search(s).await? }))
-    }
-    .await;
-    counted(&st, r)
+async fn search(_: Caller<Admins>, State(st): Shared, Params(q): Params<SearchQuery>) -> Result<Json<SessionList>, ApiError> {
+    let s = Search {
+        subject: q.subject,
+        credential: q.credential,
+        workload: q.workload,
+        since_ms: q.since_ms,
+        until_ms: q.until_ms,
+        limit: q.limit.unwrap_or(100).clamp(1, 10_000),
+    };
+    Ok(Json(SessionList { sessions: st.store.search(s).await? }))
 }
 
-async fn session(State(st): Shared, headers: HeaderMap, Path(id): Path<String>) -> Result<impl IntoResponse, ApiError> {
-    let r = async {
-        st.require(&headers, &[Role::Admin])?;
-        match st.store.session(id.clone()).await? {
-            Some(v) => Ok(Json(v)),
-            None => Err(ApiError::NotFound(format!("no session {id}"))),
-        }
+// Extractors run in the order of the arguments: the session id is decoded (or refused by axum)
+// before the token is looked at.
+async fn session(Path(id): Path<String>, _: Caller<Admins>, State(st): Shared) -> Result<Json<SessionView>, ApiError> {
+    match st.store.session(id.clone()).await? {
+        Some(v) => Ok(Json(v)),
+        None => Err(ApiError::NotFound(format!("no session {id}"))),
     }
-    .await;
-    counted(&st, r)
 }
 
-async fn revoke(State(st): Shared, headers: HeaderMap, Path(id): Path<String>, body: Option<Json<RevokeRequest>>) -> Result<impl IntoResponse, ApiError> {
-    let r = async {
-        st.require(&headers, &[Role::Admin])?;
-        let reason = body.and_then(|Json(b)| b.reason).unwrap_or_else(|| "revoked by an administrator".into());
-        if reason.len() > 1024 {
-            return Err(ApiError::BadRequest("reason is longer than 1024 bytes".into()));
-        }
-        let changed = st.store.revoke(id.clone(), reason, now_ms()).await?;
-        if changed {
-            st.counters.revocations.fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(Json(serde_json::json!({"session_id": id, "revoked": true, "changed": changed})))
+// The optional body is read before the token is looked at (axum refuses one that does not
+// parse, with its own 400), so the token's refusal is taken here, after it.
+async fn revoke(
+    Path(id): Path<String>,
+    caller: Result<Caller<Admins>, ApiError>,
+    State(st): Shared,
+    body: Option<Json<RevokeRequest>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    caller?;
+    let reason = body.and_then(|Json(b)| b.reason).unwrap_or_else(|| "revoked by an administrator".into());
+    if reason.len() > 1024 {
+        return Err(ApiError::BadRequest("reason is longer than 1024 bytes".into()));
     }
-    .await;
-    counted(&st, r)
+    validate::session_id(&id)?;
+    let changed = st.store.revoke(id.clone(), reason, now_ms()).await?;
+    if changed {
+        st.counters.revocations.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(Json(serde_json::json!({"session_id": id, "revoked": true, "changed": changed})))
 }
 
 async fn metrics(State(st): Shared) -> impl IntoResponse {
@@ -289,6 +343,8 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/v1/sessions", get(search))
         .route("/v1/sessions/{id}", get(session))
         .route("/v1/sessions/{id}/revoke", post(revoke))
+        // Only the endpoints' refusals count: an unknown endpoint is not a refused request.
+        .route_layer(middleware::from_fn_with_state(state.clone(), count_failures))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(8 * 1024 * 1024))
         .with_state(state)

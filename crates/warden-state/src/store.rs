@@ -7,10 +7,10 @@ use std::pin::Pin;
 
 use warden_core::wire::{AppendResult, BeginResponse, BeginStep, RevocationFeed, SessionSummary, SessionView, StepRecord};
 
+/// A store only fails as a backend: what a client could get wrong is refused before the store
+/// is called (see `Store`).
 #[derive(Debug)]
 pub enum StoreError {
-    /// The request is well-formed JSON but not acceptable (nothing was changed).
-    Invalid(String),
     /// The store failed; the message is for the log, not for clients.
     Backend(String),
 }
@@ -18,7 +18,6 @@ pub enum StoreError {
 impl fmt::Display for StoreError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Invalid(m) => write!(f, "invalid: {m}"),
             Self::Backend(m) => write!(f, "store failure: {m}"),
         }
     }
@@ -45,6 +44,9 @@ pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>>
 /// A store's own counters for `/metrics`: (name, help, value).
 pub type StoreCounter = (&'static str, &'static str, u64);
 
+/// Every request reaching a store has been validated at the API edge (`crate::validate`:
+/// session ids, field lengths, batch sizes, record actions): a store checks none of it, and a
+/// new store inherits those checks instead of having to repeat them.
 pub trait Store: Send + Sync + 'static {
     /// Atomically: create the session if new and bind it to the subject, refuse another subject
     /// or a revoked session (recording an audit event), count the step, merge what was seen.

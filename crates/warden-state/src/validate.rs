@@ -1,19 +1,22 @@
-//! What the service accepts. A request that fails here changes nothing and gets a 400 with the
-//! reason.
+//! What the service accepts. The API checks every request here before it reaches the store, so
+//! no store has to (or can forget to): a request that fails changes nothing and gets a 400 with
+//! the reason.
 
 use warden_core::session::is_valid_session_id;
 use warden_core::wire::{BeginStep, StepRecord};
 
-use crate::store::StoreError;
-
 const MAX_FIELD: usize = 1024;
 pub const MAX_BATCH: usize = 1000;
 
-fn bad(msg: String) -> StoreError {
-    StoreError::Invalid(msg)
+/// Why a request is not acceptable; the message is for the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid(pub String);
+
+fn bad(msg: String) -> Invalid {
+    Invalid(msg)
 }
 
-pub fn session_id(id: &str) -> Result<(), StoreError> {
+pub fn session_id(id: &str) -> Result<(), Invalid> {
     if is_valid_session_id(id) {
         Ok(())
     } else {
@@ -21,14 +24,14 @@ pub fn session_id(id: &str) -> Result<(), StoreError> {
     }
 }
 
-fn short(name: &str, v: Option<&str>) -> Result<(), StoreError> {
+fn short(name: &str, v: Option<&str>) -> Result<(), Invalid> {
     match v {
         Some(s) if s.len() > MAX_FIELD => Err(bad(format!("{name} is longer than {MAX_FIELD} bytes"))),
         _ => Ok(()),
     }
 }
 
-pub fn begin(r: &BeginStep) -> Result<(), StoreError> {
+pub fn begin(r: &BeginStep) -> Result<(), Invalid> {
     session_id(&r.session_id)?;
     short("subject", Some(&r.subject))?;
     for (n, v) in [("credential", &r.credential), ("workload", &r.workload), ("region", &r.region), ("device", &r.device)] {
@@ -40,7 +43,15 @@ pub fn begin(r: &BeginStep) -> Result<(), StoreError> {
     Ok(())
 }
 
-pub fn record(r: &StepRecord) -> Result<(), StoreError> {
+/// A batch of records: bounded, and every record acceptable (one bad record refuses the batch).
+pub fn batch(records: &[StepRecord]) -> Result<(), Invalid> {
+    if records.len() > MAX_BATCH {
+        return Err(bad(format!("at most {MAX_BATCH} records per batch")));
+    }
+    records.iter().try_for_each(record)
+}
+
+pub fn record(r: &StepRecord) -> Result<(), Invalid> {
     session_id(&r.session_id)?;
     if r.step == 0 {
         return Err(bad(format!("record for session {}: step must be at least 1", r.session_id)));

@@ -31,12 +31,17 @@ impl Api {
     }
 
     async fn call(&self, method: &str, path: &str, token: Option<&str>, body: Option<Value>) -> (StatusCode, Value) {
+        self.call_raw(method, path, token, body.map(|b| b.to_string())).await
+    }
+
+    /// A JSON body as given, valid or not.
+    async fn call_raw(&self, method: &str, path: &str, token: Option<&str>, body: Option<String>) -> (StatusCode, Value) {
         let mut req = Request::builder().method(method).uri(path);
         if let Some(t) = token {
             req = req.header("authorization", format!("Bearer {t}"));
         }
         let req = match body {
-            Some(b) => req.header("content-type", "application/json").body(Body::from(b.to_string())).unwrap(),
+            Some(b) => req.header("content-type", "application/json").body(Body::from(b)).unwrap(),
             None => req.body(Body::empty()).unwrap(),
         };
         let resp = app(self.state.clone()).oneshot(req).await.unwrap();
@@ -95,6 +100,31 @@ async fn tokens_are_required_and_roles_enforced() {
 }
 
 #[tokio::test]
+async fn every_endpoint_answers_only_its_roles() {
+    let api = Api::new();
+    api.begin("r1", "agent-7", "sha256:a").await;
+    let (ok, unauth, forbidden) = (StatusCode::OK, StatusCode::UNAUTHORIZED, StatusCode::FORBIDDEN);
+    let begin = Some(json!({"session_id": "r1", "subject": "agent-7"}));
+    // (method, path, body, without a token, with the proxy's, with the admin's)
+    let matrix = [
+        ("POST", "/v1/steps/begin", begin, unauth, ok, forbidden),
+        ("POST", "/v1/records", Some(json!({"records": []})), unauth, ok, forbidden),
+        ("GET", "/v1/revocations", None, unauth, ok, ok),
+        ("GET", "/v1/sessions", None, unauth, forbidden, ok),
+        ("GET", "/v1/sessions/r1", None, unauth, forbidden, ok),
+        ("POST", "/v1/sessions/r2/revoke", None, unauth, forbidden, ok),
+        ("GET", "/metrics", None, ok, ok, ok),
+        ("GET", "/healthz", None, ok, ok, ok),
+    ];
+    for (method, path, body, none, proxy, admin) in matrix {
+        for (token, expected) in [(None, none), (Some(PROXY), proxy), (Some(ADMIN), admin)] {
+            let (s, v) = api.call(method, path, token, body.clone()).await;
+            assert_eq!(s, expected, "{method} {path} with {token:?}: {v}");
+        }
+    }
+}
+
+#[tokio::test]
 async fn begin_step_counts_binds_and_audits() {
     let api = Api::new();
     let v = api.begin("s1", "agent-7", "sha256:a").await;
@@ -110,6 +140,18 @@ async fn begin_step_counts_binds_and_audits() {
     assert_eq!(view.audit.len(), 1);
     assert_eq!(view.audit[0].kind, "subject_mismatch");
     assert_eq!(view.audit[0].subject, "intruder");
+}
+
+#[tokio::test]
+async fn a_refused_step_answers_with_the_session_as_stored() {
+    let api = Api::new();
+    api.begin("k1", "agent-7", "sha256:a").await;
+    let (s, v) = api
+        .call("POST", "/v1/steps/begin", Some(PROXY), Some(json!({"session_id": "k1", "subject": "intruder", "known_steps": 50})))
+        .await;
+    assert_eq!((s, v["outcome"].as_str()), (StatusCode::OK, Some("subject_mismatch")));
+    assert_eq!(v["session"]["steps"], 1, "a proxy's step count is not taken into a refused step");
+    assert_eq!(api.view("k1").await.state.steps, 1);
 }
 
 #[tokio::test]
@@ -203,6 +245,86 @@ async fn sqlite_survives_a_restart_and_metrics_count() {
     }
     let api = Api::with(SqliteStore::open(&db).unwrap());
     assert_eq!(api.begin("p1", "agent-7", "sha256:a").await["step"], 3);
+}
+
+#[tokio::test]
+async fn metrics_count_refusals_and_store_failures_of_the_endpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state.db");
+    let api = Api::with(SqliteStore::open(&db).unwrap());
+    api.begin("m1", "agent-7", "sha256:a").await;
+    // Counted as rejected: no token, the other role's token, a body or query that does not
+    // parse, a request that fails validation, an unknown session.
+    let begin = json!({"session_id": "m1", "subject": "agent-7"});
+    assert_eq!(api.call("POST", "/v1/steps/begin", None, Some(begin.clone())).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(api.call("POST", "/v1/steps/begin", Some(ADMIN), Some(begin)).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(api.call("GET", "/v1/sessions?subject=a", Some(PROXY), None).await.0, StatusCode::FORBIDDEN);
+    let (s, v) = api.call("POST", "/v1/records", Some(PROXY), Some(json!({"records": "nope"}))).await;
+    assert_eq!((s, v["error"].as_str()), (StatusCode::BAD_REQUEST, Some("bad_request")));
+    assert!(v["message"].as_str().unwrap().starts_with("body: "), "{v}");
+    let (s, v) = api.call("POST", "/v1/steps/begin", Some(PROXY), Some(json!({"session_id": "has space", "subject": "a"}))).await;
+    assert_eq!((s, v["message"].as_str()), (StatusCode::BAD_REQUEST, Some("session_id must be 1-256 visible ASCII characters")));
+    let (s, v) = api.call("POST", "/v1/sessions/has%20space/revoke", Some(ADMIN), None).await;
+    assert_eq!((s, v["message"].as_str()), (StatusCode::BAD_REQUEST, Some("session_id must be 1-256 visible ASCII characters")));
+    let too_many = json!({"records": (1..=1001).map(|i| record("m2", i, "allow")).collect::<Vec<_>>()});
+    let (s, v) = api.call("POST", "/v1/records", Some(PROXY), Some(too_many)).await;
+    assert_eq!((s, v["message"].as_str()), (StatusCode::BAD_REQUEST, Some("at most 1000 records per batch")));
+    let (s, v) = api.call("GET", "/v1/revocations?after=minus-one", Some(PROXY), None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(v["message"].as_str().unwrap().starts_with("query: "), "{v}");
+    let (s, v) = api.call("GET", "/v1/sessions/unknown", Some(ADMIN), None).await;
+    assert_eq!((s, v["message"].as_str()), (StatusCode::NOT_FOUND, Some("no session unknown")));
+    // Not counted: an unknown endpoint, and what axum refuses before the token is looked at (a
+    // session id that does not decode, a revocation's body that does not parse).
+    assert_eq!(api.call("GET", "/nope", Some(ADMIN), None).await.0, StatusCode::NOT_FOUND);
+    for token in [Some(ADMIN), None] {
+        for (method, path, body) in [("GET", "/v1/sessions/%FF", None), ("POST", "/v1/sessions/%FF/revoke", None), ("POST", "/v1/sessions/m1/revoke", Some("{"))] {
+            let (s, v) = api.call_raw(method, path, token, body.map(String::from)).await;
+            assert_eq!(s, StatusCode::BAD_REQUEST, "{method} {path}");
+            assert!(v.is_string(), "axum's own rejection, not an API error body: {v}");
+        }
+    }
+    // A store failure: a session whose stored state no longer parses.
+    let c = rusqlite::Connection::open(&db).unwrap();
+    c.execute("UPDATE sessions SET state = 'not json' WHERE id = 'm1'", []).unwrap();
+    let (s, v) = api.call("POST", "/v1/steps/begin", Some(PROXY), Some(json!({"session_id": "m1", "subject": "agent-7"}))).await;
+    assert_eq!((s, v["error"].as_str()), (StatusCode::INTERNAL_SERVER_ERROR, Some("internal")));
+
+    let (s, m) = api.call("GET", "/metrics", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    let expected = "\
+# HELP warden_state_steps_begun_total Steps counted
+# TYPE warden_state_steps_begun_total counter
+warden_state_steps_begun_total 1
+# HELP warden_state_steps_refused_total Steps refused (subject mismatch or revoked session)
+# TYPE warden_state_steps_refused_total counter
+warden_state_steps_refused_total 0
+# HELP warden_state_records_appended_total Attribution records appended
+# TYPE warden_state_records_appended_total counter
+warden_state_records_appended_total 0
+# HELP warden_state_records_duplicate_total Attribution records already stored (retries)
+# TYPE warden_state_records_duplicate_total counter
+warden_state_records_duplicate_total 0
+# HELP warden_state_revocations_total Sessions revoked
+# TYPE warden_state_revocations_total counter
+warden_state_revocations_total 0
+# HELP warden_state_rejected_requests_total Requests refused with a 4xx
+# TYPE warden_state_rejected_requests_total counter
+warden_state_rejected_requests_total 9
+# HELP warden_state_store_errors_total Requests that failed in the store
+# TYPE warden_state_store_errors_total counter
+warden_state_store_errors_total 1
+# HELP warden_state_store_commits_total SQLite write transactions committed (each carries a group of writes)
+# TYPE warden_state_store_commits_total counter
+warden_state_store_commits_total 2
+# HELP warden_state_store_writes_total Writes (begin-steps, record batches, revocations) committed in those transactions
+# TYPE warden_state_store_writes_total counter
+warden_state_store_writes_total 2
+# HELP warden_state_store_failed_transactions_total Write transactions that failed as a whole (their writes got a store error)
+# TYPE warden_state_store_failed_transactions_total counter
+warden_state_store_failed_transactions_total 0
+";
+    assert_eq!(m.as_str().unwrap(), expected);
 }
 
 #[tokio::test]
@@ -348,9 +470,14 @@ async fn a_failing_operation_does_not_affect_the_others_in_its_group() {
     let revoked = store.begin_step(begin_req("revoked", "alice"), 5);
     // The batch's first record (session "fresh") is written, then "broken" fails: all of it goes.
     let failing = store.append(vec![record("fresh", 1, "allow"), record("broken", 1, "allow")], 5);
+    // An invalid batch is refused at the API edge: answered while the writer still waits, it
+    // never reaches the store.
     let mut invalid = record("good", 1, "explode");
     invalid.decision_id = "bad".into();
-    let invalid = store.append(vec![record("good", 2, "allow"), invalid], 5);
+    let refused = api.call("POST", "/v1/records", Some(PROXY), Some(json!({"records": [record("good", 2, "allow"), invalid]})));
+    let (s, v) = tokio::time::timeout(std::time::Duration::from_secs(5), refused).await.expect("answered without the writer");
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("unknown action"), "{v}");
     let batch = store.append(vec![record("good", 1, "allow"), record("other", 1, "allow")], 5);
     let mut ok2 = store.begin_step(begin_req("good", "alice"), 5);
     // Nothing is answered before its transaction has committed.
@@ -364,7 +491,6 @@ async fn a_failing_operation_does_not_affect_the_others_in_its_group() {
     assert_eq!(mismatch.await.unwrap().outcome, BeginOutcome::SubjectMismatch);
     assert_eq!(revoked.await.unwrap().outcome, BeginOutcome::Revoked);
     assert!(matches!(failing.await, Err(StoreError::Backend(_))));
-    assert!(matches!(invalid.await, Err(StoreError::Invalid(_))));
     let batch = batch.await.unwrap();
     assert_eq!((batch.appended, batch.duplicates), (2, 0));
     assert_eq!(ok2.await.unwrap().step, 3);
