@@ -110,12 +110,20 @@ impl SessionState {
     /// fine and remembered); otherwise the step is counted and what it saw is merged. Returns
     /// the state as it was before this step, which is what the policy decides on.
     pub fn begin_step(&mut self, subject: &str, seen: &Seen<'_>, now_ms: u64) -> Result<SessionState, BeginError> {
+        self.begin_step_after(subject, seen, now_ms, 0)
+    }
+
+    /// `begin_step` for a store that hears from proxies which steps they counted themselves
+    /// (`known_steps`: degraded steps, taken while the store was unreachable): the step is
+    /// numbered after them, so no step number is handed out twice. A refused step counts nothing.
+    pub fn begin_step_after(&mut self, subject: &str, seen: &Seen<'_>, now_ms: u64, known_steps: u64) -> Result<SessionState, BeginError> {
         if self.revoked {
             return Err(BeginError::Revoked);
         }
         if self.subject != subject {
             return Err(BeginError::SubjectMismatch);
         }
+        self.steps = self.steps.max(known_steps);
         let before = self.clone();
         self.steps += 1;
         self.last_seen_at_ms = now_ms;
@@ -341,6 +349,13 @@ mod tests {
         let mut pre = SessionState { revoked: true, ..Default::default() };
         assert_eq!(pre.begin_step("", &seen("fp1"), 1).unwrap_err(), BeginError::Revoked);
         assert_eq!(SessionState::open("a", &vec!["s".to_string(); 100], 0).scopes.len(), MAX_SCOPES);
+        // Steps a proxy counted on its own are numbered around; a refused step takes none.
+        let mut s = SessionState::open("alice", &[], 0);
+        s.begin_step("alice", &seen("fp1"), 1).unwrap();
+        assert_eq!(s.begin_step_after("mallory", &seen("fp9"), 2, 50).unwrap_err(), BeginError::SubjectMismatch);
+        assert_eq!(s.steps, 1);
+        let before = s.begin_step_after("alice", &seen("fp1"), 3, 50).unwrap();
+        assert_eq!((before.steps, s.steps), (50, 51));
     }
 
     #[test]

@@ -120,16 +120,9 @@ pub(super) fn begin_in(conn: &Connection, req: &BeginStep, now_ms: u64) -> Resul
         Some(row) => (row.state, row.records, row.head, false),
         None => (SessionState::open(&req.subject, &req.scopes, now_ms), 0, GENESIS.to_string(), true),
     };
-    let stored_steps = state.steps;
-    if let Some(known) = req.known_steps {
-        state.steps = state.steps.max(known);
-    }
-    let mut before = match state.begin_step(&req.subject, &req.seen(), now_ms) {
+    let mut before = match state.begin_step_after(&req.subject, &req.seen(), now_ms, req.known_steps.unwrap_or(0)) {
         Ok(before) => before,
         Err(why) => {
-            // A refused step answers with the session as stored: the proxy's count is only
-            // taken into a step that is counted.
-            state.steps = stored_steps;
             let (outcome, kind, detail) = match why {
                 BeginError::Revoked => (BeginOutcome::Revoked, "revoked_session_used", "a revoked session was presented".to_string()),
                 BeginError::SubjectMismatch => (
