@@ -4,7 +4,6 @@
 //! Every host call goes through `proxy_wasm::hostcalls`, which returns a `Result`: the SDK's
 //! trait helpers unwrap internally, and a trapped VM takes every request of its worker with it.
 
-mod jwks;
 mod metrics;
 mod state;
 
@@ -20,9 +19,10 @@ use warden_core::host::{Headers, Host};
 use warden_core::wire::{BeginResponse, StepRecord};
 use warden_core::{Body, Early, Pending, RequestOutcome, Step, Warden};
 
-use jwks::JwksFetcher;
 use metrics::Metrics;
-use state::StateClient;
+use warden_core::callouts::jwks::JwksFetcher;
+use warden_core::callouts::state::{self as state_service, StateClient};
+use warden_core::metrics::Counters;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -54,6 +54,10 @@ impl Host for ProxyHost {
 
     fn fill_random(&mut self, buf: &mut [u8]) {
         DRBG.with(|d| d.borrow_mut().fill(buf));
+    }
+
+    fn http_call(&mut self, cluster: &str, headers: &[(&str, &str)], body: Option<&[u8]>, timeout_ms: u64) -> Result<u32, String> {
+        hostcalls::dispatch_http_call(cluster, headers.to_vec(), body, vec![], Duration::from_millis(timeout_ms)).map_err(|e| format!("{e:?}"))
     }
 }
 
@@ -120,25 +124,17 @@ struct WardenRoot {
 
 impl Context for WardenRoot {
     fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, body_size: usize, _num_trailers: usize) {
-        if let (Some(client), Some(warden)) = (self.state.as_ref(), self.warden.as_ref()) {
-            let answer = state::response(num_headers, body_size);
-            if client.borrow_mut().on_response(token_id, answer, now_ms(), &mut warden.borrow_mut(), &mut self.metrics.borrow_mut()) {
+        let Some(warden) = self.warden.as_ref() else { return };
+        let (warden, metrics) = (&mut *warden.borrow_mut(), &mut *self.metrics.borrow_mut());
+        let answer = state::response(num_headers, body_size);
+        if let Some(client) = self.state.as_ref() {
+            if client.borrow_mut().on_response(token_id, answer.clone(), warden, &mut ProxyHost, metrics) {
                 return;
             }
         }
-        let (Some(fetcher), Some(warden)) = (self.jwks.as_mut(), self.warden.as_ref()) else { return };
-        // Zero headers means the call failed (no cluster, timeout, reset): an answer too.
-        let status = if num_headers == 0 {
-            None
-        } else {
-            hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status").ok().flatten()
-        };
-        let body = if body_size > 0 {
-            hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size).ok().flatten()
-        } else {
-            None
-        };
-        fetcher.on_response(token_id, status.as_deref(), body.as_deref(), &mut warden.borrow_mut(), &mut self.metrics.borrow_mut());
+        if let Some(fetcher) = self.jwks.as_mut() {
+            fetcher.on_response(token_id, answer, warden, &mut ProxyHost, metrics);
+        }
     }
 }
 
@@ -183,12 +179,11 @@ impl RootContext for WardenRoot {
 
     fn on_tick(&mut self) {
         self.metrics.borrow_mut().flush();
-        let now = now_ms();
         if let Some(client) = &self.state {
-            client.borrow_mut().on_tick(now);
+            client.borrow_mut().on_tick(&mut ProxyHost);
         }
         let (Some(fetcher), Some(warden)) = (self.jwks.as_mut(), self.warden.as_ref()) else { return };
-        fetcher.on_tick(now, &mut warden.borrow_mut(), &mut self.metrics.borrow_mut());
+        fetcher.on_tick(&mut warden.borrow_mut(), &mut ProxyHost, &mut *self.metrics.borrow_mut());
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -343,7 +338,7 @@ impl HttpContext for WardenHttp {
                 .map(|b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as u32);
         }
         record.duration_ms = Some(now_ms().saturating_sub(self.started_ms));
-        client.borrow_mut().enqueue(record, &mut self.metrics.borrow_mut());
+        client.borrow_mut().enqueue(record, &mut *self.metrics.borrow_mut());
     }
 }
 
@@ -357,8 +352,8 @@ impl WardenHttp {
                 let dispatched = match &self.state {
                     Some(client) => {
                         let cfg = client.borrow().config().clone();
-                        state::dispatch(&cfg, "POST", call.path, Some(&call.body), cfg.timeout_ms)
-                            .map_err(|e| format!("dispatch failed ({e:?}): is cluster `{}` defined?", cfg.cluster))
+                        state_service::call(&mut ProxyHost, &cfg, "POST", call.path, Some(&call.body), cfg.timeout_ms)
+                            .map_err(|e| format!("dispatch failed ({e}): is cluster `{}` defined?", cfg.cluster))
                     }
                     None => Err("no state client".to_string()),
                 };

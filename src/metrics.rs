@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
-use warden_core::metrics as names;
+use warden_core::metrics::{self as names, Counters};
 
 #[derive(Default)]
 pub struct Metrics {
@@ -53,15 +53,18 @@ impl Metrics {
         Some(id)
     }
 
-    pub fn increment(&mut self, name: &str) {
-        if let Some(id) = self.id(name) {
-            *self.pending.entry(id).or_insert(0) += 1;
-        }
-    }
 
     pub fn flush(&mut self) {
         for (id, n) in self.pending.drain() {
             let _ = hostcalls::increment_metric(id, n);
+        }
+    }
+}
+
+impl Counters for Metrics {
+    fn increment(&mut self, name: &str) {
+        if let Some(id) = self.id(name) {
+            *self.pending.entry(id).or_insert(0) += 1;
         }
     }
 }

@@ -14,6 +14,9 @@ pub trait Host {
     fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)>;
     /// Set shared data if its version is still `cas` (None: unconditionally). False on a lost race.
     fn shared_set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> bool;
+    /// Start an HTTP call to one of the proxy's clusters; its answer comes back later, under the
+    /// returned token, to whoever made the call. `Err` when it cannot even start (no such cluster).
+    fn http_call(&mut self, cluster: &str, headers: &[(&str, &str)], body: Option<&[u8]>, timeout_ms: u64) -> Result<u32, String>;
 }
 
 /// Request headers by lower-case name, values as raw bytes: a header value is not guaranteed to
@@ -50,13 +53,32 @@ impl Headers {
 /// Shared data of a fake proxy: clones of a `FakeHost` are VMs of the same proxy.
 pub type SharedData = std::rc::Rc<std::cell::RefCell<HashMap<String, (Vec<u8>, u32)>>>;
 
-/// A host for tests: fixed properties, a settable clock, deterministic "randomness".
+/// An HTTP call a `FakeHost` was asked to make.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FakeCall {
+    pub token: u32,
+    pub cluster: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Option<Vec<u8>>,
+    pub timeout_ms: u64,
+}
+
+impl FakeCall {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+}
+
+/// A host for tests: fixed properties, a settable clock, deterministic "randomness", and HTTP
+/// calls that are recorded (or refused, with `calls_fail`) for the test to answer.
 #[derive(Debug, Default, Clone)]
 pub struct FakeHost {
     pub properties: HashMap<String, Vec<u8>>,
     pub now_ms: u64,
     pub counter: u64,
     pub shared: SharedData,
+    pub calls: Vec<FakeCall>,
+    pub calls_fail: bool,
 }
 
 impl FakeHost {
@@ -94,6 +116,21 @@ impl Host for FakeHost {
         }
         map.insert(key.to_string(), (value.to_vec(), current.unwrap_or(0) + 1));
         true
+    }
+
+    fn http_call(&mut self, cluster: &str, headers: &[(&str, &str)], body: Option<&[u8]>, timeout_ms: u64) -> Result<u32, String> {
+        if self.calls_fail {
+            return Err(format!("no cluster {cluster}"));
+        }
+        let token = self.calls.len() as u32 + 1;
+        self.calls.push(FakeCall {
+            token,
+            cluster: cluster.to_string(),
+            headers: headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            body: body.map(<[u8]>::to_vec),
+            timeout_ms,
+        });
+        Ok(token)
     }
 
     fn fill_random(&mut self, buf: &mut [u8]) {

@@ -6,6 +6,7 @@
 //! in `session` (binding, what a step or record adds), `trail` (the hash chain) and `wire`
 //! (what proxies and the state service exchange). docs/ARCHITECTURE.md maps the rest.
 
+pub mod callouts;
 pub mod config;
 pub mod correlation;
 pub mod decision;

@@ -31,3 +31,14 @@ pub fn shadow(action: &str) -> String {
 pub fn identity_failure(reason: &str) -> String {
     format!("warden.identity_failures.{reason}")
 }
+
+/// Where counts go: the proxy's metrics (flushed to the host on the tick), or a list in tests.
+pub trait Counters {
+    fn increment(&mut self, name: &str);
+}
+
+impl Counters for Vec<String> {
+    fn increment(&mut self, name: &str) {
+        self.push(name.to_string());
+    }
+}
