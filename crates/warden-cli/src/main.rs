@@ -10,7 +10,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use warden_core::trail;
-use warden_core::policy::{Policy, PolicySource};
+use warden_core::policy::dir::PolicyDir;
+use warden_core::policy::DEFAULT_ENTRYPOINT;
 use warden_core::wire::{SessionList, SessionView};
 
 use client::Client;
@@ -48,7 +49,7 @@ enum Command {
         /// Directory of the candidate policy (`*.rego` and `data.json`).
         #[arg(long)]
         policy: PathBuf,
-        #[arg(long, default_value = "data.warden.session.decision")]
+        #[arg(long, default_value = DEFAULT_ENTRYPOINT)]
         entrypoint: String,
         /// Sessions exported with `warden session export` (else they are read from the service).
         #[arg(long)]
@@ -192,7 +193,9 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Replay { policy, entrypoint, file, sessions, select, fail_on_change } => {
-            let (mut candidate, version) = load_policy(&policy, &entrypoint)?;
+            // Test modules are left out, as the proxy leaves them out.
+            let mut candidate = PolicyDir::load(&policy).map_err(|e| e.0)?.compile(&entrypoint).map_err(|e| e.0)?;
+            let version = candidate.version.clone();
             let views: Vec<SessionView> = match file {
                 Some(f) => replay::read_export(&std::fs::read_to_string(&f).map_err(|e| format!("cannot read {}: {e}", f.display()))?)?,
                 None => {
@@ -284,38 +287,6 @@ fn verify_one(view: &SessionView, json: bool) -> bool {
         }
     }
     result.is_ok()
-}
-
-/// A policy directory (`*.rego` except `*_test.rego`, and `data.json`), compiled as the proxy does.
-fn load_policy(dir: &std::path::Path, entrypoint: &str) -> Result<(Policy, String), String> {
-    let entries = std::fs::read_dir(dir).map_err(|e| format!("cannot read policy directory {}: {e}", dir.display()))?;
-    let mut modules = Vec::new();
-    for entry in entries {
-        let path = entry.map_err(|e| e.to_string())?.path();
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        if name.ends_with(".rego") && !name.ends_with("_test.rego") {
-            let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-            modules.push((path.display().to_string(), text));
-        }
-    }
-    if modules.is_empty() {
-        return Err(format!("no Rego modules in {}", dir.display()));
-    }
-    modules.sort();
-    let data_path = dir.join("data.json");
-    let data: Option<serde_json::Value> = match std::fs::read_to_string(&data_path) {
-        Ok(t) => Some(serde_json::from_str(&t).map_err(|e| format!("{}: {e}", data_path.display()))?),
-        Err(_) => None,
-    };
-    let policy = Policy::compile(&PolicySource {
-        modules: modules.iter().map(|(n, t)| (n.as_str(), t.as_str())).collect(),
-        data: data.as_ref(),
-        entrypoint,
-        max_instructions: 200_000,
-    })
-    .map_err(|e| e.0)?;
-    let version = policy.version.clone();
-    Ok((policy, version))
 }
 
 fn print_timeline(v: &SessionView) {
