@@ -156,8 +156,7 @@ fn indent(text: &str) -> String {
     text.lines().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n")
 }
 
-/// Exactly like the runner of the case files: compile as the proxy does (RVM, interpreter
-/// fallback) and evaluate. (`finish_case` checks the shape and compares the `want` fields.)
+/// As the proxy runs a policy: compiled (RVM, interpreter fallback), then evaluated. (`finish_case` checks the shape and compares the `want` fields.)
 fn eval_case(dir: &PolicyDir, case: &Case, entrypoint: &str) -> Result<Value, String> {
     let data = case.data.as_ref().or(dir.data.as_ref());
     dir.compile_with_data(data, entrypoint)
