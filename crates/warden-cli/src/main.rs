@@ -1,4 +1,5 @@
 //! `warden`: investigate governed sessions. Reads the session-state service's admin API.
+//! This file is the command line and the dispatch; each command group lives in its own module.
 
 mod client;
 mod policy;
@@ -6,13 +7,9 @@ mod replay;
 mod session;
 mod time;
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use warden_core::policy::dir::PolicyDir;
-use warden_core::policy::DEFAULT_ENTRYPOINT;
-use warden_core::wire::SessionView;
 
 use client::Client;
 
@@ -45,24 +42,7 @@ enum Command {
         select: session::Selection,
     },
     /// Re-decide recorded sessions with a candidate policy and show what would change.
-    Replay {
-        /// Directory of the candidate policy (`*.rego` and `data.json`).
-        #[arg(long)]
-        policy: PathBuf,
-        #[arg(long, default_value = DEFAULT_ENTRYPOINT)]
-        entrypoint: String,
-        /// Sessions exported with `warden session export` (else they are read from the service).
-        #[arg(long)]
-        file: Option<PathBuf>,
-        /// A session to replay (repeatable); without it, the selection flags choose them.
-        #[arg(long = "session")]
-        sessions: Vec<String>,
-        #[command(flatten)]
-        select: session::Selection,
-        /// Exit 1 when any step would be decided differently (for CI).
-        #[arg(long)]
-        fail_on_change: bool,
-    },
+    Replay(replay::ReplayArgs),
     /// Test, evaluate and check a policy directory on the proxy's own engine set-up.
     Policy {
         #[command(subcommand)]
@@ -94,30 +74,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
     match cli.command {
         Command::Session { command } => session::run(command, &connect, cli.json),
         Command::Sessions { select } => session::list(&connect()?, &select, cli.json),
-        Command::Replay { policy, entrypoint, file, sessions, select, fail_on_change } => {
-            // Test modules are left out, as the proxy leaves them out.
-            let mut candidate = PolicyDir::load(&policy).map_err(|e| e.0)?.compile(&entrypoint).map_err(|e| e.0)?;
-            let version = candidate.version.clone();
-            let views: Vec<SessionView> = match file {
-                Some(f) => replay::read_export(&std::fs::read_to_string(&f).map_err(|e| format!("cannot read {}: {e}", f.display()))?)?,
-                None => {
-                    let client = connect()?;
-                    let ids = if sessions.is_empty() {
-                        session::search(&client, &select)?.into_iter().map(|s| s.id).collect()
-                    } else {
-                        sessions
-                    };
-                    ids.iter().map(|id| client.get(&format!("/v1/sessions/{}", client::escape(id)))).collect::<Result<_, _>>()?
-                }
-            };
-            let report = replay::replay(&mut candidate, &views);
-            if cli.json {
-                println!("{}", serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?);
-            } else {
-                replay::print(&report, &version);
-            }
-            Ok(if fail_on_change && !report.changes.is_empty() { ExitCode::from(1) } else { ExitCode::SUCCESS })
-        }
+        Command::Replay(args) => replay::run(args, &connect, cli.json),
         Command::Policy { command } => Ok(policy::run(command)),
     }
 }
