@@ -39,9 +39,9 @@ lint:
 	@$(CARGO) clippy --release --target wasm32-wasip1 -p session-warden --quiet -- -D warnings
 
 test-unit:
-	@echo "[test] unit tests (warden-core, warden-state, warden-cli) and policy case files"
+	@echo "[test] unit tests (warden-core, warden-state, warden-cli)"
 	@$(CARGO) test --workspace
-	@echo "[test] warden policy check / test over policies/"
+	@echo "[test] warden policy check / test over policies/ (runs every case file)"
 	@$(CARGO) run -q -p warden-cli -- policy check policies
 	@$(CARGO) run -q -p warden-cli -- policy test policies
 

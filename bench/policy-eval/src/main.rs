@@ -6,7 +6,7 @@
 //! Prints one JSON object on stdout:
 //! - `policy_eval_ns`: median over batches of one `Policy::eval` of a representative input: the
 //!   first case of `policies/cases/session.yaml` that must be allowed ("an ordinary step"),
-//!   built as the case tests build it;
+//!   built as `warden policy test` builds it;
 //! - with `--request FILE` (`{"config": <plugin config>, "headers": {name: value}}`, written by
 //!   bench/run.py): `on_request_ns`, one whole `Warden::on_request` (strip, identify with the
 //!   verified-token cache hit, local session step, input, policy, decision, correlation) for that
@@ -20,7 +20,8 @@ use regorus::Value;
 use serde_json::json;
 use warden_core::decision::parse_output;
 use warden_core::host::{FakeHost, Headers};
-use warden_core::policy::{Policy, PolicySource};
+use warden_core::policy::dir::{merge, read_text, PolicyDir};
+use warden_core::policy::DEFAULT_ENTRYPOINT;
 use warden_core::{Body, Step, Warden};
 
 const BATCHES: usize = 21;
@@ -35,7 +36,7 @@ fn fail(msg: String) -> ! {
 }
 
 fn read(p: &Path) -> String {
-    std::fs::read_to_string(p).unwrap_or_else(|e| fail(format!("{}: {e}", p.display())))
+    read_text(p).unwrap_or_else(|e| fail(e.0))
 }
 
 /// Median and minimum nanoseconds per call of `f`, over `BATCHES` batches after a warm-up batch.
@@ -57,16 +58,8 @@ fn time<F: FnMut()>(iterations: usize, mut f: F) -> (f64, f64) {
     (samples[BATCHES / 2], samples[0])
 }
 
-/// Objects merge key by key; anything else is replaced (as in the case tests).
-fn merge(base: &mut serde_json::Value, over: &serde_json::Value) {
-    match (base, over) {
-        (serde_json::Value::Object(b), serde_json::Value::Object(o)) => {
-            for (k, v) in o {
-                merge(b.entry(k.clone()).or_insert(serde_json::Value::Null), v);
-            }
-        }
-        (b, o) => *b = o.clone(),
-    }
+fn file_name(path: &str) -> String {
+    Path::new(path).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
 fn now_ms() -> u64 {
@@ -87,21 +80,14 @@ fn main() {
         }
     }
 
-    // The policy library, exactly as the proxy and the case tests load it.
-    let dir = policies_dir();
-    let mut modules: Vec<(String, String)> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| fail(format!("{}: {e}", dir.display())))
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "rego") && !p.to_string_lossy().ends_with("_test.rego"))
-        .map(|p| (p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), read(&p)))
-        .collect();
-    modules.sort();
-    let mut data: serde_json::Value =
-        serde_json::from_str(&read(&dir.join("data.json"))).unwrap_or_else(|e| fail(format!("data.json: {e}")));
+    // The policy library, loaded by the loader `warden policy` and `warden replay` use.
+    let dir = PolicyDir::load(&policies_dir()).unwrap_or_else(|e| fail(e.0));
+    let mut data =
+        dir.data.clone().unwrap_or_else(|| fail(format!("{}: no data.json", dir.dir.join("data.json").display())));
     // The representative input: the first case of policies/cases/session.yaml that the library
-    // must allow ("an ordinary step"), merged over the file's defaults, exactly as the case
-    // tests build it (its `data`, if any, merged over data.json).
-    let cases_path = dir.join("cases").join("session.yaml");
+    // must allow ("an ordinary step"), merged over the file's defaults, exactly as
+    // `warden policy test` builds it (its `data`, if any, merged over data.json).
+    let cases_path = dir.dir.join("cases").join("session.yaml");
     let cases: serde_json::Value =
         yaml_serde::from_str(&read(&cases_path)).unwrap_or_else(|e| fail(format!("{}: {e}", cases_path.display())));
     let case = cases["cases"]
@@ -114,13 +100,8 @@ fn main() {
         merge(&mut data, d);
     }
     let case_note = case["note"].as_str().unwrap_or("").to_string();
-    let mut policy = Policy::compile(&PolicySource {
-        modules: modules.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect(),
-        data: Some(&data),
-        entrypoint: "data.warden.session.decision",
-        max_instructions: 200_000,
-    })
-    .unwrap_or_else(|e| fail(format!("compile: {e}")));
+    let mut policy =
+        dir.compile_with_data(Some(&data), DEFAULT_ENTRYPOINT).unwrap_or_else(|e| fail(format!("compile: {e}")));
     let input = Value::from(input_json);
     let first = policy.eval(input.clone()).unwrap_or_else(|e| fail(format!("eval: {e}")));
     let decision = parse_output(&first).unwrap_or_else(|e| fail(format!("decision: {e}")));
@@ -137,7 +118,8 @@ fn main() {
         "uses_rvm": policy.uses_rvm(),
         "decision": decision.action.as_str(),
         "case": case_note,
-        "modules": modules.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        // File names, not the loader's paths: the report stays the same wherever the bench runs.
+        "modules": dir.modules.iter().map(|(p, _)| file_name(p)).collect::<Vec<_>>(),
     });
 
     // The whole per-request path, for the bench's own request and plugin configuration.

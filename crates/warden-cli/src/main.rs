@@ -1,17 +1,15 @@
 //! `warden`: investigate governed sessions. Reads the session-state service's admin API.
+//! This file is the command line and the dispatch; each command group lives in its own module.
 
 mod client;
 mod policy;
 mod replay;
+mod session;
 mod time;
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use warden_core::trail;
-use warden_core::policy::{Policy, PolicySource};
-use warden_core::wire::{SessionList, SessionView};
 
 use client::Client;
 
@@ -36,86 +34,19 @@ enum Command {
     /// One session.
     Session {
         #[command(subcommand)]
-        command: SessionCommand,
+        command: session::SessionCommand,
     },
     /// Find sessions.
     Sessions {
         #[command(flatten)]
-        select: Selection,
+        select: session::Selection,
     },
     /// Re-decide recorded sessions with a candidate policy and show what would change.
-    Replay {
-        /// Directory of the candidate policy (`*.rego` and `data.json`).
-        #[arg(long)]
-        policy: PathBuf,
-        #[arg(long, default_value = "data.warden.session.decision")]
-        entrypoint: String,
-        /// Sessions exported with `warden session export` (else they are read from the service).
-        #[arg(long)]
-        file: Option<PathBuf>,
-        /// A session to replay (repeatable); without it, the selection flags choose them.
-        #[arg(long = "session")]
-        sessions: Vec<String>,
-        #[command(flatten)]
-        select: Selection,
-        /// Exit 1 when any step would be decided differently (for CI).
-        #[arg(long)]
-        fail_on_change: bool,
-    },
+    Replay(replay::ReplayArgs),
     /// Test, evaluate and check a policy directory on the proxy's own engine set-up.
     Policy {
         #[command(subcommand)]
         command: policy::PolicyCommand,
-    },
-}
-
-/// Which sessions, when none are named: by subject, credential, workload and time.
-#[derive(clap::Args, Clone, Default)]
-struct Selection {
-    #[arg(long)]
-    subject: Option<String>,
-    /// Credential fingerprint (`sha256:…`).
-    #[arg(long)]
-    credential: Option<String>,
-    /// Workload SPIFFE ID.
-    #[arg(long)]
-    workload: Option<String>,
-    /// Seen since: `15m`, `2h`, `7d`, or unix milliseconds.
-    #[arg(long)]
-    since: Option<String>,
-    /// Started before: same forms as --since.
-    #[arg(long)]
-    until: Option<String>,
-    #[arg(long, default_value_t = 100)]
-    limit: usize,
-}
-
-#[derive(Subcommand)]
-enum SessionCommand {
-    /// The session's timeline: who or what acted, when, with which credential, under which decision.
-    Show { id: String },
-    /// Check the trail's hash chain; exits 1 and names the first bad step if it was altered.
-    Verify {
-        /// The session (optional with --file: every session in the file).
-        id: Option<String>,
-        /// Verify offline, from a `warden session export` file.
-        #[arg(long)]
-        file: Option<PathBuf>,
-    },
-    /// Write sessions with their trails as JSON Lines (for replay and offline verify).
-    Export {
-        ids: Vec<String>,
-        #[command(flatten)]
-        select: Selection,
-        /// Output file (default: standard output).
-        #[arg(long)]
-        out: Option<PathBuf>,
-    },
-    /// Revoke the session: every proxy refuses it from now on.
-    Revoke {
-        id: String,
-        #[arg(long)]
-        reason: Option<String>,
     },
 }
 
@@ -135,247 +66,15 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<ExitCode, String> {
+    // Asked for only by the commands that reach the service, so offline ones need no token.
     let connect = || -> Result<Client, String> {
         let token = cli.token.clone().ok_or("no admin token: set WARDEN_ADMIN_TOKEN or pass --token")?;
         Ok(Client::new(&cli.url, &token))
     };
     match cli.command {
-        Command::Session { command: SessionCommand::Show { id } } => {
-            let view: SessionView = connect()?.get(&format!("/v1/sessions/{}", client::escape(&id)))?;
-            if cli.json {
-                println!("{}", serde_json::to_string_pretty(&view).map_err(|e| e.to_string())?);
-            } else {
-                print_timeline(&view);
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Session { command: SessionCommand::Verify { id, file } } => {
-            let views = match (&file, &id) {
-                (Some(f), _) => {
-                    let text = std::fs::read_to_string(f).map_err(|e| format!("cannot read {}: {e}", f.display()))?;
-                    let all = replay::read_export(&text)?;
-                    match &id {
-                        Some(id) => all.into_iter().filter(|v| &v.id == id).collect(),
-                        None => all,
-                    }
-                }
-                (None, Some(id)) => vec![connect()?.get::<SessionView>(&format!("/v1/sessions/{}", client::escape(id)))?],
-                (None, None) => return Err("name a session, or pass --file with an export".into()),
-            };
-            if views.is_empty() {
-                return Err("no such session in the file".into());
-            }
-            let mut code = ExitCode::SUCCESS;
-            for view in &views {
-                if !verify_one(view, cli.json) {
-                    code = ExitCode::from(1);
-                }
-            }
-            Ok(code)
-        }
-        Command::Session { command: SessionCommand::Export { ids, select, out } } => {
-            let client = connect()?;
-            let ids = if ids.is_empty() { search(&client, &select)?.into_iter().map(|s| s.id).collect() } else { ids };
-            let mut text = String::new();
-            for id in &ids {
-                let view: SessionView = client.get(&format!("/v1/sessions/{}", client::escape(id)))?;
-                text.push_str(&serde_json::to_string(&view).map_err(|e| e.to_string())?);
-                text.push('\n');
-            }
-            match out {
-                Some(path) => {
-                    std::fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-                    eprintln!("exported {} session(s) to {}", ids.len(), path.display());
-                }
-                None => print!("{text}"),
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Replay { policy, entrypoint, file, sessions, select, fail_on_change } => {
-            let (mut candidate, version) = load_policy(&policy, &entrypoint)?;
-            let views: Vec<SessionView> = match file {
-                Some(f) => replay::read_export(&std::fs::read_to_string(&f).map_err(|e| format!("cannot read {}: {e}", f.display()))?)?,
-                None => {
-                    let client = connect()?;
-                    let ids = if sessions.is_empty() {
-                        search(&client, &select)?.into_iter().map(|s| s.id).collect()
-                    } else {
-                        sessions
-                    };
-                    ids.iter().map(|id| client.get(&format!("/v1/sessions/{}", client::escape(id)))).collect::<Result<_, _>>()?
-                }
-            };
-            let report = replay::replay(&mut candidate, &views);
-            if cli.json {
-                println!("{}", serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?);
-            } else {
-                replay::print(&report, &version);
-            }
-            Ok(if fail_on_change && !report.changes.is_empty() { ExitCode::from(1) } else { ExitCode::SUCCESS })
-        }
-        Command::Session { command: SessionCommand::Revoke { id, reason } } => {
-            let body = serde_json::json!({"reason": reason});
-            let answer: serde_json::Value = connect()?.post(&format!("/v1/sessions/{}/revoke", client::escape(&id)), &body)?;
-            if cli.json {
-                println!("{answer}");
-            } else if answer["changed"].as_bool() == Some(false) {
-                println!("session {id} was already revoked");
-            } else {
-                println!("session {id} revoked");
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Sessions { select } => {
-            let list = SessionList { sessions: search(&connect()?, &select)? };
-            if cli.json {
-                println!("{}", serde_json::to_string_pretty(&list).map_err(|e| e.to_string())?);
-            } else {
-                println!("{:<40} {:<32} {:>6}  {:<20} {:<20} REVOKED", "SESSION", "SUBJECT", "STEPS", "STARTED", "LAST SEEN");
-                for s in &list.sessions {
-                    println!(
-                        "{:<40} {:<32} {:>6}  {:<20} {:<20} {}",
-                        s.id,
-                        s.subject,
-                        s.steps,
-                        time::format_ms(s.started_at_ms),
-                        time::format_ms(s.last_seen_at_ms),
-                        if s.revoked { "yes" } else { "" }
-                    );
-                }
-                println!("{} session(s)", list.sessions.len());
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Session { command } => session::run(command, &connect, cli.json),
+        Command::Sessions { select } => session::list(&connect()?, &select, cli.json),
+        Command::Replay(args) => replay::run(args, &connect, cli.json),
         Command::Policy { command } => Ok(policy::run(command)),
-    }
-}
-
-fn search(client: &Client, select: &Selection) -> Result<Vec<warden_core::wire::SessionSummary>, String> {
-    let now = time::now_ms();
-    let mut q = vec![format!("limit={}", select.limit)];
-    for (k, v) in [("subject", &select.subject), ("credential", &select.credential), ("workload", &select.workload)] {
-        if let Some(v) = v {
-            q.push(format!("{k}={}", client::escape(v)));
-        }
-    }
-    if let Some(s) = &select.since {
-        q.push(format!("since_ms={}", time::parse_when(s, now)?));
-    }
-    if let Some(u) = &select.until {
-        q.push(format!("until_ms={}", time::parse_when(u, now)?));
-    }
-    Ok(client.get::<SessionList>(&format!("/v1/sessions?{}", q.join("&")))?.sessions)
-}
-
-/// Print the verdict on one trail; true if intact.
-fn verify_one(view: &SessionView, json: bool) -> bool {
-    let id = &view.id;
-    let result = trail::verify(&view.timeline);
-    if json {
-        let doc = match &result {
-            Ok(()) => serde_json::json!({"session_id": id, "ok": true, "records": view.timeline.len()}),
-            Err(b) => serde_json::json!({"session_id": id, "ok": false, "seq": b.seq, "step": b.step, "why": b.why}),
-        };
-        println!("{doc}");
-    } else {
-        match &result {
-            Ok(()) => println!("session {id}: trail intact ({} records, chain verified)", view.timeline.len()),
-            Err(b) => println!("session {id}: TRAIL BROKEN at step {} (record {}): {}", b.step, b.seq, b.why),
-        }
-    }
-    result.is_ok()
-}
-
-/// A policy directory (`*.rego` except `*_test.rego`, and `data.json`), compiled as the proxy does.
-fn load_policy(dir: &std::path::Path, entrypoint: &str) -> Result<(Policy, String), String> {
-    let entries = std::fs::read_dir(dir).map_err(|e| format!("cannot read policy directory {}: {e}", dir.display()))?;
-    let mut modules = Vec::new();
-    for entry in entries {
-        let path = entry.map_err(|e| e.to_string())?.path();
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        if name.ends_with(".rego") && !name.ends_with("_test.rego") {
-            let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-            modules.push((path.display().to_string(), text));
-        }
-    }
-    if modules.is_empty() {
-        return Err(format!("no Rego modules in {}", dir.display()));
-    }
-    modules.sort();
-    let data_path = dir.join("data.json");
-    let data: Option<serde_json::Value> = match std::fs::read_to_string(&data_path) {
-        Ok(t) => Some(serde_json::from_str(&t).map_err(|e| format!("{}: {e}", data_path.display()))?),
-        Err(_) => None,
-    };
-    let policy = Policy::compile(&PolicySource {
-        modules: modules.iter().map(|(n, t)| (n.as_str(), t.as_str())).collect(),
-        data: data.as_ref(),
-        entrypoint,
-        max_instructions: 200_000,
-    })
-    .map_err(|e| e.0)?;
-    let version = policy.version.clone();
-    Ok((policy, version))
-}
-
-fn print_timeline(v: &SessionView) {
-    let s = &v.state;
-    println!("session   {}", v.id);
-    println!("subject   {}", if s.subject.is_empty() { "(none yet)" } else { &s.subject });
-    println!("started   {}    last seen {}    steps {}", time::format_ms(s.started_at_ms), time::format_ms(s.last_seen_at_ms), s.steps);
-    if !s.credentials.is_empty() {
-        println!("creds     {}", s.credentials.join(", "));
-    }
-    if !s.workloads.is_empty() {
-        println!("workloads {}", s.workloads.join(", "));
-    }
-    if let Some(at) = v.revoked_at_ms {
-        println!("REVOKED   {} ({})", time::format_ms(at), v.revoke_reason.as_deref().unwrap_or(""));
-    }
-    println!();
-    println!(
-        "{:>4}  {:<24} {:<20} {:<22} {:<28} {:<26} {:<10} {:<28} {:>5} {:>6}",
-        "STEP", "TIME", "SUBJECT", "CREDENTIAL", "WORKLOAD", "ACTION", "DECISION", "REASONS", "RISK", "STATUS"
-    );
-    for e in &v.timeline {
-        let r = &e.record;
-        let action = format!("{} {}", r.method.as_deref().unwrap_or("-"), r.tool.as_deref().or(r.path.as_deref()).unwrap_or("-"));
-        let mut decision = r.action.clone();
-        if !r.enforced {
-            decision.push_str(" (shadow)");
-        }
-        if r.degraded {
-            decision.push_str(" (degraded)");
-        }
-        println!(
-            "{:>4}  {:<24} {:<20} {:<22} {:<28} {:<26} {:<10} {:<28} {:>5} {:>6}",
-            r.step,
-            time::format_ms(r.at_ms),
-            clip(&r.subject, 20),
-            clip(r.credential.as_deref().unwrap_or("-"), 22),
-            clip(r.workload.as_deref().unwrap_or("-"), 28),
-            clip(&action, 26),
-            clip(&decision, 10),
-            clip(&if r.reasons.is_empty() { "-".to_string() } else { r.reasons.join(",") }, 28),
-            r.risk,
-            r.status.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
-        );
-    }
-    if !v.audit.is_empty() {
-        println!();
-        println!("audit events:");
-        for a in &v.audit {
-            println!("  {}  {:<22} by {:<24} {}", time::format_ms(a.at_ms), a.kind, a.subject, a.detail);
-        }
-    }
-}
-
-fn clip(s: &str, n: usize) -> String {
-    if s.chars().count() <= n {
-        s.to_string()
-    } else {
-        let mut out: String = s.chars().take(n.saturating_sub(1)).collect();
-        out.push('…');
-        out
     }
 }

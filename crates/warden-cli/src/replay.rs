@@ -3,10 +3,60 @@
 //! say what would change before the candidate is rolled out.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
 
 use warden_core::decision::parse_output;
-use warden_core::policy::Policy;
+use warden_core::policy::dir::PolicyDir;
+use warden_core::policy::{Policy, DEFAULT_ENTRYPOINT};
 use warden_core::wire::SessionView;
+
+use crate::client::{self, Client};
+use crate::session::{search, Selection};
+
+#[derive(clap::Args)]
+pub struct ReplayArgs {
+    /// Directory of the candidate policy (`*.rego` and `data.json`).
+    #[arg(long)]
+    policy: PathBuf,
+    #[arg(long, default_value = DEFAULT_ENTRYPOINT)]
+    entrypoint: String,
+    /// Sessions exported with `warden session export` (else they are read from the service).
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// A session to replay (repeatable); without it, the selection flags choose them.
+    #[arg(long = "session")]
+    sessions: Vec<String>,
+    #[command(flatten)]
+    select: Selection,
+    /// Exit 1 when any step would be decided differently (for CI).
+    #[arg(long)]
+    fail_on_change: bool,
+}
+
+/// `warden replay`. The service is only asked (through `connect`) when the sessions are not
+/// read from a file, so an exported file replays offline, without a token.
+pub fn run(args: ReplayArgs, connect: &dyn Fn() -> Result<Client, String>, json: bool) -> Result<ExitCode, String> {
+    let ReplayArgs { policy, entrypoint, file, sessions, select, fail_on_change } = args;
+    // Test modules are left out, as the proxy leaves them out.
+    let mut candidate = PolicyDir::load(&policy).map_err(|e| e.0)?.compile(&entrypoint).map_err(|e| e.0)?;
+    let version = candidate.version.clone();
+    let views: Vec<SessionView> = match file {
+        Some(f) => read_export(&std::fs::read_to_string(&f).map_err(|e| format!("cannot read {}: {e}", f.display()))?)?,
+        None => {
+            let client = connect()?;
+            let ids = if sessions.is_empty() { search(&client, &select)?.into_iter().map(|s| s.id).collect() } else { sessions };
+            ids.iter().map(|id| client.get(&format!("/v1/sessions/{}", client::escape(id)))).collect::<Result<_, _>>()?
+        }
+    };
+    let report = replay(&mut candidate, &views);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?);
+    } else {
+        print(&report, &version);
+    }
+    Ok(if fail_on_change && !report.changes.is_empty() { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
 
 /// One step the candidate decides differently.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]

@@ -178,7 +178,7 @@ pub struct CandidatePolicy {
 }
 
 fn default_entrypoint() -> String {
-    "data.warden.session.decision".into()
+    crate::policy::DEFAULT_ENTRYPOINT.into()
 }
 fn default_input_headers() -> Vec<String> {
     vec!["user-agent".into(), "content-type".into()]
@@ -187,7 +187,7 @@ fn default_retry_after() -> u32 {
     5
 }
 fn default_max_instructions() -> usize {
-    200_000
+    crate::policy::DEFAULT_MAX_INSTRUCTIONS
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]

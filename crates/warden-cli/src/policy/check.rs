@@ -8,10 +8,11 @@ use clap::Args;
 use regorus::Value;
 use serde_json::Value as Json;
 use warden_core::decision::parse_output;
-use warden_core::policy::{engine_for, Policy};
+use warden_core::error::LoadError;
+use warden_core::policy::dir::{source, PolicyDir};
+use warden_core::policy::{engine_for, DEFAULT_ENTRYPOINT};
 
-use super::load::{describe_error, describe_policy_error, load_dir, source, LoadError};
-use super::DEFAULT_ENTRYPOINT;
+use super::load::{cases, describe_error, describe_policy_error};
 
 #[derive(Args)]
 pub struct CheckArgs {
@@ -47,12 +48,12 @@ fn builtin_sample() -> Json {
 }
 
 pub fn run(args: CheckArgs) -> Result<ExitCode, LoadError> {
-    let dir = load_dir(&args.dir)?;
+    let dir = PolicyDir::load(&args.dir)?;
     // Test modules are not loaded by the proxy, but a broken one breaks `policy test`.
     if !dir.test_modules.is_empty() {
         engine_for(&source(&dir.all_modules(), dir.data.as_ref(), &args.entrypoint)).map_err(|e| LoadError(describe_policy_error(&e)))?;
     }
-    let policy = Policy::compile(&source(&dir.modules, dir.data.as_ref(), &args.entrypoint)).map_err(|e| LoadError(describe_policy_error(&e)))?;
+    let policy = dir.compile(&args.entrypoint).map_err(|e| LoadError(describe_policy_error(&e)))?;
     println!(
         "policy {}: {} module(s), {} test module(s), {}, entrypoint {}, version {}",
         dir.dir.display(),
@@ -67,7 +68,7 @@ pub fn run(args: CheckArgs) -> Result<ExitCode, LoadError> {
         Some(why) => println!("engine: interpreter: the RVM cannot compile this policy: {}", why.trim()),
     }
 
-    let cases = dir.cases()?;
+    let cases = cases(&dir)?;
     let samples: Vec<(String, Json, Option<Json>)> = if cases.is_empty() {
         vec![("built-in sample input".to_string(), builtin_sample(), None)]
     } else {
@@ -76,7 +77,8 @@ pub fn run(args: CheckArgs) -> Result<ExitCode, LoadError> {
     let mut bad = 0;
     for (name, input, data) in &samples {
         let data = data.as_ref().or(dir.data.as_ref());
-        let result = Policy::compile(&source(&dir.modules, data, &args.entrypoint))
+        let result = dir
+            .compile_with_data(data, &args.entrypoint)
             .map_err(|e| describe_policy_error(&e))
             .and_then(|mut p| p.eval(Value::from(input.clone())).map_err(|e| e.to_string()))
             .and_then(|out| parse_output(&out).map_err(|e| e.to_string()));

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::load::is_test_module;
+use warden_core::policy::dir::is_test_module;
 
 #[derive(Default)]
 pub struct Coverage {

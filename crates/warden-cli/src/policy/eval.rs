@@ -8,10 +8,11 @@ use clap::Args;
 use regorus::Value;
 use serde_json::Value as Json;
 use warden_core::decision::parse_output;
-use warden_core::policy::Policy;
+use warden_core::error::LoadError;
+use warden_core::policy::dir::{merge, parse_json, read_json, source, Module, PolicyDir};
+use warden_core::policy::{Policy, DEFAULT_ENTRYPOINT};
 
-use super::load::{describe_policy_error, load_dir, merge, Module, parse_json, read_json, source, to_json, LoadError};
-use super::DEFAULT_ENTRYPOINT;
+use super::load::{describe_policy_error, to_json};
 
 #[derive(Args)]
 pub struct EvalArgs {
@@ -65,7 +66,7 @@ fn read_input(path: Option<&PathBuf>) -> Result<Json, LoadError> {
 }
 
 pub fn run(args: EvalArgs) -> Result<ExitCode, LoadError> {
-    let dir = load_dir(&args.dir)?;
+    let dir = PolicyDir::load(&args.dir)?;
     let mut data = dir.data.clone();
     if let Some(path) = &args.data {
         let extra = read_json(path)?;
@@ -74,8 +75,7 @@ pub fn run(args: EvalArgs) -> Result<ExitCode, LoadError> {
         data = Some(merged);
     }
     let input = read_input(args.input.as_ref())?;
-    let src = source(&dir.modules, data.as_ref(), &args.entrypoint);
-    let mut policy = Policy::compile(&src).map_err(|e| LoadError(describe_policy_error(&e)))?;
+    let mut policy = dir.compile_with_data(data.as_ref(), &args.entrypoint).map_err(|e| LoadError(describe_policy_error(&e)))?;
 
     let mut code = ExitCode::SUCCESS;
     match policy.eval(Value::from(input.clone())) {

@@ -1,36 +1,14 @@
-//! Loading a policy directory: `*.rego` modules (`*_test.rego` are test modules), an optional
-//! `data.json` and `cases/*.yaml` case files, in the format of `policies/cases/*.yaml`.
-
-use std::fmt;
-use std::path::{Path, PathBuf};
+//! What the CLI adds to warden-core's policy directory (`warden_core::policy::dir`): the YAML
+//! case files of `cases/*.yaml` (format of `policies/cases/*.yaml`), the interpreter that only
+//! the CLI needs (Rego tests, coverage, `--explain`), and regorus's errors made readable. The
+//! modules, data.json and the JSON merge are the core's, so `policy`, `replay` and the bench
+//! read a directory the same way.
 
 use regorus::Value;
 use serde_json::Value as Json;
-use warden_core::error::PolicyError;
+use warden_core::error::{LoadError, PolicyError};
+use warden_core::policy::dir::{merge, read_text, PolicyDir};
 use warden_core::policy::{engine_for, PolicySource};
-
-use super::MAX_INSTRUCTIONS;
-
-/// A policy, input, data or case file that cannot be loaded (exit 2).
-#[derive(Debug)]
-pub struct LoadError(pub String);
-
-impl fmt::Display for LoadError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-/// A Rego module: the path it is shown under (the directory joined with the file name, so
-/// errors and coverage name the file as the user knows it) and its text.
-pub type Module = (String, String);
-
-pub struct PolicyDir {
-    pub dir: PathBuf,
-    pub modules: Vec<Module>,
-    pub test_modules: Vec<Module>,
-    pub data: Option<Json>,
-}
 
 pub struct Case {
     /// `<case file>: <note>`.
@@ -43,127 +21,51 @@ pub struct Case {
     pub want: serde_json::Map<String, Json>,
 }
 
-pub fn is_test_module(path: &str) -> bool {
-    path.ends_with("_test.rego")
-}
-
-fn read(path: &Path) -> Result<String, LoadError> {
-    std::fs::read_to_string(path).map_err(|e| LoadError(format!("{}: {e}", path.display())))
-}
-
-pub fn load_dir(dir: &Path) -> Result<PolicyDir, LoadError> {
-    let entries = std::fs::read_dir(dir).map_err(|e| LoadError(format!("{}: {e}", dir.display())))?;
-    let mut paths = Vec::new();
+/// Every case of `cases/*.yaml` (sorted by file name) of the directory.
+pub fn cases(dir: &PolicyDir) -> Result<Vec<Case>, LoadError> {
+    let cases_dir = dir.dir.join("cases");
+    if !cases_dir.is_dir() {
+        return Ok(Vec::new());
+    }
+    let entries = std::fs::read_dir(&cases_dir).map_err(|e| LoadError(format!("{}: {e}", cases_dir.display())))?;
+    let mut files = Vec::new();
     for entry in entries {
-        let path = entry.map_err(|e| LoadError(format!("{}: {e}", dir.display())))?.path();
-        if path.is_file() && path.extension().is_some_and(|e| e == "rego") {
-            paths.push(path);
+        let path = entry.map_err(|e| LoadError(format!("{}: {e}", cases_dir.display())))?.path();
+        if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+            files.push(path);
         }
     }
-    paths.sort();
-    let (mut modules, mut test_modules) = (Vec::new(), Vec::new());
-    for path in paths {
-        let shown = path.display().to_string();
-        let text = read(&path)?;
-        if is_test_module(&shown) {
-            test_modules.push((shown, text));
-        } else {
-            modules.push((shown, text));
-        }
-    }
-    if modules.is_empty() {
-        return Err(LoadError(format!("{}: no Rego modules (*.rego, other than *_test.rego)", dir.display())));
-    }
-    let data_path = dir.join("data.json");
-    let data = if data_path.is_file() { Some(read_json(&data_path)?) } else { None };
-    Ok(PolicyDir { dir: dir.to_path_buf(), modules, test_modules, data })
-}
-
-/// A JSON file; errors name the file, line and column.
-pub fn read_json(path: &Path) -> Result<Json, LoadError> {
-    let text = read(path)?;
-    parse_json(&path.display().to_string(), &text)
-}
-
-pub fn parse_json(name: &str, text: &str) -> Result<Json, LoadError> {
-    serde_json::from_str(text).map_err(|e| LoadError(format!("{name}:{}:{}: {e}", e.line(), e.column())))
-}
-
-impl PolicyDir {
-    /// Every case of `cases/*.yaml` (sorted by file name), merged exactly like the runner of the
-    /// case files (crates/warden-core/tests/policy_cases.rs).
-    pub fn cases(&self) -> Result<Vec<Case>, LoadError> {
-        let cases_dir = self.dir.join("cases");
-        if !cases_dir.is_dir() {
-            return Ok(Vec::new());
-        }
-        let entries = std::fs::read_dir(&cases_dir).map_err(|e| LoadError(format!("{}: {e}", cases_dir.display())))?;
-        let mut files = Vec::new();
-        for entry in entries {
-            let path = entry.map_err(|e| LoadError(format!("{}: {e}", cases_dir.display())))?.path();
-            if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
-                files.push(path);
+    files.sort();
+    let mut out = Vec::new();
+    for file in files {
+        let shown = file.display().to_string();
+        let doc: Json = yaml_serde::from_str(&read_text(&file)?).map_err(|e| LoadError(format!("{shown}: {e}")))?;
+        let defaults = doc.pointer("/defaults/input").cloned().unwrap_or_else(|| Json::Object(Default::default()));
+        let cases = doc
+            .get("cases")
+            .and_then(Json::as_array)
+            .ok_or_else(|| LoadError(format!("{shown}: `cases` must be a list")))?;
+        for (i, case) in cases.iter().enumerate() {
+            let note = case.get("note").and_then(Json::as_str).map(str::to_string).unwrap_or_else(|| format!("case {}", i + 1));
+            let name = format!("{shown}: {note}");
+            let want = case
+                .get("want")
+                .and_then(Json::as_object)
+                .cloned()
+                .ok_or_else(|| LoadError(format!("{name}: `want` must be an object of decision fields")))?;
+            let mut input = defaults.clone();
+            if let Some(i) = case.get("input") {
+                merge(&mut input, i);
             }
+            let data = case.get("data").map(|d| {
+                let mut data = dir.data.clone().unwrap_or_else(|| Json::Object(Default::default()));
+                merge(&mut data, d);
+                data
+            });
+            out.push(Case { name, input, data, want });
         }
-        files.sort();
-        let mut out = Vec::new();
-        for file in files {
-            let shown = file.display().to_string();
-            let doc: Json = yaml_serde::from_str(&read(&file)?).map_err(|e| LoadError(format!("{shown}: {e}")))?;
-            let defaults = doc.pointer("/defaults/input").cloned().unwrap_or_else(|| Json::Object(Default::default()));
-            let cases = doc
-                .get("cases")
-                .and_then(Json::as_array)
-                .ok_or_else(|| LoadError(format!("{shown}: `cases` must be a list")))?;
-            for (i, case) in cases.iter().enumerate() {
-                let note = case.get("note").and_then(Json::as_str).map(str::to_string).unwrap_or_else(|| format!("case {}", i + 1));
-                let name = format!("{shown}: {note}");
-                let want = case
-                    .get("want")
-                    .and_then(Json::as_object)
-                    .cloned()
-                    .ok_or_else(|| LoadError(format!("{name}: `want` must be an object of decision fields")))?;
-                let mut input = defaults.clone();
-                if let Some(i) = case.get("input") {
-                    merge(&mut input, i);
-                }
-                let data = case.get("data").map(|d| {
-                    let mut data = self.data.clone().unwrap_or_else(|| Json::Object(Default::default()));
-                    merge(&mut data, d);
-                    data
-                });
-                out.push(Case { name, input, data, want });
-            }
-        }
-        Ok(out)
     }
-
-    /// All modules, the test modules last: what `policy test` loads.
-    pub fn all_modules(&self) -> Vec<Module> {
-        self.modules.iter().chain(&self.test_modules).cloned().collect()
-    }
-}
-
-/// Objects merge key by key; anything else is replaced.
-pub fn merge(base: &mut Json, over: &Json) {
-    match (base, over) {
-        (Json::Object(b), Json::Object(o)) => {
-            for (k, v) in o {
-                merge(b.entry(k.clone()).or_insert(Json::Null), v);
-            }
-        }
-        (b, o) => *b = o.clone(),
-    }
-}
-
-/// The proxy's engine set-up for these modules and data.
-pub fn source<'a>(modules: &'a [Module], data: Option<&'a Json>, entrypoint: &'a str) -> PolicySource<'a> {
-    PolicySource {
-        modules: modules.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect(),
-        data,
-        entrypoint,
-        max_instructions: MAX_INSTRUCTIONS,
-    }
+    Ok(out)
 }
 
 /// The proxy's engine set-up (`engine_for`), for what only the interpreter can do: Rego tests,
@@ -237,12 +139,5 @@ mod tests {
         assert!(d.starts_with("p/x.rego:2:13: unexpected eof"), "{d}");
         assert!(d.contains("2 | decision := {"), "{d}");
         assert_eq!(describe_error("plain"), "plain");
-    }
-
-    #[test]
-    fn merge_is_deep() {
-        let mut a = serde_json::json!({"a": {"b": 1, "c": 2}, "d": [1]});
-        merge(&mut a, &serde_json::json!({"a": {"b": 3}, "d": [2]}));
-        assert_eq!(a, serde_json::json!({"a": {"b": 3, "c": 2}, "d": [2]}));
     }
 }

@@ -14,11 +14,6 @@ use std::process::ExitCode;
 
 use clap::Subcommand;
 
-/// The proxy's default entrypoint (`policy.entrypoint`).
-pub const DEFAULT_ENTRYPOINT: &str = "data.warden.session.decision";
-/// The proxy's default `policy.max_instructions`.
-pub const MAX_INSTRUCTIONS: usize = 200_000;
-
 #[derive(Subcommand)]
 pub enum PolicyCommand {
     /// Run the YAML cases (cases/*.yaml, on the RVM like the proxy) and the Rego tests

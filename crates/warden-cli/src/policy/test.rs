@@ -11,11 +11,12 @@ use regorus::unstable::{Rule, RuleHead};
 use regorus::{Engine, Value};
 use serde_json::Value as Json;
 use warden_core::decision::parse_output;
-use warden_core::policy::Policy;
+use warden_core::error::LoadError;
+use warden_core::policy::dir::{is_test_module, source, PolicyDir};
+use warden_core::policy::DEFAULT_ENTRYPOINT;
 
 use super::coverage::Coverage;
-use super::load::{describe_error, describe_policy_error, interpreter, is_test_module, load_dir, source, to_json, Case, LoadError, PolicyDir};
-use super::DEFAULT_ENTRYPOINT;
+use super::load::{cases, describe_error, describe_policy_error, interpreter, to_json, Case};
 
 #[derive(Args)]
 pub struct TestArgs {
@@ -60,10 +61,10 @@ pub fn run(args: TestArgs) -> Result<ExitCode, LoadError> {
     };
     let selected = |name: &str| filter.as_ref().is_none_or(|f| f.is_match(name));
 
-    let dir = load_dir(&args.dir)?;
+    let dir = PolicyDir::load(&args.dir)?;
     // The policy must load exactly as the proxy loads it; a broken one is a load error (exit 2).
-    Policy::compile(&source(&dir.modules, dir.data.as_ref(), &args.entrypoint)).map_err(|e| LoadError(describe_policy_error(&e)))?;
-    let cases = dir.cases()?;
+    dir.compile(&args.entrypoint).map_err(|e| LoadError(describe_policy_error(&e)))?;
+    let cases = cases(&dir)?;
 
     // The Rego tests run on one interpreter engine holding every module, test modules included.
     let all = dir.all_modules();
@@ -155,11 +156,10 @@ fn indent(text: &str) -> String {
     text.lines().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n")
 }
 
-/// Exactly like the runner of the case files: compile as the proxy does (RVM, interpreter
-/// fallback) and evaluate. (`finish_case` checks the shape and compares the `want` fields.)
+/// As the proxy runs a policy: compiled (RVM, interpreter fallback), then evaluated. (`finish_case` checks the shape and compares the `want` fields.)
 fn eval_case(dir: &PolicyDir, case: &Case, entrypoint: &str) -> Result<Value, String> {
     let data = case.data.as_ref().or(dir.data.as_ref());
-    Policy::compile(&source(&dir.modules, data, entrypoint))
+    dir.compile_with_data(data, entrypoint)
         .map_err(|e| describe_policy_error(&e))
         .and_then(|mut policy| policy.eval(Value::from(case.input.clone())).map_err(|e| e.to_string()))
 }

@@ -11,6 +11,15 @@ use regorus::{Engine, Rc, Value};
 use crate::error::PolicyError;
 use crate::hash::{hex, sha256};
 
+pub mod dir;
+
+/// The rule whose value is the decision when `policy.entrypoint` is not set. The CLI, the bench
+/// and the configuration's default share it, so a policy checked offline is the one the proxy runs.
+pub const DEFAULT_ENTRYPOINT: &str = "data.warden.session.decision";
+/// `policy.max_instructions` when not set: the RVM's budget per evaluation, shared for the same
+/// reason (a policy that passes its tests offline must not run out of budget in the proxy).
+pub const DEFAULT_MAX_INSTRUCTIONS: usize = 200_000;
+
 /// The same engine set-up everywhere a policy runs: proxy, CLI and tests.
 pub struct PolicySource<'a> {
     pub modules: Vec<(&'a str, &'a str)>,

@@ -1,0 +1,257 @@
+//! `warden session show|verify|export|revoke` and `warden sessions`: what an investigator does
+//! with recorded sessions, all through the state service's admin API (verify and export files
+//! aside). Kept out of main.rs so that it is only argument parsing and dispatch, as the policy
+//! commands (policy/) and replay (replay.rs) are kept out of it.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Subcommand;
+use warden_core::trail;
+use warden_core::wire::{SessionList, SessionSummary, SessionView};
+
+use crate::client::{self, Client};
+use crate::{replay, time};
+
+/// Which sessions, when none are named: by subject, credential, workload and time.
+#[derive(clap::Args, Clone, Default)]
+pub struct Selection {
+    #[arg(long)]
+    subject: Option<String>,
+    /// Credential fingerprint (`sha256:…`).
+    #[arg(long)]
+    credential: Option<String>,
+    /// Workload SPIFFE ID.
+    #[arg(long)]
+    workload: Option<String>,
+    /// Seen since: `15m`, `2h`, `7d`, or unix milliseconds.
+    #[arg(long)]
+    since: Option<String>,
+    /// Started before: same forms as --since.
+    #[arg(long)]
+    until: Option<String>,
+    #[arg(long, default_value_t = 100)]
+    limit: usize,
+}
+
+#[derive(Subcommand)]
+pub enum SessionCommand {
+    /// The session's timeline: who or what acted, when, with which credential, under which decision.
+    Show { id: String },
+    /// Check the trail's hash chain; exits 1 and names the first bad step if it was altered.
+    Verify {
+        /// The session (optional with --file: every session in the file).
+        id: Option<String>,
+        /// Verify offline, from a `warden session export` file.
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+    /// Write sessions with their trails as JSON Lines (for replay and offline verify).
+    Export {
+        ids: Vec<String>,
+        #[command(flatten)]
+        select: Selection,
+        /// Output file (default: standard output).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Revoke the session: every proxy refuses it from now on.
+    Revoke {
+        id: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+}
+
+/// The commands that need the service get a client from `connect`, only when they need one:
+/// `verify --file` works offline, without a token.
+pub fn run(command: SessionCommand, connect: &dyn Fn() -> Result<Client, String>, json: bool) -> Result<ExitCode, String> {
+    match command {
+        SessionCommand::Show { id } => {
+            let view: SessionView = connect()?.get(&format!("/v1/sessions/{}", client::escape(&id)))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&view).map_err(|e| e.to_string())?);
+            } else {
+                print_timeline(&view);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        SessionCommand::Verify { id, file } => {
+            let views = match (&file, &id) {
+                (Some(f), _) => {
+                    let text = std::fs::read_to_string(f).map_err(|e| format!("cannot read {}: {e}", f.display()))?;
+                    let all = replay::read_export(&text)?;
+                    match &id {
+                        Some(id) => all.into_iter().filter(|v| &v.id == id).collect(),
+                        None => all,
+                    }
+                }
+                (None, Some(id)) => vec![connect()?.get::<SessionView>(&format!("/v1/sessions/{}", client::escape(id)))?],
+                (None, None) => return Err("name a session, or pass --file with an export".into()),
+            };
+            if views.is_empty() {
+                return Err("no such session in the file".into());
+            }
+            let mut code = ExitCode::SUCCESS;
+            for view in &views {
+                if !verify_one(view, json) {
+                    code = ExitCode::from(1);
+                }
+            }
+            Ok(code)
+        }
+        SessionCommand::Export { ids, select, out } => {
+            let client = connect()?;
+            let ids = if ids.is_empty() { search(&client, &select)?.into_iter().map(|s| s.id).collect() } else { ids };
+            let mut text = String::new();
+            for id in &ids {
+                let view: SessionView = client.get(&format!("/v1/sessions/{}", client::escape(id)))?;
+                text.push_str(&serde_json::to_string(&view).map_err(|e| e.to_string())?);
+                text.push('\n');
+            }
+            match out {
+                Some(path) => {
+                    std::fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+                    eprintln!("exported {} session(s) to {}", ids.len(), path.display());
+                }
+                None => print!("{text}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        SessionCommand::Revoke { id, reason } => {
+            let body = serde_json::json!({"reason": reason});
+            let answer: serde_json::Value = connect()?.post(&format!("/v1/sessions/{}/revoke", client::escape(&id)), &body)?;
+            if json {
+                println!("{answer}");
+            } else if answer["changed"].as_bool() == Some(false) {
+                println!("session {id} was already revoked");
+            } else {
+                println!("session {id} revoked");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// `warden sessions`: the sessions the selection finds, one line each.
+pub fn list(client: &Client, select: &Selection, json: bool) -> Result<ExitCode, String> {
+    let list = SessionList { sessions: search(client, select)? };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list).map_err(|e| e.to_string())?);
+    } else {
+        println!("{:<40} {:<32} {:>6}  {:<20} {:<20} REVOKED", "SESSION", "SUBJECT", "STEPS", "STARTED", "LAST SEEN");
+        for s in &list.sessions {
+            println!(
+                "{:<40} {:<32} {:>6}  {:<20} {:<20} {}",
+                s.id,
+                s.subject,
+                s.steps,
+                time::format_ms(s.started_at_ms),
+                time::format_ms(s.last_seen_at_ms),
+                if s.revoked { "yes" } else { "" }
+            );
+        }
+        println!("{} session(s)", list.sessions.len());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The sessions a selection finds: `sessions` lists them, `export` and `replay` use them when
+/// no session is named.
+pub fn search(client: &Client, select: &Selection) -> Result<Vec<SessionSummary>, String> {
+    let now = time::now_ms();
+    let mut q = vec![format!("limit={}", select.limit)];
+    for (k, v) in [("subject", &select.subject), ("credential", &select.credential), ("workload", &select.workload)] {
+        if let Some(v) = v {
+            q.push(format!("{k}={}", client::escape(v)));
+        }
+    }
+    if let Some(s) = &select.since {
+        q.push(format!("since_ms={}", time::parse_when(s, now)?));
+    }
+    if let Some(u) = &select.until {
+        q.push(format!("until_ms={}", time::parse_when(u, now)?));
+    }
+    Ok(client.get::<SessionList>(&format!("/v1/sessions?{}", q.join("&")))?.sessions)
+}
+
+/// Print the verdict on one trail; true if intact.
+fn verify_one(view: &SessionView, json: bool) -> bool {
+    let id = &view.id;
+    let result = trail::verify(&view.timeline);
+    if json {
+        let doc = match &result {
+            Ok(()) => serde_json::json!({"session_id": id, "ok": true, "records": view.timeline.len()}),
+            Err(b) => serde_json::json!({"session_id": id, "ok": false, "seq": b.seq, "step": b.step, "why": b.why}),
+        };
+        println!("{doc}");
+    } else {
+        match &result {
+            Ok(()) => println!("session {id}: trail intact ({} records, chain verified)", view.timeline.len()),
+            Err(b) => println!("session {id}: TRAIL BROKEN at step {} (record {}): {}", b.step, b.seq, b.why),
+        }
+    }
+    result.is_ok()
+}
+
+fn print_timeline(v: &SessionView) {
+    let s = &v.state;
+    println!("session   {}", v.id);
+    println!("subject   {}", if s.subject.is_empty() { "(none yet)" } else { &s.subject });
+    println!("started   {}    last seen {}    steps {}", time::format_ms(s.started_at_ms), time::format_ms(s.last_seen_at_ms), s.steps);
+    if !s.credentials.is_empty() {
+        println!("creds     {}", s.credentials.join(", "));
+    }
+    if !s.workloads.is_empty() {
+        println!("workloads {}", s.workloads.join(", "));
+    }
+    if let Some(at) = v.revoked_at_ms {
+        println!("REVOKED   {} ({})", time::format_ms(at), v.revoke_reason.as_deref().unwrap_or(""));
+    }
+    println!();
+    println!(
+        "{:>4}  {:<24} {:<20} {:<22} {:<28} {:<26} {:<10} {:<28} {:>5} {:>6}",
+        "STEP", "TIME", "SUBJECT", "CREDENTIAL", "WORKLOAD", "ACTION", "DECISION", "REASONS", "RISK", "STATUS"
+    );
+    for e in &v.timeline {
+        let r = &e.record;
+        let action = format!("{} {}", r.method.as_deref().unwrap_or("-"), r.tool.as_deref().or(r.path.as_deref()).unwrap_or("-"));
+        let mut decision = r.action.clone();
+        if !r.enforced {
+            decision.push_str(" (shadow)");
+        }
+        if r.degraded {
+            decision.push_str(" (degraded)");
+        }
+        println!(
+            "{:>4}  {:<24} {:<20} {:<22} {:<28} {:<26} {:<10} {:<28} {:>5} {:>6}",
+            r.step,
+            time::format_ms(r.at_ms),
+            clip(&r.subject, 20),
+            clip(r.credential.as_deref().unwrap_or("-"), 22),
+            clip(r.workload.as_deref().unwrap_or("-"), 28),
+            clip(&action, 26),
+            clip(&decision, 10),
+            clip(&if r.reasons.is_empty() { "-".to_string() } else { r.reasons.join(",") }, 28),
+            r.risk,
+            r.status.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
+        );
+    }
+    if !v.audit.is_empty() {
+        println!();
+        println!("audit events:");
+        for a in &v.audit {
+            println!("  {}  {:<22} by {:<24} {}", time::format_ms(a.at_ms), a.kind, a.subject, a.detail);
+        }
+    }
+}
+
+fn clip(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        let mut out: String = s.chars().take(n.saturating_sub(1)).collect();
+        out.push('…');
+        out
+    }
+}
