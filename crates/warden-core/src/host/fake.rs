@@ -1,54 +1,9 @@
-//! The little the core needs from its host. The proxy-wasm crate implements it over Envoy's
-//! host calls; `FakeHost` implements it for tests.
+//! `FakeHost`, the test double of `Host`: compiled for warden-core's own tests and, with the
+//! `test-support` feature, for the fuzz targets and the native bench; never in the filter.
 
 use std::collections::HashMap;
 
-pub trait Host {
-    /// An Envoy attribute (`source.address`, `connection.uri_san_peer_certificate`, …) as raw bytes.
-    fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
-    /// Wall-clock time, milliseconds since the Unix epoch.
-    fn now_ms(&self) -> u64;
-    /// Cryptographically random bytes (WASI `random_get` in the proxy).
-    fn fill_random(&mut self, buf: &mut [u8]);
-    /// Shared data (all VMs of the plugin in this proxy): value and its CAS version.
-    fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)>;
-    /// Set shared data if its version is still `cas` (None: unconditionally). False on a lost race.
-    fn shared_set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> bool;
-    /// Start an HTTP call to one of the proxy's clusters; its answer comes back later, under the
-    /// returned token, to whoever made the call. `Err` when it cannot even start (no such cluster).
-    fn http_call(&mut self, cluster: &str, headers: &[(&str, &str)], body: Option<&[u8]>, timeout_ms: u64) -> Result<u32, String>;
-}
-
-/// Request headers by lower-case name, values as raw bytes: a header value is not guaranteed to
-/// be UTF-8, and reading it as a string must never trap the VM.
-#[derive(Debug, Default, Clone)]
-pub struct Headers {
-    map: HashMap<String, Vec<u8>>,
-}
-
-impl Headers {
-    pub fn from_pairs<I: IntoIterator<Item = (String, Vec<u8>)>>(pairs: I) -> Self {
-        let mut map = HashMap::new();
-        for (k, v) in pairs {
-            // The first value wins; a repeated credential header cannot smuggle a second one.
-            map.entry(k.to_ascii_lowercase()).or_insert(v);
-        }
-        Self { map }
-    }
-
-    pub fn get(&self, name: &str) -> Option<&[u8]> {
-        self.map.get(name).map(Vec::as_slice)
-    }
-
-    /// The value as text, if it is valid UTF-8.
-    pub fn get_str(&self, name: &str) -> Option<&str> {
-        self.get(name).and_then(|v| std::str::from_utf8(v).ok())
-    }
-
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.map.keys().map(String::as_str)
-    }
-}
+use super::Host;
 
 /// Shared data of a fake proxy: clones of a `FakeHost` are VMs of the same proxy.
 pub type SharedData = std::rc::Rc<std::cell::RefCell<HashMap<String, (Vec<u8>, u32)>>>;
