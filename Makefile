@@ -39,11 +39,8 @@ lint:
 	@$(CARGO) clippy --release --target wasm32-wasip1 -p session-warden --quiet -- -D warnings
 
 test-unit:
-	@echo "[test] unit tests (warden-core, warden-state, warden-cli)"
+	@echo "[test] unit tests (warden-core, warden-state, warden-cli; the CLI's tests run warden policy check and test over policies/, every case once)"
 	@$(CARGO) test --workspace
-	@echo "[test] warden policy check / test over policies/ (runs every case file)"
-	@$(CARGO) run -q -p warden-cli -- policy check policies
-	@$(CARGO) run -q -p warden-cli -- policy test policies
 
 test-e2e: build
 	@echo "[test] end-to-end: real Envoy + the built filter"
