@@ -42,9 +42,11 @@ acting(action) := {s | some s in signals; cfg.actions[s] == action}
 presented if input.identity.claims.acr in cfg.step_up.acr_values
 
 # is_number guards: a missing or null time is "not satisfied" on the RVM and the interpreter alike.
+# An auth_time in the future (beyond the clock skew tolerated) proves nothing: refused.
 presented if {
 	is_number(input.identity.claims.auth_time)
 	input.now - input.identity.claims.auth_time <= cfg.step_up.max_age_seconds
+	input.identity.claims.auth_time - input.now <= cfg.step_up.clock_skew_seconds
 }
 
 presented if input.identity.issuer in cfg.step_up.issuers

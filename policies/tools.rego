@@ -7,7 +7,12 @@ cfg := data.warden.config.tools
 
 enabled if data.warden.config.modules.tools
 
-tool := input.request.mcp.tool
+# Every tool this request calls, by its position: a JSON-RPC batch is judged call by call,
+# never by its first call alone.
+calls[i] := c.tool if {
+	some i, c in input.request.mcp.calls
+	is_string(c.tool)
+}
 
 glob_match(pattern, name) if pattern == name
 
@@ -23,7 +28,7 @@ allow_list := cfg.allow["*"] if not cfg.allow[input.identity.subject]
 
 signals contains "tool_not_allowed" if {
 	enabled
-	tool != null
+	some tool in calls
 	not allowed(tool)
 }
 
@@ -34,14 +39,17 @@ allowed(t) if {
 
 allowed(_) if not allow_list
 
-# A tool that may not follow others in the same session, e.g. secrets after a ticketing workflow.
+# A tool that may not follow others in the same session, e.g. secrets after a ticketing workflow:
+# earlier in the session, or earlier in the same batch.
 signals contains seq.signal if {
 	enabled
-	tool != null
+	some i, tool in calls
 	some seq in cfg.sequences
 	some then in seq.then
 	glob_match(then, tool)
-	some before in input.session.tools
+	some before in earlier(i)
 	some after in seq.after
 	glob_match(after, before)
 }
+
+earlier(i) := array.concat(input.session.tools, [t | some j, t in calls; j < i])

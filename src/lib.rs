@@ -198,6 +198,7 @@ impl RootContext for WardenRoot {
             record: None,
             started_ms: 0,
             awaiting_body: None,
+            body_size: 0,
             adopt: None,
             headers_sent: false,
         }))
@@ -224,6 +225,8 @@ struct WardenHttp {
     started_ms: u64,
     /// Headers of an MCP request whose body is being read before deciding.
     awaiting_body: Option<(Headers, Early)>,
+    /// How much of that body the host has buffered.
+    body_size: usize,
     /// The request headers have gone on (MCP body phase): they can no longer be changed.
     headers_sent: bool,
     /// The minted session of an MCP `initialize`, to adopt under the server's session id.
@@ -293,15 +296,20 @@ impl HttpContext for WardenHttp {
             return self.decide(headers, Body::TooLarge, Some(&early));
         }
         if !end_of_stream {
-            // Keep buffering: nothing of the body goes on before the decision.
+            // Keep buffering: nothing of the body goes on before the decision, which comes at
+            // the end of the stream, here or with the trailers.
             self.awaiting_body = Some((headers, early));
+            self.body_size = body_size;
             return Action::Pause;
         }
-        let body = match hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size) {
-            Ok(b) => b.unwrap_or_default(),
-            Err(_) => Vec::new(),
-        };
-        self.decide(headers, Body::Complete(&body), Some(&early))
+        self.decide_on_body(headers, body_size, &early)
+    }
+
+    /// A body that ends with trailers ends here: the body buffered so far is the whole body, and
+    /// it is decided before the trailers (or any of the body) go on.
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        let Some((headers, early)) = self.awaiting_body.take() else { return Action::Continue };
+        self.decide_on_body(headers, self.body_size, &early)
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
@@ -343,6 +351,15 @@ impl HttpContext for WardenHttp {
 }
 
 impl WardenHttp {
+    /// Decide an MCP request on its complete body (buffered by the host while paused).
+    fn decide_on_body(&mut self, headers: Headers, body_size: usize, early: &Early) -> Action {
+        let body = match hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size) {
+            Ok(b) => b.unwrap_or_default(),
+            Err(_) => Vec::new(),
+        };
+        self.decide(headers, Body::Complete(&body), Some(early))
+    }
+
     /// Run the request flow; a state-service call pauses the request until its answer.
     fn decide(&mut self, headers: Headers, body: Body<'_>, early: Option<&Early>) -> Action {
         let step = self.warden.borrow_mut().on_request_early(headers, body, early, &mut ProxyHost);
