@@ -73,6 +73,8 @@ def base_config(keys, **over) -> dict:
             },
             "api_keys": {"keys": [{"sha256": hashlib.sha256(API_KEY.encode()).hexdigest(), "subject": "batch-exporter", "scopes": ["tickets:read"]}]},
         },
+        # The tests' client on loopback plays the front proxy that sets region and device headers.
+        "context": {"trusted_sources": ["127.0.0.1"]},
     }
     return h.deep_merge(cfg, over)
 

@@ -243,6 +243,11 @@ pub struct JwtProviderConfig {
     pub require_exp: bool,
     #[serde(default = "default_max_token_bytes")]
     pub max_token_bytes: usize,
+    /// The claims that name the subject, first present wins (e.g. `["sub", "azp", "client_id"]`
+    /// for OAuth client-credentials tokens without `sub`). A token with none of them is refused:
+    /// a session is never bound to an empty subject.
+    #[serde(default = "default_subject_claims")]
+    pub subject_claims: Vec<String>,
 }
 
 fn default_algorithms() -> Vec<String> {
@@ -256,6 +261,9 @@ fn default_true() -> bool {
 }
 fn default_max_token_bytes() -> usize {
     8192
+}
+fn default_subject_claims() -> Vec<String> {
+    vec!["sub".into()]
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -356,13 +364,22 @@ pub struct ContextConfig {
     pub region_header: String,
     #[serde(default = "default_device_header")]
     pub device_header: String,
+    /// Direct peers (IP addresses, as Envoy's `source.address` without the port) whose region
+    /// and device headers are believed: the proxies or gateways that set them. From anyone else
+    /// they are ignored, so a client cannot steer drift detection. `"*"` believes every peer.
+    #[serde(default)]
+    pub trusted_sources: Vec<String>,
 }
 
 impl Default for ContextConfig {
     fn default() -> Self {
-        Self { region_header: default_region_header(), device_header: default_device_header() }
+        Self { region_header: default_region_header(), device_header: default_device_header(), trusted_sources: Vec::new() }
     }
 }
+
+/// A region or device value longer than this, or with other than visible ASCII and spaces, is
+/// refused (400 `context_header_invalid`) even from a trusted source.
+pub const MAX_CONTEXT_VALUE: usize = 128;
 
 fn default_region_header() -> String {
     "x-client-region".into()

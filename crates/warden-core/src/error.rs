@@ -45,6 +45,10 @@ pub enum IdentityError {
     AudienceNotAllowed,
     UnknownApiKey,
     UntrustedSpiffeId,
+    /// None of the provider's subject claims is a non-empty string.
+    MissingSubject,
+    /// The subject holds control characters (CR, LF, NUL, …): it could not travel as a header.
+    InvalidSubject,
 }
 
 impl IdentityError {
@@ -66,6 +70,8 @@ impl IdentityError {
             Self::AudienceNotAllowed => "token_audience_not_allowed",
             Self::UnknownApiKey => "api_key_unknown",
             Self::UntrustedSpiffeId => "spiffe_id_not_trusted",
+            Self::MissingSubject => "token_subject_missing",
+            Self::InvalidSubject => "token_subject_invalid",
         }
     }
 

@@ -40,24 +40,45 @@ pub fn is_valid_session_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= MAX_SESSION_ID_LEN && id.bytes().all(|b| (0x21..=0x7e).contains(&b))
 }
 
-/// A session id was presented but is not acceptable (400 `session_id_malformed`).
+/// A session id was presented but is not acceptable (400).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MalformedSessionId;
+pub enum BadSessionId {
+    /// Not visible ASCII, empty or too long (`session_id_malformed`).
+    Malformed,
+    /// Two session headers, or one sent twice, with different values (`session_id_ambiguous`):
+    /// the policy would decide on one while the upstream may act on the other.
+    Ambiguous,
+}
+
+impl BadSessionId {
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::Malformed => "session_id_malformed",
+            Self::Ambiguous => "session_id_ambiguous",
+        }
+    }
+}
 
 /// From the first configured header present, else the JWT claim, else a new id.
-pub fn resolve(cfg: &SessionConfig, headers: &Headers, identity: &Identity, host: &mut dyn Host) -> Result<SessionRef, MalformedSessionId> {
+pub fn resolve(cfg: &SessionConfig, headers: &Headers, identity: &Identity, host: &mut dyn Host) -> Result<SessionRef, BadSessionId> {
+    let mut found: Option<&[u8]> = None;
     for name in &cfg.headers {
-        if let Some(raw) = headers.get(name) {
-            let id = std::str::from_utf8(raw).map_err(|_| MalformedSessionId)?;
-            if !is_valid_session_id(id) {
-                return Err(MalformedSessionId);
-            }
-            return Ok(SessionRef { id: id.to_string(), source: SessionSource::Header });
+        let Some(raw) = headers.get(name) else { continue };
+        if headers.is_conflicting(name) || found.is_some_and(|f| f != raw) {
+            return Err(BadSessionId::Ambiguous);
         }
+        found.get_or_insert(raw);
+    }
+    if let Some(raw) = found {
+        let id = std::str::from_utf8(raw).map_err(|_| BadSessionId::Malformed)?;
+        if !is_valid_session_id(id) {
+            return Err(BadSessionId::Malformed);
+        }
+        return Ok(SessionRef { id: id.to_string(), source: SessionSource::Header });
     }
     if let Some(id) = identity.token.as_ref().and_then(|t| t.claim_str(&cfg.claim)) {
         if !is_valid_session_id(id) {
-            return Err(MalformedSessionId);
+            return Err(BadSessionId::Malformed);
         }
         return Ok(SessionRef { id: id.to_string(), source: SessionSource::Claim });
     }

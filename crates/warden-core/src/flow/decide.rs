@@ -16,16 +16,13 @@ impl Warden {
     /// Decide, enforce, correlate, and prepare the step's attribution record.
     pub(super) fn decide(&mut self, ctx: Pending, before: SessionState, step: u64, is_new: bool, unavailable: bool, host: &mut dyn Host) -> RequestOutcome {
         let shadow = self.config.mode == Mode::Shadow;
-        let region = ctx.headers.get_str(&self.config.context.region_header).map(str::to_string);
-        let device = ctx.headers.get_str(&self.config.context.device_header).map(str::to_string);
-        let Pending { mut out, headers, identity, session, traceparent, now_ms, mcp, tools } = ctx;
-        let source_address = host.property(&["source", "address"]).and_then(|v| String::from_utf8(v).ok());
+        let Pending { mut out, headers, identity, session, traceparent, now_ms, mcp, tools, context } = ctx;
         let facts = input::RequestFacts {
             headers: &headers,
             input_headers: &self.config.policy.input_headers,
-            source_address: source_address.as_deref(),
-            region: region.as_deref(),
-            device: device.as_deref(),
+            source_address: context.source_address.as_deref(),
+            region: context.region.as_deref(),
+            device: context.device.as_deref(),
             mcp: mcp.as_ref(),
         };
         let sess = input::SessionFacts { session: &session, before: &before, is_new, unavailable };

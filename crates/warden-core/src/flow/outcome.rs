@@ -2,7 +2,6 @@
 //! and stamp, or a local reply, plus counters, a log line and the step's record), and the
 //! request waiting for the state service between the two halves of the flow.
 
-use crate::config::PluginConfig;
 use crate::decision::Decision;
 use crate::host::Headers;
 use crate::identity::Identity;
@@ -90,15 +89,25 @@ pub struct Pending {
     pub(super) mcp: Option<McpRequest>,
     /// MCP tools this request calls.
     pub(super) tools: Vec<String>,
+    pub(super) context: Context,
+}
+
+/// Where the request comes from: the direct peer, and the region and device a trusted source
+/// said (`context.trusted_sources`).
+#[derive(Debug, Default)]
+pub struct Context {
+    pub source_address: Option<String>,
+    pub region: Option<String>,
+    pub device: Option<String>,
 }
 
 impl Pending {
-    pub(super) fn seen<'a>(&'a self, cfg: &'a PluginConfig) -> Seen<'a> {
+    pub(super) fn seen(&self) -> Seen<'_> {
         Seen {
             credential: self.identity.fingerprint.as_deref(),
             workload: self.identity.workload.as_deref(),
-            region: self.headers.get_str(&cfg.context.region_header),
-            device: self.headers.get_str(&cfg.context.device_header),
+            region: self.context.region.as_deref(),
+            device: self.context.device.as_deref(),
             tools: &self.tools,
             scopes: &self.identity.scopes,
         }

@@ -5,13 +5,13 @@
 
 use super::reply::unauthenticated;
 use super::snapshot::Cached;
-use super::{Body, Early, Pending, RequestOutcome, StateCall, Step, Warden};
-use crate::config::{self, Mode};
+use super::{Body, Context, Early, Pending, RequestOutcome, StateCall, Step, Warden};
+use crate::config::{self, Mode, MAX_CONTEXT_VALUE};
 use crate::correlation::{self, DECISION_HEADER, SESSION_HEADER, SUBJECT_HEADER, TRACEPARENT};
 use crate::decision::{Action, Decision};
 use crate::error::IdentityError;
 use crate::host::{Headers, Host};
-use crate::identity::{Identity, IdentityKind};
+use crate::identity::{strip_port, Identity, IdentityKind};
 use crate::mcp;
 use crate::metrics;
 use crate::session::{self, BeginError, SessionRef, SessionSource};
@@ -63,10 +63,10 @@ impl Warden {
         };
         let session = match session::resolve(&self.config.session, headers, &identity, host) {
             Ok(s) => s,
-            Err(session::MalformedSessionId) => {
+            Err(why) => {
                 out.metrics.push(metrics::REQUESTS.into());
                 count_token_cache(&mut out, &identity);
-                return Err(Box::new(self.refuse_session_id(out)));
+                return Err(Box::new(self.refuse_session_id(out, why)));
             }
         };
         let early = Early { minted_session: (session.source == SessionSource::Minted).then(|| session.id.clone()), ..early };
@@ -122,6 +122,9 @@ impl Warden {
             },
         };
         let tools: Vec<String> = mcp.as_ref().map(|m| m.tools().map(str::to_string).collect()).unwrap_or_default();
+        let Some(context) = self.context_of(&headers, host) else {
+            return Step::Done(self.refuse(out, Decision::internal(Action::Deny, "context_header_invalid"), None, 400, shadow, None));
+        };
 
         // 3. Resolve the session (under the id the headers phase already stamped, if any).
         let resolved = match early.and_then(|e| e.minted_session.clone()) {
@@ -130,7 +133,7 @@ impl Warden {
         };
         let session = match resolved {
             Ok(s) => s,
-            Err(session::MalformedSessionId) => return Step::Done(self.refuse_session_id(out)),
+            Err(why) => return Step::Done(self.refuse_session_id(out, why)),
         };
         if session.source == SessionSource::Minted {
             out.metrics.push(metrics::SESSIONS_NEW.into());
@@ -139,7 +142,7 @@ impl Warden {
         // decided as a new session here and adopted under that id when the answer comes.
         let initialize =
             session.source == SessionSource::Minted && mcp.as_ref().and_then(|m| m.first()).is_some_and(|c| c.method == "initialize");
-        let ctx = Pending { out, headers, identity, session, traceparent, now_ms, mcp, tools };
+        let ctx = Pending { out, headers, identity, session, traceparent, now_ms, mcp, tools, context };
 
         // A session this proxy knows to be revoked goes no further, whatever the mode.
         if self.sessions.is_revoked(&ctx.session.id) {
@@ -162,7 +165,7 @@ impl Warden {
                 Cached::Miss => {}
             }
         }
-        let seen = ctx.seen(&self.config);
+        let seen = ctx.seen();
         let req = BeginStep {
             session_id: ctx.session.id.clone(),
             subject: ctx.identity.subject.clone(),
@@ -193,7 +196,7 @@ impl Warden {
                     let mut after = before.clone();
                     after.steps = resp.step;
                     after.last_seen_at_ms = ctx.now_ms;
-                    after.remember(&ctx.seen(&self.config));
+                    after.remember(&ctx.seen());
                     self.remember_step(&ctx.session.id, after, host);
                     self.decide(ctx, before, resp.step, resp.new, false, host)
                 }
@@ -213,7 +216,7 @@ impl Warden {
 
     /// The proxy VM's own session table: no service configured, or the service unavailable.
     fn begin_locally(&mut self, ctx: Pending, host: &mut dyn Host, unavailable: bool) -> RequestOutcome {
-        let seen = ctx.seen(&self.config);
+        let seen = ctx.seen();
         match self.sessions.begin_step(&ctx.session.id, &ctx.identity.subject, &seen, ctx.now_ms) {
             Ok((before, is_new)) => {
                 let step = before.steps + 1;
@@ -237,6 +240,26 @@ impl Warden {
         self.refuse(out, Decision::internal(Action::Deny, reason), Some(&ctx.session), 403, shadow, ctx.mcp.as_ref())
     }
 
+    /// The direct peer, and the region and device headers when it is a trusted source; `None`
+    /// when a trusted source sent a value that is too long or not printable.
+    fn context_of(&self, headers: &Headers, host: &dyn Host) -> Option<Context> {
+        let source_address = host.property(&["source", "address"]).and_then(|v| String::from_utf8(v).ok());
+        let cfg = &self.config.context;
+        let trusted = cfg.trusted_sources.iter().any(|t| t == "*")
+            || source_address.as_deref().is_some_and(|a| cfg.trusted_sources.iter().any(|t| t == strip_port(a)));
+        let (mut region, mut device) = (None, None);
+        if trusted {
+            for (name, slot) in [(&cfg.region_header, &mut region), (&cfg.device_header, &mut device)] {
+                let Some(raw) = headers.get(name) else { continue };
+                if raw.is_empty() || raw.len() > MAX_CONTEXT_VALUE || !raw.iter().all(|b| (0x20..=0x7e).contains(b)) || headers.is_conflicting(name) {
+                    return None;
+                }
+                *slot = std::str::from_utf8(raw).ok().map(str::to_string);
+            }
+        }
+        Some(Context { source_address, region, device })
+    }
+
     /// A credential refused: 401 (400 for an unreadable header) with its reason, or in shadow
     /// mode counted and let through.
     fn refuse_identity(&self, mut out: RequestOutcome, e: IdentityError, traceparent: String) -> RequestOutcome {
@@ -252,9 +275,9 @@ impl Warden {
         out
     }
 
-    fn refuse_session_id(&self, out: RequestOutcome) -> RequestOutcome {
+    fn refuse_session_id(&self, out: RequestOutcome, why: session::BadSessionId) -> RequestOutcome {
         let shadow = self.config.mode == Mode::Shadow;
-        self.refuse(out, Decision::internal(Action::Deny, "session_id_malformed"), None, 400, shadow, None)
+        self.refuse(out, Decision::internal(Action::Deny, why.code()), None, 400, shadow, None)
     }
 }
 

@@ -69,7 +69,7 @@ impl Warden {
 
     /// Take the step on the shared snapshot under the one session-binding rule.
     pub(super) fn begin_cached(&self, ctx: &Pending, host: &mut dyn Host) -> Cached {
-        let seen = ctx.seen(&self.config);
+        let seen = ctx.seen();
         let taken = edit(host, &ctx.session.id, |state| {
             let Some(mut state) = state else { return Edit::Leave(Cached::Miss) };
             // A snapshot with no subject only marks a revocation heard of before the session

@@ -24,16 +24,33 @@ pub trait Host {
 #[derive(Debug, Default, Clone)]
 pub struct Headers {
     map: HashMap<String, Vec<u8>>,
+    /// Names sent more than once with different values.
+    conflicting: Vec<String>,
 }
 
 impl Headers {
     pub fn from_pairs<I: IntoIterator<Item = (String, Vec<u8>)>>(pairs: I) -> Self {
-        let mut map = HashMap::new();
+        let mut map: HashMap<String, Vec<u8>> = HashMap::new();
+        let mut conflicting = Vec::new();
         for (k, v) in pairs {
             // The first value wins; a repeated credential header cannot smuggle a second one.
-            map.entry(k.to_ascii_lowercase()).or_insert(v);
+            // A repeat with another value is remembered: where it matters (the session id) the
+            // request is ambiguous, since the upstream may act on either value.
+            let k = k.to_ascii_lowercase();
+            match map.get(&k) {
+                Some(first) if *first != v && !conflicting.contains(&k) => conflicting.push(k),
+                Some(_) => {}
+                None => {
+                    map.insert(k, v);
+                }
+            }
         }
-        Self { map }
+        Self { map, conflicting }
+    }
+
+    /// Whether `name` was sent more than once with different values.
+    pub fn is_conflicting(&self, name: &str) -> bool {
+        self.conflicting.iter().any(|n| n == name)
     }
 
     pub fn get(&self, name: &str) -> Option<&[u8]> {

@@ -161,7 +161,7 @@ impl JwtVerifier {
             return Err(IdentityError::MissingExp);
         }
 
-        let subject = claims.subject.clone().unwrap_or_default();
+        let subject = subject_of(&raw_claims, &cfg.subject_claims)?;
         Ok(VerifiedToken {
             provider: cfg.name.clone(),
             issuer: iss.to_string(),
@@ -179,6 +179,19 @@ impl JwtVerifier {
             raw_claims,
         })
     }
+}
+
+/// The subject: the first configured claim that is a non-empty string, free of control
+/// characters (it is stamped upstream as `x-warden-subject` and binds sessions).
+fn subject_of(claims: &serde_json::Value, names: &[String]) -> Result<String, IdentityError> {
+    let subject = names
+        .iter()
+        .find_map(|n| claims.get(n).and_then(|v| v.as_str()).filter(|s| !s.is_empty()))
+        .ok_or(IdentityError::MissingSubject)?;
+    if subject.chars().any(char::is_control) {
+        return Err(IdentityError::InvalidSubject);
+    }
+    Ok(subject.to_string())
 }
 
 fn map_error(e: &jwt_simple::Error) -> IdentityError {

@@ -201,7 +201,7 @@ fn peer_spiffe_id(cfg: &SpiffeConfig, headers: &Headers, host: &dyn Host) -> Res
 }
 
 /// `10.0.0.1:443` → `10.0.0.1`, `[::1]:443` → `::1`.
-fn strip_port(addr: &str) -> &str {
+pub fn strip_port(addr: &str) -> &str {
     if let Some(rest) = addr.strip_prefix('[') {
         return rest.split(']').next().unwrap_or(rest);
     }

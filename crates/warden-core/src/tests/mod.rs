@@ -56,7 +56,9 @@ fn config(k: &Keys, extra: serde_json::Value) -> Vec<u8> {
             }]},
             "api_keys": {"keys": [{"sha256": hash::hex(&hash::sha256(b"key-123")), "subject": "svc-batch", "scopes": ["read"]}]},
             "spiffe": {"trust_domains": ["example.org"], "trusted_xfcc_hops": ["10.0.0.9"]}
-        }
+        },
+        // The tests' client (127.0.0.1) plays the front proxy that sets region and device.
+        "context": {"trusted_sources": ["127.0.0.1"]}
     });
     if let (Some(base), Some(add)) = (cfg.as_object_mut(), extra.as_object()) {
         for (k, v) in add {
@@ -192,6 +194,31 @@ fn token_failures_have_distinct_reasons() {
 }
 
 #[test]
+fn a_token_without_a_subject_never_binds_a_session_to_the_empty_subject() {
+    let k = keys();
+    let mut w = Warden::from_json(&config(&k, json!({}))).unwrap();
+    let mut h = live_host();
+    let no_sub = Claims::with_custom_claims(json!({"client_id": "svc-batch"}), Duration::from_mins(10)).with_issuer(ISS).with_audience("svc");
+    let out = done(&mut w, req("/", &[("authorization", &bearer(&sign_es(&k, no_sub.clone())))]), &mut h);
+    assert_eq!((reply_reason(&out).0, reply_reason(&out).1["reason"].clone()), (401, json!("token_subject_missing")));
+    let empty = sign_es(&k, claims(""));
+    assert_eq!(reply_reason(&done(&mut w, req("/", &[("authorization", &bearer(&empty))]), &mut h)).1["reason"], json!("token_subject_missing"));
+    // A claim that could not travel as a header value is refused with a reason, not a 5xx.
+    for bad in ["agent\r\nx-injected: 1", "agent\u{0}", "agent\n"] {
+        let t = sign_es(&k, claims(bad));
+        let (status, body) = reply_reason(&done(&mut w, req("/", &[("authorization", &bearer(&t))]), &mut h));
+        assert_eq!((status, body["reason"].clone()), (401, json!("token_subject_invalid")), "{bad:?}");
+    }
+    // A configured claim names OAuth clients that carry no `sub`.
+    let mut cfg: serde_json::Value = serde_json::from_slice(&config(&k, json!({}))).unwrap();
+    cfg["identity"]["jwt"]["providers"][0]["subject_claims"] = json!(["sub", "azp", "client_id"]);
+    let mut w = Warden::from_json(&serde_json::to_vec(&cfg).unwrap()).unwrap();
+    let out = done(&mut w, req("/", &[("authorization", &bearer(&sign_es(&k, no_sub)))]), &mut h);
+    assert!(out.reply.is_none());
+    assert_eq!(header(&out.set_headers, "x-warden-subject"), Some("svc-batch"));
+}
+
+#[test]
 fn hs256_signed_with_the_public_key_is_refused() {
     // A provider that only allows RS256/ES256 must not accept HS256 at all, whatever the secret.
     let k = keys();
@@ -283,6 +310,44 @@ fn session_from_claim_and_malformed_session_ids() {
     assert_eq!(header(&out.set_headers, "x-warden-session"), Some("from-claim"));
     let out = done(&mut w, req("/", &[("authorization", &t), ("x-session-id", b"bad id")]), &mut h);
     assert_eq!(reply_reason(&out).0, 400);
+    assert_eq!(reply_reason(&out).1["reasons"], json!(["session_id_malformed"]));
+    // Two values for the session, in one header sent twice or in two session headers: the
+    // upstream could act on the one the policy did not see.
+    for extra in [
+        vec![("x-session-id", &b"s-1"[..]), ("x-session-id", &b"s-2"[..])],
+        vec![("mcp-session-id", &b"s-1"[..]), ("x-session-id", &b"s-2"[..])],
+    ] {
+        let mut hs = vec![("authorization", &t[..])];
+        hs.extend(extra);
+        let out = done(&mut w, req("/", &hs), &mut h);
+        assert_eq!(reply_reason(&out).0, 400);
+        assert_eq!(reply_reason(&out).1["reasons"], json!(["session_id_ambiguous"]));
+    }
+    // The same value repeated is not ambiguous.
+    let out = done(&mut w, req("/", &[("authorization", &t), ("x-session-id", b"s-1"), ("mcp-session-id", b"s-1")]), &mut h);
+    assert_eq!(header(&out.set_headers, "x-warden-session"), Some("s-1"));
+}
+
+#[test]
+fn region_and_device_are_believed_only_from_trusted_sources_and_bounded() {
+    let k = keys();
+    let t = bearer(&sign_es(&k, claims("agent-7")));
+    let mut w = with_state(&k, "sync");
+    let headers = |region: &[u8]| req("/", &[("authorization", &t), ("x-client-region", region), ("x-device-id", b"host-1")]);
+    let mut trusted = live_host();
+    let (_, begin) = call(&mut w, headers(b"eu"), &mut trusted);
+    assert_eq!((begin.region.as_deref(), begin.device.as_deref()), (Some("eu"), Some("host-1")));
+    // A client that is not a configured source cannot steer drift detection: ignored.
+    let mut client = FakeHost::at(trusted.now_ms).with_property("source.address", "203.0.113.7:4444");
+    let (_, begin) = call(&mut w, headers(b"eu"), &mut client);
+    assert_eq!((begin.region, begin.device), (None, None));
+    // A trusted source's value must be short and printable.
+    for bad in [b"x".repeat(129), b"eu\x01".to_vec(), Vec::new()] {
+        let out = done(&mut w, headers(&bad), &mut trusted);
+        assert_eq!((reply_reason(&out).0, reply_reason(&out).1["reasons"].clone()), (400, json!(["context_header_invalid"])));
+    }
+    let out = done(&mut w, req("/", &[("authorization", &t), ("x-client-region", b"eu"), ("x-client-region", b"us")]), &mut trusted);
+    assert_eq!(reply_reason(&out).1["reasons"], json!(["context_header_invalid"]), "two regions at once");
 }
 
 #[test]
