@@ -101,6 +101,9 @@ def hostile(runtime, keys):
             h.listener("library", [h.wasm_filter(library, runtime)], cluster="recorder",
                        hcm={"http_protocol_options": {"enable_trailers": True}}),
             h.listener("spoof", [h.wasm_filter(spoof, runtime)], cluster="recorder", hcm={**forward_xfcc, "use_remote_address": True}),
+            # Without use_remote_address Envoy takes the client address from X-Forwarded-For: the
+            # filter alone must still never trust it.
+            h.listener("spoof_legacy", [h.wasm_filter(spoof, runtime)], cluster="recorder", hcm={**forward_xfcc, "use_remote_address": False}),
         ],
         [h.cluster("recorder", upstream.port)],
     )
@@ -223,16 +226,20 @@ def test_a_future_auth_time_does_not_satisfy_a_step_up(hostile, keys):
     assert get(url, headers={"authorization": f"Bearer {fresh}"}).status_code == 200
 
 
-def test_xff_cannot_make_a_client_a_trusted_hop_nor_a_context_source(hostile, keys):
+@pytest.mark.parametrize("listener", ["spoof", "spoof_legacy"])
+def test_xff_cannot_make_a_client_a_trusted_hop_nor_a_context_source(hostile, keys, listener):
     envoy, upstream = hostile
     forged = "By=spiffe://example.org/gw;URI=spiffe://example.org/ns/prod/sa/admin"
     # No credential but a forged client certificate, claimed to come through the trusted hop.
-    r = get(envoy.url("spoof", "/x"), headers={"x-forwarded-for": "10.0.0.9", "x-forwarded-client-cert": forged})
+    r = get(envoy.url(listener, "/x"), headers={"x-forwarded-for": "10.0.0.9", "x-forwarded-client-cert": forged})
     assert r.status_code == 401 and r.json()["reason"] == "credential_missing", r.text
     # Region from a client that only claims to be the trusted gateway is ignored.
-    r = get(envoy.url("spoof", "/x"), headers={"authorization": f"Bearer {keys.token(sub='agent-ctx')}",
-                                                        "x-forwarded-for": "10.0.0.9", "x-client-region": "eu-west"})
+    r = get(envoy.url(listener, "/x"), headers={"authorization": f"Bearer {keys.token(sub='agent-ctx')}",
+                                                "x-forwarded-for": "10.0.0.9", "x-client-region": "eu-west"})
     assert r.status_code == 200, r.text
     seen = r.json()["headers"]
-    assert seen["x-seen-region"] == "null" and seen["x-seen-source"].startswith("127.0.0.1"), seen
-    alive(envoy, keys, "spoof")
+    assert seen["x-seen-region"] == "null", seen
+    # Envoy's own view of the client: the direct peer with the secure setting, the forged
+    # address (port 0) without it; recorded as Envoy says, never trusted.
+    assert seen["x-seen-source"].startswith("127.0.0.1:" if listener == "spoof" else "10.0.0.9:0"), seen
+    alive(envoy, keys, listener)

@@ -11,7 +11,7 @@ use crate::correlation::{self, DECISION_HEADER, SESSION_HEADER, SUBJECT_HEADER, 
 use crate::decision::{Action, Decision};
 use crate::error::IdentityError;
 use crate::host::{Headers, Host};
-use crate::identity::{strip_port, Identity, IdentityKind};
+use crate::identity::{direct_peer, Identity, IdentityKind};
 use crate::mcp;
 use crate::metrics;
 use crate::session::{self, BeginError, SessionRef, SessionSource};
@@ -246,7 +246,7 @@ impl Warden {
         let source_address = host.property(&["source", "address"]).and_then(|v| String::from_utf8(v).ok());
         let cfg = &self.config.context;
         let trusted = cfg.trusted_sources.iter().any(|t| t == "*")
-            || source_address.as_deref().is_some_and(|a| cfg.trusted_sources.iter().any(|t| t == strip_port(a)));
+            || source_address.as_deref().and_then(direct_peer).is_some_and(|ip| cfg.trusted_sources.iter().any(|t| t == ip));
         let (mut region, mut device) = (None, None);
         if trusted {
             for (name, slot) in [(&cfg.region_header, &mut region), (&cfg.device_header, &mut device)] {

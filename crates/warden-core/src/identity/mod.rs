@@ -180,7 +180,7 @@ fn peer_spiffe_id(cfg: &SpiffeConfig, headers: &Headers, host: &dyn Host) -> Res
         Some(id) => Some(id),
         None if !cfg.trusted_xfcc_hops.is_empty() => {
             let peer = host.property(&["source", "address"]).and_then(|v| String::from_utf8(v).ok());
-            let trusted = peer.map(|p| strip_port(&p).to_string()).is_some_and(|ip| cfg.trusted_xfcc_hops.contains(&ip));
+            let trusted = peer.as_deref().and_then(direct_peer).is_some_and(|ip| cfg.trusted_xfcc_hops.iter().any(|h| h == ip));
             match (trusted, headers.get("x-forwarded-client-cert")) {
                 (true, Some(raw)) => {
                     let value = std::str::from_utf8(raw).map_err(|_| IdentityError::MalformedHeader)?;
@@ -198,6 +198,19 @@ fn peer_spiffe_id(cfg: &SpiffeConfig, headers: &Headers, host: &dyn Host) -> Res
         }
     }
     Ok(id)
+}
+
+/// The IP of the direct downstream peer, from Envoy's `source.address`, for trust decisions.
+/// When Envoy derived that address from `X-Forwarded-For` (the connection manager without
+/// `use_remote_address`, or with trusted hops), it has port 0: no TCP peer does, and an address
+/// a client can write into a header is never trusted.
+pub fn direct_peer(addr: &str) -> Option<&str> {
+    let ip = strip_port(addr);
+    let port = addr.rsplit_once(':').map(|(_, p)| p).filter(|_| ip != addr);
+    match port {
+        Some(p) if p.bytes().all(|b| b.is_ascii_digit()) && p.trim_start_matches('0').is_empty() => None,
+        _ => Some(ip),
+    }
 }
 
 /// `10.0.0.1:443` → `10.0.0.1`, `[::1]:443` → `::1`.
@@ -222,6 +235,14 @@ mod tests {
         assert_eq!(bearer("Basic abc"), None);
         assert_eq!(bearer("Bearer"), None);
         assert_eq!(bearer("Bearer a b"), None);
+    }
+
+    #[test]
+    fn an_address_envoy_took_from_x_forwarded_for_is_no_direct_peer() {
+        assert_eq!(direct_peer("10.0.0.9:51234"), Some("10.0.0.9"));
+        assert_eq!(direct_peer("[::1]:443"), Some("::1"));
+        assert_eq!(direct_peer("10.0.0.9:0"), None);
+        assert_eq!(direct_peer("[2001:db8::9]:0"), None);
     }
 
     #[test]
