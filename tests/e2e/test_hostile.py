@@ -243,3 +243,27 @@ def test_xff_cannot_make_a_client_a_trusted_hop_nor_a_context_source(hostile, ke
     # address (port 0) without it; recorded as Envoy says, never trusted.
     assert seen["x-seen-source"].startswith("127.0.0.1:" if listener == "spoof" else "10.0.0.9:0"), seen
     alive(envoy, keys, listener)
+
+
+def test_a_request_reset_mid_body_reaches_nothing(hostile, keys):
+    envoy, upstream = hostile
+    marker = uuid.uuid4().hex
+    body = tool_call("search", marker)
+    head = (f"POST /mcp HTTP/1.1\r\nHost: api.test\r\nAuthorization: Bearer {keys.token(sub='agent-reset')}\r\n"
+            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", port(envoy, "library")), timeout=10) as s:
+        s.sendall(head + f"{len(body):x}\r\n".encode() + body + b"\r\n")
+        # The stream never ends: the client goes away instead.
+    alive(envoy, keys)
+    assert not upstream.saw(marker), "a body that never ended was never decided, so never forwarded"
+
+
+def test_a_body_over_the_limit_is_refused_even_when_trailers_follow(hostile, keys):
+    envoy, upstream = hostile
+    marker = uuid.uuid4().hex
+    big = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                      "params": {"name": "search", "arguments": {"m": marker, "pad": "x" * (1024 * 1024 + 10)}}}).encode()
+    status, _, body = raw(port(envoy, "library"), chunked_with_trailers("/mcp", keys.token(sub="agent-big"), big))
+    assert status == 413, body[:300]
+    assert not upstream.saw(marker)
+    alive(envoy, keys)
