@@ -1060,17 +1060,18 @@ def sat(v: dict) -> str:
     return " *" if v["saturated_at_latency_rate"] else ""
 
 
+def md_table(head: str, align: str, rows) -> list[str]:
+    """A Markdown table: its header line, its alignment line and one line a row."""
+    return [head, align, *rows]
+
+
 def table(rep: dict) -> str:
-    rows = [
+    return "\n".join(md_table(
         "| Variant | | rps (median) | % of A | % of B | % of B2 | added µs/req | p50 µs | p99 µs | peak RSS MiB | ready ms |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name, v in rep["variants"].items():
-        rows.append(
-            f"| `{name}` | {v['label']} | {v['rps']} | {v['pct_of_a']:.1f} | {v['pct_of_b']:.1f} | {v['pct_of_b2']:.1f} | {v['added_us']:.1f} | "
-            f"{v['p50_us']}{sat(v)} | {v['p99_us']}{sat(v)} | {v['rss_mb']} | {v['ready_ms']:.0f} |"
-        )
-    return "\n".join(rows)
+        (f"| `{name}` | {v['label']} | {v['rps']} | {v['pct_of_a']:.1f} | {v['pct_of_b']:.1f} | {v['pct_of_b2']:.1f} | {v['added_us']:.1f} | "
+         f"{v['p50_us']}{sat(v)} | {v['p99_us']}{sat(v)} | {v['rss_mb']} | {v['ready_ms']:.0f} |" for name, v in rep["variants"].items()),
+    ))
 
 
 def render(rep: dict) -> str:
@@ -1084,36 +1085,25 @@ def render(rep: dict) -> str:
     c0 = v.get("warden_allow_all")
     co = v.get("warden_local_wasm_opt")
 
-    lat_rows = [
+    lat_rows = md_table(
         f"| Variant | p50 µs @ {rate} | p99 µs @ {rate} | p99.9 µs @ {rate} | achieved | p50 µs @ {common} | p99 µs @ {common} | p99.9 µs @ {common} | achieved |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name, x in v.items():
-        sat = " (saturated)" if x["saturated_at_latency_rate"] else ""
-        lat_rows.append(
-            f"| `{name}` | {x['p50_us']} | {x['p99_us']} | {x['p999_us']} | {x['latency_achieved_rps']}{sat} | "
-            f"{x['common_p50_us']} | {x['common_p99_us']} | {x['common_p999_us']} | {x['common_achieved_rps']} |"
-        )
-    mem_rows = [
+        (f"| `{name}` | {x['p50_us']} | {x['p99_us']} | {x['p999_us']} | {x['latency_achieved_rps']}{' (saturated)' if x['saturated_at_latency_rate'] else ''} | "
+         f"{x['common_p50_us']} | {x['common_p99_us']} | {x['common_p999_us']} | {x['common_achieved_rps']} |" for name, x in v.items()),
+    )
+    mem_rows = md_table(
         "| Variant | RSS when ready MiB | peak RSS (VmHWM) MiB | RSS at the end MiB | added peak vs A MiB | ready ms (trials, all CPUs) | ready ms (1 CPU) | wasm load + compile ms |",
         "|---|---:|---:|---:|---:|---|---:|---:|",
-    ]
-    for name, x in v.items():
-        mem_rows.append(
-            f"| `{name}` | {x['rss_ready_mb']} | {x['rss_mb']} | {x['vm_rss_end_mb']} | {x['rss_mb'] - a['rss_mb']:.1f} | "
-            f"{', '.join(f'{t:.0f}' for t in x['ready_ms_trials'])} | {x['ready_1cpu_ms']:.0f} | "
-            f"{x['startup'].get('wasm_load_compile_ms', '')} |"
-        )
-    run_rows = [
+        (f"| `{name}` | {x['rss_ready_mb']} | {x['rss_mb']} | {x['vm_rss_end_mb']} | {x['rss_mb'] - a['rss_mb']:.1f} | "
+         f"{', '.join(f'{t:.0f}' for t in x['ready_ms_trials'])} | {x['ready_1cpu_ms']:.0f} | "
+         f"{x['startup'].get('wasm_load_compile_ms', '')} |" for name, x in v.items()),
+    )
+    run_rows = md_table(
         "| Variant | rps per round | % of A within each round | Envoy CPU | wrk CPU | other processes' CPU (max) | requests measured |",
         "|---|---|---|---:|---:|---:|---:|",
-    ]
-    for name, x in v.items():
-        run_rows.append(
-            f"| `{name}` | {', '.join(map(str, x['rps_rounds']))} | {', '.join(f'{p:.0f}' for p in x['pct_of_a_rounds'])} | "
-            f"{x['envoy_cpu_pct']:.0f}% | {x['wrk_cpu_pct']:.0f}% | "
-            f"{x['foreign_cpu_pct_max']:.0f}% | {x['requests']} |"
-        )
+        (f"| `{name}` | {', '.join(map(str, x['rps_rounds']))} | {', '.join(f'{p:.0f}' for p in x['pct_of_a_rounds'])} | "
+         f"{x['envoy_cpu_pct']:.0f}% | {x['wrk_cpu_pct']:.0f}% | {x['foreign_cpu_pct_max']:.0f}% | {x['requests']} |" for name, x in v.items()),
+    )
     about = "\n".join(f"- `{n}` ({x['label']}): {x['about']}" for n, x in v.items())
     tgt = "\n".join(f"| {t['target']} | {t['value']} | {'met' if t['met'] else '**not met**'} |" for t in rep["targets"])
     busy = max(x["foreign_cpu_pct_max"] for x in v.values())

@@ -103,23 +103,22 @@ impl fmt::Display for IdentityError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicyError(pub String);
 
-impl fmt::Display for PolicyError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for PolicyError {}
-
 /// A policy directory, or a file in it, that cannot be read. The message starts with the path
 /// at fault (and, for JSON, the line and column), the way a compiler names a file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoadError(pub String);
 
-impl fmt::Display for LoadError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
+/// Errors that are one message for a person: shown as that message.
+macro_rules! message_errors {
+    ($($name:ident),*) => {$(
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl std::error::Error for $name {}
+    )*};
 }
 
-impl std::error::Error for LoadError {}
+message_errors!(PolicyError, LoadError);

@@ -238,15 +238,10 @@ mod tests {
     }
 
     #[test]
-    fn an_address_envoy_took_from_x_forwarded_for_is_no_direct_peer() {
-        assert_eq!(direct_peer("10.0.0.9:51234"), Some("10.0.0.9"));
-        assert_eq!(direct_peer("[::1]:443"), Some("::1"));
-        assert_eq!(direct_peer("10.0.0.9:0"), None);
-        assert_eq!(direct_peer("[2001:db8::9]:0"), None);
-    }
-
-    #[test]
-    fn strip_port_handles_v4_and_v6() {
+    fn direct_peers_and_ports_in_v4_and_v6_and_never_an_address_taken_from_x_forwarded_for() {
+        for (addr, peer) in [("10.0.0.9:51234", Some("10.0.0.9")), ("[::1]:443", Some("::1")), ("10.0.0.9:0", None), ("[2001:db8::9]:0", None)] {
+            assert_eq!(direct_peer(addr), peer, "{addr}");
+        }
         assert_eq!(strip_port("10.0.0.1:443"), "10.0.0.1");
         assert_eq!(strip_port("[::1]:443"), "::1");
         assert_eq!(strip_port("10.0.0.1"), "10.0.0.1");
