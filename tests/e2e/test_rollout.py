@@ -86,3 +86,19 @@ def test_replay_changes_exactly_the_expected_steps(stack, keys, tmpdir_session):
     export.write_text(export.read_text().replace("/exports/2", "/exports/X", 1))
     v = h.warden_cli("session", "verify", "--file", str(export), url="http://127.0.0.1:9")
     assert v.returncode == 1 and "TRAIL BROKEN" in v.stdout
+
+
+def test_the_recorded_policy_version_is_the_one_the_cli_gives_the_same_policy(stack, keys, tmpdir_session):
+    envoy, state = stack
+    sid, _ = workflow(envoy, keys, "versioned", ["/tickets"])
+    recorded = state.wait_timeline(sid, 1)["timeline"][0]["record"]["policy_version"]
+    # The enforced policy as a directory, under another path and other file names.
+    policy = base_config(keys)["policy"]
+    d = tmpdir_session / f"same-policy-{uuid.uuid4().hex[:6]}" / "nested"
+    d.mkdir(parents=True)
+    for i, (name, text) in enumerate(sorted(policy["modules"].items())):
+        (d / f"{i:02d}-{name}").write_text(text)
+    (d / "data.json").write_text(json.dumps(policy["data"], indent=4))
+    out = h.warden_cli("policy", "check", str(d) + "/./", url="http://127.0.0.1:9")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"version {recorded}" in out.stdout, (recorded, out.stdout)

@@ -46,18 +46,26 @@ pub struct Policy {
 /// the policy version (a short hash of modules and data).
 pub fn engine_for(src: &PolicySource<'_>) -> Result<(Engine, Option<Value>, String), PolicyError> {
     let mut engine = Engine::new();
-    let mut fingerprint = Vec::new();
     for (name, text) in &src.modules {
         engine
             .add_policy(name.to_string(), text.to_string())
             .map_err(|e| PolicyError(format!("module {name}: {e}")))?;
-        fingerprint.extend_from_slice(name.as_bytes());
-        fingerprint.push(0);
-        fingerprint.extend_from_slice(text.as_bytes());
-        fingerprint.push(0);
+    }
+    // The version is the policy's content: each module by its package and text, in package
+    // order, never by the name or path it was loaded under, so the proxy, the CLI and replay
+    // give one policy one version however its directory was written.
+    let mut modules: Vec<(&str, &str)> = src.modules.iter().map(|(_, text)| (package_of(text), *text)).collect();
+    modules.sort_unstable();
+    let mut fingerprint = Vec::new();
+    for (package, text) in modules {
+        for part in [package, text] {
+            fingerprint.extend_from_slice(part.as_bytes());
+            fingerprint.push(0);
+        }
     }
     let data = match src.data {
         Some(d) => {
+            // serde_json's maps are ordered by key: the same data, the same text.
             fingerprint.extend_from_slice(d.to_string().as_bytes());
             let v = Value::from(d.clone());
             if !matches!(v, Value::Object(_)) {
@@ -69,6 +77,17 @@ pub fn engine_for(src: &PolicySource<'_>) -> Result<(Engine, Option<Value>, Stri
         None => None,
     };
     Ok((engine, data, hex(&sha256(&fingerprint)[..6])))
+}
+
+/// The package a module declares (its first `package` line), or "" when it has none (the
+/// engine then refuses the module anyway).
+fn package_of(text: &str) -> &str {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix("package "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_default()
 }
 
 impl Policy {
@@ -132,6 +151,24 @@ mod tests {
             entrypoint: "data.t.decision",
             max_instructions: 100_000,
         })
+    }
+
+    #[test]
+    fn the_version_is_the_content_not_the_paths_or_their_order() {
+        let a = "# the library\npackage warden.a\nimport rego.v1\nx := 1\n";
+        let b = "package warden.session\nimport rego.v1\ndecision := {\"action\": \"allow\"}\n";
+        let data = serde_json::json!({"warden": {"config": {"z": 1, "a": [1, 2]}}});
+        let version = |modules: Vec<(&str, &str)>, data: &serde_json::Value| {
+            engine_for(&PolicySource { modules, data: Some(data), entrypoint: DEFAULT_ENTRYPOINT, max_instructions: 1000 }).unwrap().2
+        };
+        let proxy = version(vec![("a.rego", a), ("session.rego", b)], &data);
+        assert_eq!(version(vec![("./policies//session.rego", b), ("/abs/policies/a.rego", a)], &data), proxy);
+        // The same data written in another key order is the same data.
+        let reordered: serde_json::Value = serde_json::from_str(r#"{"warden": {"config": {"a": [1, 2], "z": 1}}}"#).unwrap();
+        assert_eq!(version(vec![("session.rego", b), ("a.rego", a)], &reordered), proxy);
+        assert_ne!(version(vec![("a.rego", a), ("session.rego", &b.replace("allow", "deny"))], &data), proxy);
+        assert_ne!(version(vec![("a.rego", a), ("session.rego", b)], &serde_json::json!({"warden": {}})), proxy);
+        assert_eq!(package_of(a), "warden.a");
     }
 
     #[test]
