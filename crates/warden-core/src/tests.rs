@@ -12,6 +12,10 @@ use crate::session::SessionState;
 use crate::wire::{BeginOutcome, BeginResponse, BeginStep};
 use crate::host::FakeHost;
 
+// Canonical paths through the whole flow (in their own file, beside the helpers above).
+#[path = "tests_paths.rs"]
+mod paths;
+
 const ISS: &str = "https://issuer.test";
 
 const POLICY: &str = r#"

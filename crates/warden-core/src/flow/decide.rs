@@ -18,10 +18,12 @@ impl Warden {
         let shadow = self.config.mode == Mode::Shadow;
         let region = ctx.headers.get_str(&self.config.context.region_header).map(str::to_string);
         let device = ctx.headers.get_str(&self.config.context.device_header).map(str::to_string);
-        let Pending { mut out, headers, identity, session, traceparent, now_ms, mcp, tools } = ctx;
+        let Pending { mut out, headers, identity, session, traceparent, now_ms, mcp, tools, path } = ctx;
         let source_address = host.property(&["source", "address"]).and_then(|v| String::from_utf8(v).ok());
+        let target = path.as_ref().map(|p| p.target());
         let facts = input::RequestFacts {
             headers: &headers,
+            path: target.as_deref(),
             input_headers: &self.config.policy.input_headers,
             source_address: source_address.as_deref(),
             region: region.as_deref(),
@@ -116,6 +118,7 @@ impl Warden {
             out.set_headers.push((SUBJECT_HEADER.into(), identity.subject.clone()));
         }
         out.set_headers.push((TRACEPARENT.into(), traceparent));
+        out.set_headers.extend(self.path_rewrite(&headers, path.as_ref()));
         if decision.action == Action::Allow {
             out.set_headers.extend(decision.headers.iter().cloned());
         }

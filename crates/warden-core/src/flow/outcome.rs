@@ -7,6 +7,7 @@ use crate::decision::Decision;
 use crate::host::Headers;
 use crate::identity::Identity;
 use crate::mcp::McpRequest;
+use crate::path::CanonicalPath;
 use crate::session::{Seen, SessionRef};
 use crate::wire::StepRecord;
 
@@ -90,6 +91,8 @@ pub struct Pending {
     pub(super) mcp: Option<McpRequest>,
     /// MCP tools this request calls.
     pub(super) tools: Vec<String>,
+    /// The canonical `:path` (`path.rs`) the policy decides on; `None` without a `:path`.
+    pub(super) path: Option<CanonicalPath>,
 }
 
 impl Pending {
