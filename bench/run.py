@@ -1292,7 +1292,9 @@ rebuild during the run changes nothing. Source: commit `{rep['source']['commit']
 
 Each variant is its own Envoy process (`--concurrency 1`: one worker) with one listener on
 127.0.0.1 whose route is a `direct_response` 200 (`harness.listener(..., direct_response=True)`), so
-no upstream can be the bottleneck. Session Warden runs under every wasm runtime compiled into the
+no upstream can be the bottleneck. Every variant has the same HttpConnectionManager settings, the
+secure ones of README "Deploying securely" (`harness.secure_hcm()`), and the warden variants have
+the buffer filter after the warden, as deployed (a no-op for the bench's body-less GETs). Session Warden runs under every wasm runtime compiled into the
 Envoy build (`harness.wasm_runtimes()`): {runtimes}{', the only one in the PyPI build' if only_v8 else ''}.
 The variants with the session-state service, `warden_cached` (state cached in the proxy) and
 `warden_sync` (every step synchronised with the service), are to be added now that the service

@@ -33,6 +33,7 @@ impl Metrics {
             names::REVOCATIONS_APPLIED,
             names::CANDIDATE_EVALUATIONS,
             names::CANDIDATE_DISAGREEMENTS,
+            names::PATHS_REFUSED,
         ];
         for n in fixed {
             self.id(n);

@@ -62,17 +62,48 @@ class _Quiet(BaseHTTPRequestHandler):
 
 
 class _Echo(_Quiet):
-    """Answers every request with the method, path and headers it received."""
+    """Answers every request with the method, path and headers it received, and keeps it in
+    its server's `requests` (what the upstream saw, for tests that must prove it saw nothing)."""
+
+    def _read_chunked(self) -> bytes:
+        """A chunked request body (what Envoy sends upstream for an HTTP/2 request without
+        content-length); what arrived if the stream is cut short."""
+        body = b""
+        while True:
+            size_line = self.rfile.readline(1024)
+            if not size_line:
+                return body
+            try:
+                size = int(size_line.split(b";")[0].strip() or b"0", 16)
+            except ValueError:
+                return body
+            if size == 0:
+                while self.rfile.readline(8192) not in (b"\r\n", b"\n", b""):
+                    pass  # trailers
+                return body
+            chunk = self.rfile.read(size)
+            body += chunk
+            if len(chunk) < size:
+                return body
+            self.rfile.readline(8)
 
     def _echo(self):
-        n = int(self.headers.get("content-length") or 0)
-        body = self.rfile.read(n) if n else b""
+        if self.headers.get("transfer-encoding", "").lower() == "chunked":
+            body = self._read_chunked()
+        else:
+            n = int(self.headers.get("content-length") or 0)
+            body = self.rfile.read(n) if n else b""
         doc = {
             "method": self.command,
             "path": self.path,
+            # The request target byte for byte (`path` is http.server's, which folds a leading `//`).
+            "target": self.requestline.split(" ")[1] if self.requestline.count(" ") >= 2 else self.path,
             "headers": {k.lower(): v for k, v in self.headers.items()},
             "body": body.decode("utf-8", "replace"),
         }
+        seen = getattr(self.server, "requests", None)
+        if seen is not None:
+            seen.append(doc)
         self._send(200, json.dumps(doc).encode())
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _echo
@@ -84,6 +115,9 @@ class Server:
     def __init__(self, handler):
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.httpd.daemon_threads = True
+        # Every request an echo handler answered, in arrival order.
+        self.requests: list[dict] = []
+        self.httpd.requests = self.requests  # type: ignore[attr-defined]
         self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
@@ -277,8 +311,49 @@ def wasm_filter(plugin_config: dict | str, runtime="envoy.wasm.runtime.v8", vm_i
     }
 
 
-def listener(name: str, http_filters: list, cluster="echo", tls: dict | None = None, direct_response=False, hcm: dict | None = None) -> dict:
+def secure_hcm() -> dict:
+    """The HttpConnectionManager settings a secure deployment must have in front of the warden
+    (README "Deploying securely" says why each): Envoy normalizes the path it routes on, sends
+    upstream and hands the filter; refuses escaped slashes and underscore header names; and
+    takes the client address from the connection, not from a header the client wrote."""
+    return {
+        "normalize_path": True,
+        "merge_slashes": True,
+        "path_with_escaped_slashes_action": "REJECT_REQUEST",
+        "use_remote_address": True,
+        "xff_num_trusted_hops": 0,
+        "common_http_protocol_options": {"headers_with_underscores_action": "REJECT_REQUEST"},
+    }
+
+
+def _is_warden(f: dict) -> bool:
+    return f.get("name") == "envoy.filters.http.wasm" and f.get("typed_config", {}).get("config", {}).get("name") == "session-warden"
+
+
+def with_buffer_after_warden(http_filters: list) -> list:
+    """The chain with Envoy's buffer filter right after the warden (unless one is there): the
+    upstream sees nothing of a request whose body the warden reads, not even its headers,
+    before the decision."""
+    out = list(http_filters)
+    for i, f in enumerate(out):
+        if _is_warden(f):
+            if not (i + 1 < len(out) and out[i + 1].get("name") == "envoy.filters.http.buffer"):
+                out.insert(i + 1, buffer_filter())
+            break
+    return out
+
+
+def listener(
+    name: str, http_filters: list, cluster="echo", tls: dict | None = None, direct_response=False, hcm: dict | None = None, secure=True
+) -> dict:
+    """A listener with one HttpConnectionManager. `secure` (the default, and what every shipped
+    config uses) applies `secure_hcm()` and puts the buffer filter after the warden; `hcm` is
+    merged over it. `secure=False` is the bare listener of the hostile tests: what the filter
+    alone must hold."""
     route = {"match": {"prefix": "/"}}
+    if secure:
+        hcm = deep_merge(secure_hcm(), hcm or {})
+        http_filters = with_buffer_after_warden(http_filters)
     if direct_response:
         route["direct_response"] = {"status": 200, "body": {"inline_string": "ok"}}
     else:
@@ -611,3 +686,160 @@ def buffer_filter(max_bytes: int = 1024 * 1024) -> dict:
         "name": "envoy.filters.http.buffer",
         "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer", "max_request_bytes": max_bytes},
     }
+
+
+# ---------------------------------------------------------------- raw clients for hostile input
+# HTTP client libraries normalize paths (and refuse odd ones) before sending: these send exactly
+# the bytes given, so a test sees what Envoy and the filter make of them.
+
+
+def _read_http1_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"connection closed before a response: {data[:200]!r}")
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        headers[k.strip().lower()] = v.strip()
+    if "content-length" in headers:
+        n = int(headers["content-length"])
+        while len(rest) < n:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            rest += chunk
+        return status, headers, rest[:n]
+    # chunked or close-delimited: the request asked for `connection: close`, so read to the end.
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        rest += chunk
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        body, buf = b"", rest
+        while buf:
+            size_line, _, buf = buf.partition(b"\r\n")
+            size = int(size_line.split(b";")[0] or b"0", 16)
+            if size == 0:
+                break
+            body, buf = body + buf[:size], buf[size + 2 :]
+        rest = body
+    return status, headers, rest
+
+
+def http1_request(
+    port: int, method: str, path: bytes | str, headers: dict | list | None = None, body: bytes = b"", host="localhost", timeout=5.0
+) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 request over a raw socket, the request target sent byte for byte; returns
+    (status, lower-cased headers, body). The connection is closed after the response."""
+    target = path.encode("latin-1") if isinstance(path, str) else path
+    pairs = list(headers.items()) if isinstance(headers, dict) else list(headers or [])
+    lines = [method.encode() + b" " + target + b" HTTP/1.1", b"host: " + host.encode()]
+    lines += [f"{k}: {v}".encode("latin-1") for k, v in pairs]
+    if body or method in ("POST", "PUT", "PATCH"):
+        lines.append(f"content-length: {len(body)}".encode())
+    lines.append(b"connection: close")
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(b"\r\n".join(lines) + b"\r\n\r\n" + body)
+        return _read_http1_response(sock)
+
+
+def h2_request(
+    port: int,
+    method: str,
+    path: bytes | str,
+    headers: dict | list | None = None,
+    body: bytes = b"",
+    trailers: dict | list | None = None,
+    authority="localhost",
+    timeout=5.0,
+) -> tuple[int | None, dict[str, str], bytes]:
+    """One HTTP/2 request (cleartext, prior knowledge) on a fresh connection, `:path` sent byte
+    for byte; with `trailers`, the request ends with a trailers HEADERS frame instead of
+    END_STREAM on the last DATA frame. Returns (status, lower-cased headers, body); status is
+    None when the stream was reset (or the connection closed) before a response, and then
+    headers hold `x-h2-reset` (the error code) or `x-h2-closed`."""
+    import h2.config
+    import h2.connection
+    import h2.events
+    import h2.exceptions
+
+    target = path.encode("latin-1") if isinstance(path, str) else path
+    pairs = list(headers.items()) if isinstance(headers, dict) else list(headers or [])
+    trailer_pairs = list(trailers.items()) if isinstance(trailers, dict) else list(trailers or [])
+    conn = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=True, header_encoding=None, validate_outbound_headers=False))
+    status: int | None = None
+    resp_headers: dict[str, str] = {}
+    resp_body = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        conn.initiate_connection()
+        sock.sendall(conn.data_to_send())
+        sid = conn.get_next_available_stream_id()
+        request = [(b":method", method.encode()), (b":scheme", b"http"), (b":authority", authority.encode()), (b":path", target)]
+        request += [(k.encode() if isinstance(k, str) else k, v.encode() if isinstance(v, str) else v) for k, v in pairs]
+        conn.send_headers(sid, request, end_stream=not body and not trailer_pairs)
+        sock.sendall(conn.data_to_send())
+        done = False
+
+        def pump() -> bool:
+            """Read one batch of frames; True once the stream (or the connection) is over."""
+            nonlocal status, resp_body
+            try:
+                data = sock.recv(65536)
+            except ConnectionResetError:
+                data = b""
+            if not data:
+                resp_headers.setdefault("x-h2-closed", "1")
+                return True
+            over = False
+            for ev in conn.receive_data(data):
+                if isinstance(ev, h2.events.ResponseReceived) and ev.stream_id == sid:
+                    for k, v in ev.headers:
+                        k, v = k.decode(), v.decode("latin-1")
+                        if k == ":status":
+                            status = int(v)
+                        else:
+                            resp_headers[k] = v
+                elif isinstance(ev, h2.events.DataReceived) and ev.stream_id == sid:
+                    resp_body += ev.data
+                    conn.acknowledge_received_data(ev.flow_controlled_length, sid)
+                elif isinstance(ev, h2.events.StreamEnded) and ev.stream_id == sid:
+                    over = True
+                elif isinstance(ev, h2.events.StreamReset) and ev.stream_id == sid:
+                    resp_headers["x-h2-reset"] = str(int(ev.error_code))
+                    over = True
+                elif isinstance(ev, h2.events.ConnectionTerminated):
+                    resp_headers.setdefault("x-h2-closed", str(int(ev.error_code)))
+                    over = True
+            pending = conn.data_to_send()
+            if pending:
+                sock.sendall(pending)
+            return over
+
+        # The body, as flow control allows; the server may answer (and end the stream) first.
+        sent = 0
+        try:
+            while sent < len(body) and not done:
+                window = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
+                if window <= 0:
+                    done = pump()
+                    continue
+                chunk = body[sent : sent + window]
+                sent += len(chunk)
+                conn.send_data(sid, chunk, end_stream=sent == len(body) and not trailer_pairs)
+                sock.sendall(conn.data_to_send())
+            if trailer_pairs and not done:
+                encoded = [(k.encode() if isinstance(k, str) else k, v.encode() if isinstance(v, str) else v) for k, v in trailer_pairs]
+                conn.send_headers(sid, encoded, end_stream=True)
+                sock.sendall(conn.data_to_send())
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            pass  # the server ended the stream first: its answer is read below
+        while not done:
+            done = pump()
+    return status, resp_headers, resp_body

@@ -1,17 +1,17 @@
 """Hostile input against a real Envoy with the filter: every way a client could make the filter
 decide on something other than what the upstream acts on. Each attack gets its expected status
-and reason code, the upstream (a recorder) is checked to have acted on nothing undecided, and a
-normal request afterwards shows the VM lives on.
+and reason code, the upstream (the harness's echo server, which records what it received) is
+checked to have acted on nothing undecided, and a normal request afterwards shows the VM lives on.
+Body attacks run against the secure listener and a bare one (no buffer filter, no Envoy
+hardening): the filter alone must hold. Path tricks are in test_hostile_paths.py.
 
-Raw sockets are used where HTTP clients would tidy the request up (repeated headers, chunked
-bodies with trailers)."""
+Raw sockets and a raw HTTP/2 client are used where HTTP clients would tidy the request up
+(repeated headers, chunked bodies with trailers, HTTP/2 trailers)."""
 
 import json
 import socket
-import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
@@ -20,60 +20,6 @@ import harness as h
 from conftest import base_config
 
 TOOLS = {"allow": {"*": ["search", "ticket.*"]}}
-
-
-class Recorder:
-    """An upstream that records every request it received whole (chunked bodies included)."""
-
-    def __init__(self):
-        self.received: list[dict] = []
-        outer = self
-
-        class H(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a):
-                pass
-
-            def _body(self) -> bytes:
-                if "chunked" in (self.headers.get("transfer-encoding") or "").lower():
-                    out = b""
-                    while True:
-                        size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
-                        if size == 0:
-                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                                pass
-                            return out
-                        out += self.rfile.read(size)
-                        self.rfile.readline()
-                n = int(self.headers.get("content-length") or 0)
-                return self.rfile.read(n) if n else b""
-
-            def _handle(self):
-                body = self._body()
-                doc = {"method": self.command, "path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
-                       "body": body.decode("utf-8", "replace")}
-                outer.received.append(doc)
-                data = json.dumps(doc).encode()
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = _handle
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.httpd.daemon_threads = True
-        self.port = self.httpd.server_address[1]
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def saw(self, marker: str) -> bool:
-        return any(marker in json.dumps(d) for d in self.received)
-
-    def stop(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 CONTEXT_POLICY = """package warden.session
@@ -85,9 +31,23 @@ decision := {"action": "allow", "reasons": [], "headers": {
 """
 
 
+class Upstream:
+    """The echo server with a question: did it ever receive this marker?"""
+
+    def __init__(self):
+        self.server = h.echo_server()
+        self.port = self.server.port
+
+    def saw(self, marker: str) -> bool:
+        return any(marker in json.dumps(d) for d in self.server.requests)
+
+    def stop(self):
+        self.server.stop()
+
+
 @pytest.fixture(scope="module")
 def hostile(runtime, keys):
-    upstream = Recorder()
+    upstream = Upstream()
     library = base_config(keys, policy={"data": {"warden": {"config": {"tools": TOOLS, "limits": {"max_steps": 1000}}}}})
     # A deployment that takes region from a gateway it trusts (not the test client), and believes
     # XFCC from a front hop at 10.0.0.9 only.
@@ -95,17 +55,18 @@ def hostile(runtime, keys):
                         context={"trusted_sources": ["10.0.0.9"]})
     spoof["policy"] = {"modules": {"p.rego": CONTEXT_POLICY}}
     forward_xfcc = {"forward_client_cert_details": "ALWAYS_FORWARD_ONLY"}
+    # HTTP/1.1 trailers reach filters only when the connection manager enables them.
+    trailers = {"http_protocol_options": {"enable_trailers": True}}
     config = h.bootstrap(
         [
-            # HTTP/1.1 trailers reach filters only when the connection manager enables them.
-            h.listener("library", [h.wasm_filter(library, runtime)], cluster="recorder",
-                       hcm={"http_protocol_options": {"enable_trailers": True}}),
-            h.listener("spoof", [h.wasm_filter(spoof, runtime)], cluster="recorder", hcm={**forward_xfcc, "use_remote_address": True}),
+            h.listener("library", [h.wasm_filter(library, runtime)], hcm=trailers),
+            h.listener("library_bare", [h.wasm_filter(library, runtime)], hcm=trailers, secure=False),
+            h.listener("spoof", [h.wasm_filter(spoof, runtime)], hcm=forward_xfcc),
             # Without use_remote_address Envoy takes the client address from X-Forwarded-For: the
             # filter alone must still never trust it.
-            h.listener("spoof_legacy", [h.wasm_filter(spoof, runtime)], cluster="recorder", hcm={**forward_xfcc, "use_remote_address": False}),
+            h.listener("spoof_legacy", [h.wasm_filter(spoof, runtime)], hcm={**forward_xfcc, "use_remote_address": False}),
         ],
-        [h.cluster("recorder", upstream.port)],
+        [h.cluster("echo", upstream.port)],
     )
     envoy = h.Envoy(config)
     try:
@@ -163,21 +124,30 @@ def alive(envoy, keys, listener="library"):
     assert r.status_code == 200, r.text
 
 
-def test_a_body_ending_with_trailers_is_decided_before_any_of_it_goes_upstream(hostile, keys):
+def send_with_trailers(envoy, listener: str, protocol: str, token: str, body: bytes) -> tuple[int | None, bytes]:
+    if protocol == "h1":
+        status, _, reply = raw(port(envoy, listener), chunked_with_trailers("/mcp", token, body))
+    else:
+        status, _, reply = h.h2_request(port(envoy, listener), "POST", "/mcp", {"authorization": f"Bearer {token}",
+                                        "content-type": "application/json"}, body=body, trailers={"x-checksum": "abc"})
+    return status, reply
+
+
+@pytest.mark.parametrize("protocol", ["h1", "h2"])
+@pytest.mark.parametrize("listener", ["library", "library_bare"])
+def test_a_body_ending_with_trailers_is_decided_before_any_of_it_goes_upstream(hostile, keys, listener, protocol):
     envoy, upstream = hostile
-    token = keys.token(sub="agent-trailers")
+    token = keys.token(sub=f"agent-trailers-{listener}-{protocol}")
     denied = uuid.uuid4().hex
-    status, headers, body = raw(port(envoy, "library"), chunked_with_trailers("/mcp", token, tool_call("shell.exec", denied)))
+    status, body = send_with_trailers(envoy, listener, protocol, token, tool_call("shell.exec", denied))
     assert status == 403, body
-    err = json.loads(body)["error"]
-    assert "tool_not_allowed" in err["data"]["reasons"]
+    assert "tool_not_allowed" in json.loads(body)["error"]["data"]["reasons"]
     allowed = uuid.uuid4().hex
-    status, _, body = raw(port(envoy, "library"), chunked_with_trailers("/mcp", token, tool_call("search", allowed)))
+    status, body = send_with_trailers(envoy, listener, protocol, token, tool_call("search", allowed))
     assert status == 200, body
-    time.sleep(0.2)  # the recorder answers before it is asked again; nothing more to wait for
     assert upstream.saw(allowed), "the allowed call reached the upstream with its body"
     assert not upstream.saw(denied), "the denied call never reached the upstream"
-    alive(envoy, keys)
+    alive(envoy, keys, listener)
 
 
 def test_every_call_of_a_jsonrpc_batch_is_judged(hostile, keys):
@@ -245,25 +215,27 @@ def test_xff_cannot_make_a_client_a_trusted_hop_nor_a_context_source(hostile, ke
     alive(envoy, keys, listener)
 
 
-def test_a_request_reset_mid_body_reaches_nothing(hostile, keys):
+@pytest.mark.parametrize("listener", ["library", "library_bare"])
+def test_a_request_reset_mid_body_reaches_nothing(hostile, keys, listener):
     envoy, upstream = hostile
     marker = uuid.uuid4().hex
     body = tool_call("search", marker)
     head = (f"POST /mcp HTTP/1.1\r\nHost: api.test\r\nAuthorization: Bearer {keys.token(sub='agent-reset')}\r\n"
             "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n").encode()
-    with socket.create_connection(("127.0.0.1", port(envoy, "library")), timeout=10) as s:
+    with socket.create_connection(("127.0.0.1", port(envoy, listener)), timeout=10) as s:
         s.sendall(head + f"{len(body):x}\r\n".encode() + body + b"\r\n")
         # The stream never ends: the client goes away instead.
-    alive(envoy, keys)
+    alive(envoy, keys, listener)
     assert not upstream.saw(marker), "a body that never ended was never decided, so never forwarded"
 
 
-def test_a_body_over_the_limit_is_refused_even_when_trailers_follow(hostile, keys):
+@pytest.mark.parametrize("listener", ["library", "library_bare"])
+def test_a_body_over_the_limit_is_refused_even_when_trailers_follow(hostile, keys, listener):
     envoy, upstream = hostile
     marker = uuid.uuid4().hex
     big = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
                       "params": {"name": "search", "arguments": {"m": marker, "pad": "x" * (1024 * 1024 + 10)}}}).encode()
-    status, _, body = raw(port(envoy, "library"), chunked_with_trailers("/mcp", keys.token(sub="agent-big"), big))
+    status, _, body = raw(port(envoy, listener), chunked_with_trailers("/mcp", keys.token(sub="agent-big"), big))
     assert status == 413, body[:300]
     assert not upstream.saw(marker)
-    alive(envoy, keys)
+    alive(envoy, keys, listener)

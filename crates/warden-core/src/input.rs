@@ -11,6 +11,8 @@ use crate::value::{opt_n, opt_s, s, strings, Obj};
 /// Facts about the request that are not the identity or the session.
 pub struct RequestFacts<'a> {
     pub headers: &'a Headers,
+    /// The canonical `:path` (`path.rs`), with the query: `input.request.path`.
+    pub path: Option<&'a str>,
     pub input_headers: &'a [String],
     pub source_address: Option<&'a str>,
     pub region: Option<&'a str>,
@@ -35,7 +37,8 @@ pub fn build(now_ms: u64, mode: &str, req: &RequestFacts<'_>, id: &Identity, ses
     }
     let request = Obj::new()
         .set("method", opt_s(h.get_str(":method")))
-        .set("path", opt_s(h.get_str(":path")))
+        .set("path", opt_s(req.path))
+        .set("raw_path", opt_s(h.get_str(":path")))
         .set("authority", opt_s(h.get_str(":authority")))
         .set("scheme", opt_s(h.get_str(":scheme")))
         .set("headers", selected.build())

@@ -18,6 +18,7 @@ pub mod identity;
 pub mod input;
 pub mod mcp;
 pub mod metrics;
+pub mod path;
 pub mod policy;
 pub mod session;
 pub mod trail;

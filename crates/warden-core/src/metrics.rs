@@ -16,6 +16,8 @@ pub const RECORDS_DROPPED: &str = "warden.records.dropped";
 pub const REVOCATIONS_APPLIED: &str = "warden.revocations.applied";
 pub const CANDIDATE_EVALUATIONS: &str = "warden.candidate.evaluations";
 pub const CANDIDATE_DISAGREEMENTS: &str = "warden.candidate.disagreements";
+/// Requests refused for an ambiguous or malformed path (`path_ambiguous`).
+pub const PATHS_REFUSED: &str = "warden.paths.refused";
 
 /// `warden.decisions.<action>`: what was enforced.
 pub fn decision(action: &str) -> String {

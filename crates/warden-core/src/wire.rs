@@ -190,7 +190,8 @@ impl StepRecord {
             source_address: f.request.source_address.map(str::to_string),
             method: headers.get_str(":method").map(str::to_string),
             authority: headers.get_str(":authority").map(str::to_string),
-            path: headers.get_str(":path").map(|p| p.chars().take(MAX_RECORDED_PATH).collect()),
+            // The path the policy decided on and the upstream was sent (canonical).
+            path: f.request.path.map(|p| p.chars().take(MAX_RECORDED_PATH).collect()),
             tool: f.tools.first().cloned(),
             mcp_method: first_call.map(|c| c.method.clone()),
             arguments_digest: first_call.and_then(|c| c.arguments_digest.clone()),

@@ -33,7 +33,7 @@ fn builtin_sample() -> Json {
         "now": 1_800_000_100,
         "now_ms": 1_800_000_100_000_u64,
         "mode": "enforce",
-        "request": {"method": "GET", "path": "/", "authority": "api.test", "scheme": "https", "headers": {},
+        "request": {"method": "GET", "path": "/", "raw_path": "/", "authority": "api.test", "scheme": "https", "headers": {},
                     "source": {"address": "10.0.0.1:40000", "principal": null}, "mcp": null},
         "identity": {"kind": "jwt", "subject": "agent-1", "issuer": "https://issuer.test", "provider": "test",
                      "scopes": [], "claims": {}, "delegation": [], "workload": null},

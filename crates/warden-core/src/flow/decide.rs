@@ -16,9 +16,11 @@ impl Warden {
     /// Decide, enforce, correlate, and prepare the step's attribution record.
     pub(super) fn decide(&mut self, ctx: Pending, before: SessionState, step: u64, is_new: bool, unavailable: bool, host: &mut dyn Host) -> RequestOutcome {
         let shadow = self.config.mode == Mode::Shadow;
-        let Pending { mut out, headers, identity, session, traceparent, now_ms, mcp, tools, context } = ctx;
+        let Pending { mut out, headers, identity, session, traceparent, now_ms, mcp, tools, context, path } = ctx;
+        let target = path.as_ref().map(|p| p.target());
         let facts = input::RequestFacts {
             headers: &headers,
+            path: target.as_deref(),
             input_headers: &self.config.policy.input_headers,
             source_address: context.source_address.as_deref(),
             region: context.region.as_deref(),
@@ -113,6 +115,7 @@ impl Warden {
             out.set_headers.push((SUBJECT_HEADER.into(), identity.subject.clone()));
         }
         out.set_headers.push((TRACEPARENT.into(), traceparent));
+        out.set_headers.extend(self.path_rewrite(&headers, path.as_ref()));
         if decision.action == Action::Allow {
             out.set_headers.extend(decision.headers.iter().cloned());
         }

@@ -6,6 +6,7 @@ use crate::decision::Decision;
 use crate::host::Headers;
 use crate::identity::Identity;
 use crate::mcp::McpRequest;
+use crate::path::CanonicalPath;
 use crate::session::{Seen, SessionRef};
 use crate::wire::StepRecord;
 
@@ -90,6 +91,8 @@ pub struct Pending {
     /// MCP tools this request calls.
     pub(super) tools: Vec<String>,
     pub(super) context: Context,
+    /// The canonical `:path` (`path.rs`) the policy decides on; `None` without a `:path`.
+    pub(super) path: Option<CanonicalPath>,
 }
 
 /// Where the request comes from: the direct peer, and the region and device a trusted source

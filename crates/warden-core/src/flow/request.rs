@@ -14,6 +14,7 @@ use crate::host::{Headers, Host};
 use crate::identity::{direct_peer, Identity, IdentityKind};
 use crate::mcp;
 use crate::metrics;
+use crate::path::{self, CanonicalPath, PathError};
 use crate::session::{self, BeginError, SessionRef, SessionSource};
 use crate::wire::{BeginOutcome, BeginResponse, BeginStep};
 
@@ -30,15 +31,59 @@ fn traceparent_of(headers: &Headers, host: &mut dyn Host) -> String {
     }
 }
 
+/// The canonical form of `:path` (`path.rs`); `None` when there is no `:path` (CONNECT).
+fn canonical_path(headers: &Headers) -> Result<Option<CanonicalPath>, PathError> {
+    headers.get(":path").map(path::canonicalize).transpose()
+}
+
+/// A JSON media type: what a JSON-RPC body is sent as (`application/json`, `application/*+json`,
+/// `application/json-rpc`), parameters ignored.
+fn is_json(headers: &Headers) -> bool {
+    let Some(ct) = headers.get_str("content-type") else { return false };
+    let media = ct.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    media == "application/json" || media == "application/json-rpc" || (media.starts_with("application/") && media.ends_with("+json"))
+}
+
+/// How a POST says it may carry MCP JSON-RPC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum McpSignal {
+    /// An `Mcp-Method` or `mcp-session-id` header, or a configured MCP path: the body must be
+    /// JSON-RPC (else 400).
+    Declared,
+    /// Only a JSON content type: a JSON-RPC body is MCP; other JSON is REST traffic.
+    Json,
+}
+
+/// Whether a body that is not a valid MCP message could still be read as JSON-RPC by a lenient
+/// upstream: such a body is refused rather than passed as REST traffic.
+fn mentions_jsonrpc(body: &[u8]) -> bool {
+    body.windows(7).any(|w| w == b"jsonrpc")
+}
+
 impl Warden {
-    /// Whether the filter must read this request's body before deciding (MCP JSON-RPC POSTs).
-    pub fn wants_body(&self, headers: &Headers) -> bool {
+    /// What makes this request MCP, if anything. The configured paths are compared with the
+    /// canonical path, so `/%6dcp` or `//mcp` is MCP as `/mcp` is.
+    fn mcp_signal(&self, headers: &Headers, path: Option<&CanonicalPath>) -> Option<McpSignal> {
         if headers.get_str(":method") != Some("POST") {
-            return false;
+            return None;
         }
-        let path = headers.get_str(":path").unwrap_or_default();
-        let path = path.split('?').next().unwrap_or_default();
-        headers.get("mcp-session-id").is_some() || self.config.mcp.paths.iter().any(|p| path.starts_with(p.as_str()))
+        let on_mcp_path = path.is_some_and(|p| self.config.mcp.paths.iter().any(|m| p.path.starts_with(m.as_str())));
+        if on_mcp_path || headers.get("mcp-method").is_some() || headers.get("mcp-session-id").is_some() {
+            Some(McpSignal::Declared)
+        } else if is_json(headers) {
+            Some(McpSignal::Json)
+        } else {
+            None
+        }
+    }
+
+    /// Whether the filter must read this request's body before deciding: a POST that is, or may
+    /// be, MCP JSON-RPC. A path that canonicalization refuses is refused on headers alone.
+    pub fn wants_body(&self, headers: &Headers) -> bool {
+        match canonical_path(headers) {
+            Ok(path) => self.mcp_signal(headers, path.as_ref()).is_some(),
+            Err(_) => false,
+        }
     }
 
     pub fn max_body_bytes(&self) -> usize {
@@ -52,6 +97,13 @@ impl Warden {
         let early = Early { decision_id: correlation::new_decision_id(host), traceparent: traceparent_of(headers, host), minted_session: None };
         let mut out = RequestOutcome { decision_id: early.decision_id.clone(), ..Default::default() };
         out.remove_headers = stamped_by_client(headers);
+        let canonical = match canonical_path(headers) {
+            Ok(c) => c,
+            Err(e) => {
+                out.metrics.push(metrics::REQUESTS.into());
+                return Err(Box::new(self.refuse_path(out, e)));
+            }
+        };
         let now_s = host.now_ms() / 1000;
         let identity = match self.identifier.identify(headers, host, now_s) {
             Ok(id) => id,
@@ -76,6 +128,8 @@ impl Warden {
             out.set_headers.push((SUBJECT_HEADER.into(), identity.subject.clone()));
         }
         out.set_headers.push((TRACEPARENT.into(), early.traceparent.clone()));
+        // The headers leave before the body is decided: they leave with the path decided on.
+        out.set_headers.extend(self.path_rewrite(headers, canonical.as_ref()));
         Ok((early, out))
     }
 
@@ -96,6 +150,11 @@ impl Warden {
 
         // 1. Nothing a client sends under our names survives.
         out.remove_headers = stamped_by_client(&headers);
+        // A path the filter cannot be sure the upstream reads as the policy would goes no further.
+        let path = match canonical_path(&headers) {
+            Ok(p) => p,
+            Err(e) => return Step::Done(self.refuse_path(out, e)),
+        };
         let traceparent = match early {
             Some(e) => e.traceparent.clone(),
             None => traceparent_of(&headers, host),
@@ -109,15 +168,17 @@ impl Warden {
         count_token_cache(&mut out, &identity);
 
         // MCP: what the JSON-RPC message asks for.
-        let mcp = match body {
+        let signal = self.mcp_signal(&headers, path.as_ref());
+        let mcp = match (body, signal) {
             // Most requests: no body was read, nothing to check.
-            Body::Absent => None,
-            _ if !self.wants_body(&headers) => None,
-            Body::TooLarge => {
+            (Body::Absent, _) | (_, None) => None,
+            // Undecidable, so never passed on: it could be JSON-RPC.
+            (Body::TooLarge, Some(_)) => {
                 return Step::Done(self.refuse(out, Decision::internal(Action::Deny, "mcp_body_too_large"), None, 413, shadow, None));
             }
-            Body::Complete(b) => match mcp::parse(b) {
+            (Body::Complete(b), Some(signal)) => match mcp::parse(b) {
                 Ok(m) => Some(m),
+                Err(_) if signal == McpSignal::Json && !mentions_jsonrpc(b) => None,
                 Err(e) => return Step::Done(self.refuse(out, Decision::internal(Action::Deny, e.code()), None, 400, shadow, None)),
             },
         };
@@ -142,7 +203,7 @@ impl Warden {
         // decided as a new session here and adopted under that id when the answer comes.
         let initialize =
             session.source == SessionSource::Minted && mcp.as_ref().and_then(|m| m.first()).is_some_and(|c| c.method == "initialize");
-        let ctx = Pending { out, headers, identity, session, traceparent, now_ms, mcp, tools, context };
+        let ctx = Pending { out, headers, identity, session, traceparent, now_ms, mcp, tools, context, path };
 
         // A session this proxy knows to be revoked goes no further, whatever the mode.
         if self.sessions.is_revoked(&ctx.session.id) {
@@ -273,6 +334,27 @@ impl Warden {
         }
         out.reply = Some(unauthenticated(e, &out.decision_id));
         out
+    }
+
+    /// 400 `path_ambiguous` with the rule the path broke, before anything else is looked at.
+    fn refuse_path(&self, mut out: RequestOutcome, e: PathError) -> RequestOutcome {
+        let shadow = self.config.mode == Mode::Shadow;
+        out.metrics.push(metrics::PATHS_REFUSED.into());
+        out.log = Some(format!("path refused ({})", e.code()));
+        let mut d = Decision::internal(Action::Deny, "path_ambiguous");
+        d.reasons.push(e.code().to_string());
+        self.refuse(out, d, None, 400, shadow, None)
+    }
+
+    /// In enforce mode, the upstream is sent the canonical `:path` the policy decided on
+    /// whenever the client's differs, so the two cannot read it apart. Shadow mode changes
+    /// nothing on the wire.
+    pub(super) fn path_rewrite(&self, headers: &Headers, canonical: Option<&CanonicalPath>) -> Option<(String, String)> {
+        if self.config.mode == Mode::Shadow {
+            return None;
+        }
+        let target = canonical?.target();
+        (headers.get(":path") != Some(target.as_bytes())).then(|| (":path".to_string(), target))
     }
 
     fn refuse_session_id(&self, out: RequestOutcome, why: session::BadSessionId) -> RequestOutcome {

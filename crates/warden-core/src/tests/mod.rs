@@ -714,3 +714,4 @@ fn recorded_input_is_carried_as_recorded() {
 }
 
 mod callouts;
+mod paths;
