@@ -6,7 +6,7 @@ PY := .venv/bin/python
 RAW_WASM := target/wasm32-wasip1/release/session_warden.wasm
 WASM := target/session_warden.wasm
 
-.PHONY: all setup build test test-unit test-e2e lint demo bench clean
+.PHONY: all setup build test test-unit test-e2e lint demo bench fuzz clean
 
 all: build
 
@@ -41,6 +41,8 @@ lint:
 test-unit:
 	@echo "[test] unit tests (warden-core, warden-state, warden-cli) and policy case files"
 	@$(CARGO) test --workspace
+	@echo "[test] fuzz corpora and regressions replayed through every fuzz target (fuzz/, no libFuzzer)"
+	@$(CARGO) test -q --manifest-path fuzz/Cargo.toml --no-default-features
 	@echo "[test] warden policy check / test over policies/"
 	@$(CARGO) run -q -p warden-cli -- policy check policies
 	@$(CARGO) run -q -p warden-cli -- policy test policies
@@ -60,3 +62,9 @@ clean:
 bench: build
 	@./scripts/setup-bench.sh
 	@$(PY) bench/run.py
+
+## fuzz: every cargo-fuzz target for FUZZ_SECONDS (default 60) each, from fuzz/corpus (not part of make test)
+FUZZ_SECONDS ?= 60
+fuzz:
+	@./scripts/setup-fuzz.sh
+	@FUZZ_SECONDS=$(FUZZ_SECONDS) ./scripts/fuzz.sh
