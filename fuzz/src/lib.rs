@@ -322,8 +322,11 @@ pub fn mcp(data: &[u8]) {
             assert!(!req.calls.is_empty());
             let _ = warden_core::mcp::to_value(&req);
             let answer = warden_core::mcp::jsonrpc_error(&req, -32001, "refused", json!({"reason": "fuzz"}));
-            if req.batch {
-                assert!(answer.as_array().is_some_and(|a| !a.is_empty()));
+            // A batch is answered per call that has an id (notifications get no answer, so a
+            // batch of notifications only gets an empty array); a single message always is.
+            match answer.as_array() {
+                Some(a) => assert!(req.batch && a.len() == req.calls.iter().filter(|c| c.id.is_some()).count()),
+                None => assert!(!req.batch && answer.get("error").is_some()),
             }
         }
         Err(e) => assert!(!e.code().is_empty()),
