@@ -21,8 +21,11 @@ use warden_core::identity::{Identifier, Identity, IdentityKind};
 use warden_core::wire::{BeginOutcome, BeginResponse, BeginStep, RecordBatch, StepRecord};
 use warden_core::{Body, Step, Warden};
 
+/// A target: any bytes in, a panic only on a bug.
+pub type Target = fn(&[u8]);
+
 /// Every target, by the name of its `fuzz_targets/` binary and its corpus directory.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("jwt", jwt),
     ("jwks", jwks),
     ("identify", identify),
