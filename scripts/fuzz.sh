@@ -40,7 +40,9 @@ for t in $targets; do
   else
     crashed+=("$t")
     say "$t: CRASH (exit $rc) after ${runs:-?} runs; input in fuzz/artifacts/$t/, see fuzz/$log"
-    grep -m3 -E "panicked at|ERROR: (AddressSanitizer|libFuzzer)" "$log" | sed 's/^/[fuzz]   /' >&2
+    # The panic's place and message (or the sanitizer's report), then where the input is.
+    grep -m1 -A1 -E "panicked at|ERROR: (AddressSanitizer|LeakSanitizer|libFuzzer)" "$log" | sed 's/^/[fuzz]   /' >&2
+    grep -m1 -E "Test unit written to" "$log" | sed 's/^/[fuzz]   /' >&2
   fi
 done
 
