@@ -6,7 +6,7 @@ PY := .venv/bin/python
 RAW_WASM := target/wasm32-wasip1/release/session_warden.wasm
 WASM := target/session_warden.wasm
 
-.PHONY: all setup build test test-unit test-e2e lint demo bench clean
+.PHONY: all setup build test test-unit test-e2e lint demo bench fuzz clean
 
 all: build
 
@@ -41,6 +41,8 @@ lint:
 test-unit:
 	@echo "[test] unit tests (warden-core, warden-state, warden-cli; the CLI's tests run warden policy check and test over policies/, every case once)"
 	@$(CARGO) test --workspace
+	@echo "[test] fuzz corpora and regressions replayed through every fuzz target (fuzz/, no libFuzzer)"
+	@$(CARGO) test -q --manifest-path fuzz/Cargo.toml --no-default-features
 
 test-e2e: build
 	@echo "[test] end-to-end: real Envoy + the built filter"
@@ -57,3 +59,9 @@ clean:
 bench: build
 	@./scripts/setup-bench.sh
 	@$(PY) bench/run.py
+
+## fuzz: every cargo-fuzz target for FUZZ_SECONDS (default 60) each, from fuzz/corpus (not part of make test)
+FUZZ_SECONDS ?= 60
+fuzz:
+	@./scripts/setup-fuzz.sh
+	@FUZZ_SECONDS=$(FUZZ_SECONDS) ./scripts/fuzz.sh

@@ -413,7 +413,8 @@ pub fn parse(bytes: &[u8]) -> Result<PluginConfig, ConfigError> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let cfg: PluginConfig = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
-        let path = if path == "." { "(root)".to_string() } else { path };
+        // `.` is the root itself; an empty path is an unknown empty key (`""`) at the root.
+        let path = if path == "." || path.is_empty() { "(root)".to_string() } else { path };
         ConfigError::new(&path, &e.into_inner().to_string())
     })?;
     cfg.validate()?;
@@ -539,6 +540,14 @@ mod tests {
             Ok(_) => String::from("parsed"),
             Err(e) => e.to_string(),
         }
+    }
+
+    #[test]
+    fn an_unknown_empty_key_at_the_root_is_blamed_on_the_root() {
+        // Found by the `config` fuzz target: the error named no field at all.
+        let e = parse(br#"{"": 1, "policy": {"modules": {"p.rego": "package warden.session"}}}"#).unwrap_err();
+        assert_eq!(e.field, "(root)");
+        assert!(e.message.contains("unknown field"), "{e}");
     }
 
     #[test]
