@@ -16,7 +16,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
 use warden_core::host::{Headers, Host};
-use warden_core::wire::{BeginResponse, StepRecord};
+use warden_core::wire::StepRecord;
 use warden_core::{Body, Early, Pending, RequestOutcome, Step, Warden};
 
 use metrics::Metrics;
@@ -240,13 +240,7 @@ impl Context for WardenHttp {
             self.pending = Some((token, pending));
             return;
         }
-        let answer = match state::response(num_headers, body_size) {
-            Some((status, body)) if status == "200" => {
-                serde_json::from_slice::<BeginResponse>(&body).map_err(|e| format!("unreadable answer: {e}"))
-            }
-            Some((status, body)) => Err(format!("HTTP {status}: {}", String::from_utf8_lossy(&body).chars().take(200).collect::<String>())),
-            None => Err("no answer (unreachable or past its deadline)".into()),
-        };
+        let answer = state_service::begin_answer(state::response(num_headers, body_size));
         let outcome = self.warden.borrow_mut().resume(pending, answer, &mut ProxyHost);
         if !self.apply(outcome) {
             let _ = hostcalls::resume_http_request();
@@ -380,7 +374,7 @@ impl WardenHttp {
                         return Action::Pause;
                     }
                     // A call that cannot even start is answered now: the request is never left paused.
-                    Err(why) => self.warden.borrow_mut().resume(pending, Err(why), &mut ProxyHost),
+                    Err(why) => self.warden.borrow_mut().resume(pending, Err(why.into()), &mut ProxyHost),
                 }
             }
         };

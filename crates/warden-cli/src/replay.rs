@@ -74,7 +74,8 @@ pub struct Change {
 pub struct Report {
     pub sessions: usize,
     pub steps: usize,
-    /// Steps recorded without their input (`policy.record_input: false`): cannot be replayed.
+    /// Steps recorded without their input (`policy.record_input: false`), or whose input was
+    /// over its limit and kept only as its size and hash: cannot be replayed.
     pub skipped: usize,
     pub changes: Vec<Change>,
     /// Actions per step: as recorded, and as the candidate decides.
@@ -90,7 +91,9 @@ pub fn replay(policy: &mut Policy, sessions: &[SessionView]) -> Report {
         for e in entries {
             let r = &e.record;
             report.steps += 1;
-            let Some(input) = &r.input else {
+            // A cut input is valid JSON, but not what the step was decided on: evaluating it
+            // would report a change that never was.
+            let Some(input) = r.input.as_ref().filter(|i| !i.is_cut()) else {
                 report.skipped += 1;
                 continue;
             };
@@ -141,7 +144,7 @@ pub fn print(report: &Report, version: &str) {
         );
     }
     println!();
-    println!("{} step(s) changed, {} skipped (no recorded input)", report.changes.len(), report.skipped);
+    println!("{} step(s) changed, {} skipped (no recorded input, or input over its limit)", report.changes.len(), report.skipped);
 }
 
 /// Sessions from JSON Lines written by `warden session export`.
@@ -191,6 +194,19 @@ mod tests {
         assert_eq!((r.changes[0].step, r.changes[0].recorded.as_str(), r.changes[0].candidate.as_str()), (2, "allow", "deny"));
         assert_eq!(r.candidate_totals.get("deny"), Some(&1));
         assert_eq!(r.recorded_totals.get("allow"), Some(&2));
+    }
+
+    #[test]
+    fn a_step_whose_input_was_cut_is_skipped_not_reported_as_changed() {
+        let rego = "package p\nimport rego.v1\ndefault d := {\"action\": \"deny\"}\nd := {\"action\": \"allow\"} if input.request.path";
+        let mut p = Policy::compile(&PolicySource { modules: vec![("p.rego", rego)], data: None, entrypoint: "data.p.d", max_instructions: 10_000 }).unwrap();
+        let mut v = view(&[("/tickets", "allow"), ("/big", "allow")]);
+        let big = "x".repeat(warden_core::wire::limits::MAX_INPUT_BYTES);
+        let mut cut = warden_core::wire::RecordedInput::new(&serde_json::json!({"request": {"path": big}})).unwrap();
+        assert!(cut.bound() && cut.is_cut());
+        v.timeline[1].record.input = Some(cut);
+        let r = replay(&mut p, &[v]);
+        assert_eq!((r.steps, r.skipped, r.changes.len()), (2, 1, 0));
     }
 
     #[test]

@@ -111,6 +111,10 @@ pub struct StateConfig {
     pub flush_interval_ms: u64,
     #[serde(default = "default_max_batch")]
     pub max_batch: usize,
+    /// A batch's body is kept under this many bytes (a record larger than it goes alone), well
+    /// below the service's body limit (`wire::limits::MAX_BODY_BYTES`).
+    #[serde(default = "default_max_batch_bytes")]
+    pub max_batch_bytes: usize,
     /// Records kept while the service is unreachable; beyond it the oldest are dropped (and counted).
     #[serde(default = "default_queue_limit")]
     pub queue_limit: usize,
@@ -127,6 +131,9 @@ fn default_flush_interval() -> u64 {
 }
 fn default_max_batch() -> usize {
     500
+}
+fn default_max_batch_bytes() -> usize {
+    1024 * 1024
 }
 fn default_queue_limit() -> usize {
     50_000
@@ -502,6 +509,12 @@ impl PluginConfig {
             }
             if st.max_batch == 0 || st.max_batch > 1000 {
                 return Err(ConfigError::new("state.max_batch", "must be between 1 and 1000"));
+            }
+            if st.max_batch_bytes < 4096 || st.max_batch_bytes > crate::wire::limits::MAX_BATCH_BYTES {
+                return Err(ConfigError::new(
+                    "state.max_batch_bytes",
+                    &format!("must be between 4096 and {} (below the service's body limit)", crate::wire::limits::MAX_BATCH_BYTES),
+                ));
             }
             if st.queue_limit < st.max_batch {
                 return Err(ConfigError::new("state.queue_limit", "must be at least max_batch"));

@@ -10,9 +10,13 @@ pub const SESSION_BINDING_VIOLATIONS: &str = "warden.sessions.binding_violations
 pub const JWKS_FETCH_OK: &str = "warden.jwks.fetch_ok";
 pub const JWKS_FETCH_FAILED: &str = "warden.jwks.fetch_failed";
 pub const STATE_UNAVAILABLE: &str = "warden.state.unavailable";
+/// The service answered a begin-step with a 4xx: the request was refused (`session_state_refused`).
+pub const STATE_REFUSED: &str = "warden.state.refused";
 pub const RECORDS_SENT: &str = "warden.records.sent";
 pub const RECORDS_RETRIED: &str = "warden.records.retried";
 pub const RECORDS_DROPPED: &str = "warden.records.dropped";
+/// Records the service refused one by one (after their batch was split): set aside, logged.
+pub const RECORDS_REJECTED: &str = "warden.records.rejected";
 pub const REVOCATIONS_APPLIED: &str = "warden.revocations.applied";
 pub const CANDIDATE_EVALUATIONS: &str = "warden.candidate.evaluations";
 pub const CANDIDATE_DISAGREEMENTS: &str = "warden.candidate.disagreements";

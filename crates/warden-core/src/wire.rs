@@ -9,8 +9,100 @@ use crate::identity::Identity;
 use crate::input::RequestFacts;
 use crate::session::{Seen, SessionState};
 
-/// A recorded path is cut to this many characters.
-pub const MAX_RECORDED_PATH: usize = 1024;
+/// What proxies send to the service is bounded: the filter cuts every value to these limits
+/// (`BeginStep::bound`, `StepRecord::bound`) and the service accepts a request only if bounding
+/// it would change nothing (`crates/warden-state/src/validate.rs`). One rule on both sides, so
+/// no client value can turn a valid step into a refused one.
+pub mod limits {
+    /// Any one text value (subject, path, a reason, a tool name, ...), in UTF-8 bytes.
+    pub const MAX_TEXT_BYTES: usize = 1024;
+    /// MCP tools of one step.
+    pub const MAX_TOOLS: usize = 64;
+    /// Scopes of one credential.
+    pub const MAX_SCOPES: usize = 256;
+    /// Reasons, signals and flags of one decision, each.
+    pub const MAX_REASONS: usize = 64;
+    /// Delegation chain entries (`act` claims).
+    pub const MAX_DELEGATION: usize = 16;
+    /// The recorded policy input (JSON text), in bytes.
+    pub const MAX_INPUT_BYTES: usize = 64 * 1024;
+    /// The service's body limit: a larger request is answered 413.
+    pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
+    /// The largest `state.max_batch_bytes` a proxy may configure: half the body limit, so a
+    /// batch that ends with one more (bounded) record still fits.
+    pub const MAX_BATCH_BYTES: usize = MAX_BODY_BYTES / 2;
+    /// How a cut text value ends: this, the first 16 hex digits of the SHA-256 of the whole
+    /// value, and `]`. Two values cut to the same prefix stay distinct, and a reader sees it was
+    /// cut. ASCII, so a cut subject is still a valid header value where the filter stamps it.
+    pub const CUT_MARK: &str = "...[sha256:";
+    /// The key of the object that stands in for a recorded input over `MAX_INPUT_BYTES`.
+    pub const INPUT_CUT_KEY: &str = "warden_input_cut";
+}
+
+use crate::hash::{hex, sha256};
+use limits::*;
+
+fn mark_of(full: &[u8]) -> String {
+    format!("{CUT_MARK}{}]", &hex(&sha256(full))[..16])
+}
+
+/// Cut `s` to at most `max` bytes at a char boundary, ending in the cut mark. True if it was cut.
+pub fn bound_text(s: &mut String, max: usize) -> bool {
+    if s.len() <= max {
+        return false;
+    }
+    let mark = mark_of(s.as_bytes());
+    let mut end = max.saturating_sub(mark.len());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.truncate(end);
+    s.push_str(&mark);
+    true
+}
+
+fn bound_opt(s: &mut Option<String>) -> bool {
+    s.as_mut().is_some_and(|s| bound_text(s, MAX_TEXT_BYTES))
+}
+
+/// At most `max` items of at most `MAX_TEXT_BYTES` each. A longer list keeps its first
+/// `max - 1` items and ends in one that says how many more there were, with the hash of the
+/// whole list.
+pub fn bound_list(v: &mut Vec<String>, max: usize) -> bool {
+    let mut cut = false;
+    if v.len() > max {
+        let whole = serde_json::to_vec(v).unwrap_or_default();
+        let more = v.len() + 1 - max;
+        v.truncate(max.saturating_sub(1));
+        v.push(format!("{CUT_MARK}{}] +{more} more", &hex(&sha256(&whole))[..16]));
+        cut = true;
+    }
+    for s in v.iter_mut() {
+        cut |= bound_text(s, MAX_TEXT_BYTES);
+    }
+    cut
+}
+
+/// Collects the names of the fields a `bound` cut.
+struct Cuts(Vec<&'static str>);
+
+impl Cuts {
+    fn text(&mut self, name: &'static str, s: &mut String) {
+        if bound_text(s, MAX_TEXT_BYTES) {
+            self.0.push(name);
+        }
+    }
+    fn opt(&mut self, name: &'static str, s: &mut Option<String>) {
+        if bound_opt(s) {
+            self.0.push(name);
+        }
+    }
+    fn list(&mut self, name: &'static str, v: &mut Vec<String>, max: usize) {
+        if bound_list(v, max) {
+            self.0.push(name);
+        }
+    }
+}
 
 /// A step's policy input as JSON text: serialized once, in the proxy, straight from the policy
 /// value, then carried through batches, the store and exports as it is: building a JSON tree per
@@ -32,6 +124,25 @@ impl RecordedInput {
 
     pub fn to_json(&self) -> Result<serde_json::Value, serde_json::Error> {
         serde_json::from_str(self.0.get())
+    }
+
+    /// Over `MAX_INPUT_BYTES`, the input is replaced by `{"warden_input_cut": {"bytes", "sha256"}}`:
+    /// the step stays in the trail, and replay reports it as not replayable. True if it was cut.
+    pub fn bound(&mut self) -> bool {
+        let text = self.get();
+        if text.len() <= MAX_INPUT_BYTES {
+            return false;
+        }
+        let marker = serde_json::json!({INPUT_CUT_KEY: {"bytes": text.len(), "sha256": hex(&sha256(text.as_bytes()))}});
+        if let Some(cut) = Self::new(&marker) {
+            *self = cut;
+        }
+        true
+    }
+
+    /// The input was over its limit when recorded: only its size and hash are kept.
+    pub fn is_cut(&self) -> bool {
+        self.get().starts_with(&format!("{{\"{INPUT_CUT_KEY}\""))
     }
 }
 
@@ -68,6 +179,19 @@ pub struct BeginStep {
 }
 
 impl BeginStep {
+    /// Cut every value to its limit (`limits`); the names of the fields cut.
+    pub fn bound(&mut self) -> Vec<&'static str> {
+        let mut c = Cuts(Vec::new());
+        c.text("subject", &mut self.subject);
+        c.opt("credential", &mut self.credential);
+        c.opt("workload", &mut self.workload);
+        c.opt("region", &mut self.region);
+        c.opt("device", &mut self.device);
+        c.list("tools", &mut self.tools, MAX_TOOLS);
+        c.list("scopes", &mut self.scopes, MAX_SCOPES);
+        c.0
+    }
+
     /// What this step adds to its session.
     pub fn seen(&self) -> Seen<'_> {
         Seen::of(&self.credential, &self.workload, &self.region, &self.device, &self.tools, &self.scopes)
@@ -190,8 +314,8 @@ impl StepRecord {
             source_address: f.request.source_address.map(str::to_string),
             method: headers.get_str(":method").map(str::to_string),
             authority: headers.get_str(":authority").map(str::to_string),
-            // The path the policy decided on and the upstream was sent (canonical).
-            path: f.request.path.map(|p| p.chars().take(MAX_RECORDED_PATH).collect()),
+            // The path the policy decided on and the upstream was sent (canonical); bounded below.
+            path: f.request.path.map(str::to_string),
             tool: f.tools.first().cloned(),
             mcp_method: first_call.map(|c| c.method.clone()),
             arguments_digest: first_call.and_then(|c| c.arguments_digest.clone()),
@@ -212,6 +336,52 @@ impl StepRecord {
             input,
             candidate,
         }
+        .bounded()
+    }
+
+    fn bounded(mut self) -> Self {
+        self.bound();
+        self
+    }
+
+    /// Cut every value to its limit (`limits`); the names of the fields cut. The session id and
+    /// decision id are not cut: they are the record's identity, and the flow makes them valid.
+    pub fn bound(&mut self) -> Vec<&'static str> {
+        let mut c = Cuts(Vec::new());
+        c.text("subject", &mut self.subject);
+        c.text("identity_kind", &mut self.identity_kind);
+        c.opt("issuer", &mut self.issuer);
+        c.opt("credential", &mut self.credential);
+        c.opt("kid", &mut self.kid);
+        c.opt("jti", &mut self.jti);
+        c.list("delegation", &mut self.delegation, MAX_DELEGATION);
+        c.opt("workload", &mut self.workload);
+        c.opt("region", &mut self.region);
+        c.opt("device", &mut self.device);
+        c.opt("source_address", &mut self.source_address);
+        c.opt("method", &mut self.method);
+        c.opt("authority", &mut self.authority);
+        c.opt("path", &mut self.path);
+        c.opt("tool", &mut self.tool);
+        c.opt("mcp_method", &mut self.mcp_method);
+        c.opt("arguments_digest", &mut self.arguments_digest);
+        c.text("action", &mut self.action);
+        c.list("reasons", &mut self.reasons, MAX_REASONS);
+        c.list("signals", &mut self.signals, MAX_REASONS);
+        c.list("flags", &mut self.flags, MAX_REASONS);
+        c.text("policy_version", &mut self.policy_version);
+        c.text("mode", &mut self.mode);
+        c.opt("trace_id", &mut self.trace_id);
+        if self.input.as_mut().is_some_and(RecordedInput::bound) {
+            c.0.push("input");
+        }
+        if let Some(k) = self.candidate.as_mut() {
+            c.text("candidate.policy_version", &mut k.policy_version);
+            c.text("candidate.action", &mut k.action);
+            c.list("candidate.reasons", &mut k.reasons, MAX_REASONS);
+            c.opt("candidate.error", &mut k.error);
+        }
+        c.0
     }
 
     /// What this step added to its session (a record carries one tool, and no scopes).

@@ -16,6 +16,7 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use warden_core::hash::sha256;
+use warden_core::wire::limits;
 use warden_core::wire::{
     AppendResult, BeginOutcome, BeginResponse, BeginStep, ErrorBody, RecordBatch, RevocationFeed, RevokeRequest, SessionList, SessionView,
 };
@@ -93,6 +94,8 @@ pub enum ApiError {
     Unauthenticated,
     Forbidden,
     BadRequest(String),
+    /// The body is larger than the service takes (`wire::limits::MAX_BODY_BYTES`).
+    TooLarge,
     NotFound(String),
     Internal,
 }
@@ -104,6 +107,11 @@ impl IntoResponse for ApiError {
             Self::Unauthenticated => (StatusCode::UNAUTHORIZED, "unauthenticated", "send Authorization: Bearer <token> with the proxy or admin token".to_string()),
             Self::Forbidden => (StatusCode::FORBIDDEN, "forbidden", "this token may not call this endpoint".to_string()),
             Self::BadRequest(m) => (StatusCode::BAD_REQUEST, "bad_request", m),
+            Self::TooLarge => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("the body is larger than {} bytes; send fewer records per batch", limits::MAX_BODY_BYTES),
+            ),
             Self::NotFound(m) => (StatusCode::NOT_FOUND, "not_found", m),
             Self::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal", "the store failed; see the service log".to_string()),
         };
@@ -132,6 +140,11 @@ impl From<Invalid> for ApiError {
 
 impl From<JsonRejection> for ApiError {
     fn from(e: JsonRejection) -> Self {
+        // axum reports the body limit through the extractor (its own status says so): a proxy
+        // must know a batch was too large, to split it, rather than invalid.
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            return Self::TooLarge;
+        }
         Self::BadRequest(format!("body: {}", e.body_text()))
     }
 }
@@ -346,6 +359,6 @@ pub fn app(state: Arc<AppState>) -> Router {
         // Only the endpoints' refusals count: an unknown endpoint is not a refused request.
         .route_layer(middleware::from_fn_with_state(state.clone(), count_failures))
         .fallback(not_found)
-        .layer(DefaultBodyLimit::max(8 * 1024 * 1024))
+        .layer(DefaultBodyLimit::max(limits::MAX_BODY_BYTES))
         .with_state(state)
 }

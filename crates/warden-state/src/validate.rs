@@ -1,11 +1,11 @@
 //! What the service accepts. The API checks every request here before it reaches the store, so
 //! no store has to (or can forget to): a request that fails changes nothing and gets a 400 with
-//! the reason.
+//! the reason. Sizes follow `warden_core::wire::limits`, the rule the filter bounds with: a
+//! value is acceptable when bounding it changes nothing.
 
 use warden_core::session::is_valid_session_id;
-use warden_core::wire::{BeginStep, StepRecord};
+use warden_core::wire::{limits, BeginStep, StepRecord};
 
-const MAX_FIELD: usize = 1024;
 pub const MAX_BATCH: usize = 1000;
 
 /// Why a request is not acceptable; the message is for the client.
@@ -24,23 +24,26 @@ pub fn session_id(id: &str) -> Result<(), Invalid> {
     }
 }
 
-fn short(name: &str, v: Option<&str>) -> Result<(), Invalid> {
-    match v {
-        Some(s) if s.len() > MAX_FIELD => Err(bad(format!("{name} is longer than {MAX_FIELD} bytes"))),
-        _ => Ok(()),
+/// Refused if the filter's bounding would cut anything; names the fields it would cut.
+fn within_limits(what: &str, cut: Vec<&'static str>) -> Result<(), Invalid> {
+    if cut.is_empty() {
+        return Ok(());
     }
+    Err(bad(format!(
+        "{what}: over its limits: {} (values at most {} bytes, {} tools, {} scopes, {} reasons/signals/flags, {} delegation entries, input at most {} bytes)",
+        cut.join(", "),
+        limits::MAX_TEXT_BYTES,
+        limits::MAX_TOOLS,
+        limits::MAX_SCOPES,
+        limits::MAX_REASONS,
+        limits::MAX_DELEGATION,
+        limits::MAX_INPUT_BYTES
+    )))
 }
 
 pub fn begin(r: &BeginStep) -> Result<(), Invalid> {
     session_id(&r.session_id)?;
-    short("subject", Some(&r.subject))?;
-    for (n, v) in [("credential", &r.credential), ("workload", &r.workload), ("region", &r.region), ("device", &r.device)] {
-        short(n, v.as_deref())?;
-    }
-    if r.tools.len() > 64 || r.scopes.len() > 256 {
-        return Err(bad("at most 64 tools and 256 scopes per step".into()));
-    }
-    Ok(())
+    within_limits("begin-step", r.clone().bound())
 }
 
 /// A batch of records: bounded, and every record acceptable (one bad record refuses the batch).
@@ -65,10 +68,5 @@ pub fn record(r: &StepRecord) -> Result<(), Invalid> {
     if !r.risk.is_finite() || !r.risk_before.is_finite() {
         return Err(bad(format!("record for session {} step {}: risk must be a finite number", r.session_id, r.step)));
     }
-    short("subject", Some(&r.subject))?;
-    short("path", r.path.as_deref())?;
-    if r.reasons.len() > 64 || r.signals.len() > 64 || r.flags.len() > 64 || r.delegation.len() > 16 {
-        return Err(bad(format!("record for session {} step {}: too many reasons or delegation entries", r.session_id, r.step)));
-    }
-    Ok(())
+    within_limits(&format!("record for session {} step {}", r.session_id, r.step), r.clone().bound())
 }

@@ -516,3 +516,46 @@ async fn a_failing_operation_does_not_affect_the_others_in_its_group() {
     assert_eq!(trail::verify(&good.timeline), Ok(()));
     assert_eq!(api.view("other").await.timeline.len(), 1);
 }
+
+#[tokio::test]
+async fn the_service_accepts_exactly_what_the_filter_bounds_to() {
+    use warden_core::wire::limits;
+    let api = Api::new();
+    // Over a limit: refused, naming the field; the same values bounded by the filter's rule: taken.
+    let mut r = record("lim1", 1, "allow");
+    r.mcp_method = Some("m".repeat(limits::MAX_TEXT_BYTES + 1));
+    r.signals = vec!["s".into(); limits::MAX_REASONS + 1];
+    let (s, v) = api.call("POST", "/v1/records", Some(PROXY), Some(json!({"records": [r.clone()]}))).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    let msg = v["message"].as_str().unwrap();
+    assert!(msg.starts_with("record for session lim1 step 1: over its limits: mcp_method, signals"), "{msg}");
+    r.bound();
+    let (s, v) = api.call("POST", "/v1/records", Some(PROXY), Some(json!({"records": [r]}))).await;
+    assert_eq!((s, v["appended"].as_u64()), (StatusCode::OK, Some(1)), "{v}");
+
+    let mut b = begin_req("lim2", &"a".repeat(2000));
+    b.region = Some("r".repeat(5000));
+    let (s, v) = api.call("POST", "/v1/steps/begin", Some(PROXY), Some(serde_json::to_value(&b).unwrap())).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(v["message"].as_str().unwrap().starts_with("begin-step: over its limits: subject, region"), "{v}");
+    b.bound();
+    let (s, v) = api.call("POST", "/v1/steps/begin", Some(PROXY), Some(serde_json::to_value(&b).unwrap())).await;
+    assert_eq!((s, v["outcome"].as_str()), (StatusCode::OK, Some("ok")), "{v}");
+}
+
+#[tokio::test]
+async fn an_oversized_body_is_413_with_the_error_shape_and_counted() {
+    use warden_core::wire::limits;
+    let api = Api::new();
+    let big = "x".repeat(limits::MAX_BODY_BYTES);
+    let body = format!(r#"{{"records":[{{"session_id":"big","step":1,"decision_id":"d","action":"allow","path":"{big}"}}]}}"#);
+    let (s, v) = api.call_raw("POST", "/v1/records", Some(PROXY), Some(body)).await;
+    assert_eq!((s, v["error"].as_str()), (StatusCode::PAYLOAD_TOO_LARGE, Some("too_large")), "{v}");
+    assert!(v["message"].as_str().unwrap().contains("8388608"), "{v}");
+    let body = format!(r#"{{"session_id":"big","subject":"{big}"}}"#);
+    assert_eq!(api.call_raw("POST", "/v1/steps/begin", Some(PROXY), Some(body)).await.0, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(api.call("GET", "/v1/sessions/big", Some(ADMIN), None).await.0, StatusCode::NOT_FOUND);
+    let (_, m) = api.call("GET", "/metrics", None, None).await;
+    // The two 413s and the 404 of the session that was never stored.
+    assert!(m.as_str().unwrap().contains("warden_state_rejected_requests_total 3"), "{m}");
+}

@@ -12,7 +12,7 @@ mod snapshot;
 
 use std::collections::BTreeMap;
 
-pub use outcome::{Body, Context, Early, LocalReply, Pending, RequestOutcome, StateCall, Step};
+pub use outcome::{Body, Context, Early, LocalReply, Pending, RequestOutcome, StateCall, StateFailure, Step};
 
 use crate::config::{self, JwksUriConfig, PluginConfig};
 use crate::error::{ConfigError, PolicyError};

@@ -79,6 +79,28 @@ pub struct StateCall {
     pub body: Vec<u8>,
 }
 
+/// Why a begin-step call did not give an answer to decide on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateFailure {
+    /// No answer, a timeout, a 5xx or an unreadable answer: the policy decides, degraded.
+    Unavailable(String),
+    /// A 4xx: the service looked at the step and refused it. Never degraded mode, or a client
+    /// that can make the call invalid could switch session binding off.
+    Refused(String),
+}
+
+impl From<String> for StateFailure {
+    fn from(why: String) -> Self {
+        Self::Unavailable(why)
+    }
+}
+
+impl From<&str> for StateFailure {
+    fn from(why: &str) -> Self {
+        Self::Unavailable(why.to_string())
+    }
+}
+
 /// A request waiting for the state service.
 pub struct Pending {
     pub(super) out: RequestOutcome,

@@ -5,7 +5,7 @@
 
 use super::reply::unauthenticated;
 use super::snapshot::Cached;
-use super::{Body, Context, Early, Pending, RequestOutcome, StateCall, Step, Warden};
+use super::{Body, Context, Early, Pending, RequestOutcome, StateCall, StateFailure, Step, Warden};
 use crate::config::{self, Mode, MAX_CONTEXT_VALUE};
 use crate::correlation::{self, DECISION_HEADER, SESSION_HEADER, SUBJECT_HEADER, TRACEPARENT};
 use crate::decision::{Action, Decision};
@@ -16,11 +16,22 @@ use crate::mcp;
 use crate::metrics;
 use crate::path::{self, CanonicalPath, PathError};
 use crate::session::{self, BeginError, SessionRef, SessionSource};
-use crate::wire::{BeginOutcome, BeginResponse, BeginStep};
+use crate::wire::{self, limits, BeginOutcome, BeginResponse, BeginStep};
 
 /// Client-sent headers under our prefix: none of them survives.
 fn stamped_by_client(headers: &Headers) -> Vec<String> {
     headers.names().filter(|n| n.starts_with(config::STAMPED_HEADER_PREFIX)).map(str::to_string).collect()
+}
+
+/// What an identity carries into the session, the policy, the stamped headers and the trail,
+/// cut to the wire's limits here, once: the proxy's table, the shared snapshot and the service
+/// then all bind the session to the same subject.
+fn bound_identity(identity: &mut Identity) {
+    wire::bound_text(&mut identity.subject, limits::MAX_TEXT_BYTES);
+    if let Some(w) = identity.workload.as_mut() {
+        wire::bound_text(w, limits::MAX_TEXT_BYTES);
+    }
+    wire::bound_list(&mut identity.scopes, limits::MAX_SCOPES);
 }
 
 /// The client's trace context if it is valid, else a new one.
@@ -105,7 +116,7 @@ impl Warden {
             }
         };
         let now_s = host.now_ms() / 1000;
-        let identity = match self.identifier.identify(headers, host, now_s) {
+        let mut identity = match self.identifier.identify(headers, host, now_s) {
             Ok(id) => id,
             Err(e) => {
                 // A refusal here ends the request: it is counted now, as the body phase would have.
@@ -113,6 +124,7 @@ impl Warden {
                 return Err(Box::new(self.refuse_identity(out, e, early.traceparent)));
             }
         };
+        bound_identity(&mut identity);
         let session = match session::resolve(&self.config.session, headers, &identity, host) {
             Ok(s) => s,
             Err(why) => {
@@ -161,10 +173,11 @@ impl Warden {
         };
 
         // 2. Identify.
-        let identity = match self.identifier.identify(&headers, host, now_ms / 1000) {
+        let mut identity = match self.identifier.identify(&headers, host, now_ms / 1000) {
             Ok(id) => id,
             Err(e) => return Step::Done(self.refuse_identity(out, e, traceparent)),
         };
+        bound_identity(&mut identity);
         count_token_cache(&mut out, &identity);
 
         // MCP: what the JSON-RPC message asks for.
@@ -182,7 +195,8 @@ impl Warden {
                 Err(e) => return Step::Done(self.refuse(out, Decision::internal(Action::Deny, e.code()), None, 400, shadow, None)),
             },
         };
-        let tools: Vec<String> = mcp.as_ref().map(|m| m.tools().map(str::to_string).collect()).unwrap_or_default();
+        let mut tools: Vec<String> = mcp.as_ref().map(|m| m.tools().map(str::to_string).collect()).unwrap_or_default();
+        wire::bound_list(&mut tools, limits::MAX_TOOLS);
         let Some(context) = self.context_of(&headers, host) else {
             return Step::Done(self.refuse(out, Decision::internal(Action::Deny, "context_header_invalid"), None, 400, shadow, None));
         };
@@ -227,7 +241,7 @@ impl Warden {
             }
         }
         let seen = ctx.seen();
-        let req = BeginStep {
+        let mut req = BeginStep {
             session_id: ctx.session.id.clone(),
             subject: ctx.identity.subject.clone(),
             credential: seen.credential.map(str::to_string),
@@ -238,13 +252,17 @@ impl Warden {
             known_steps: self.sessions.steps(&ctx.session.id),
             scopes: ctx.identity.scopes.clone(),
         };
+        // Context headers reach the service cut to its limits, so no header value can make the
+        // call invalid (and its 4xx refuse the request).
+        req.bound();
         let body = serde_json::to_vec(&req).unwrap_or_default();
         Step::Call { pending: Box::new(ctx), call: StateCall { path: "/v1/steps/begin", body } }
     }
 
-    /// Finish a request that waited for the state service. `Err` is the service being
-    /// unavailable (no answer, timeout, an error status): the policy decides, degraded.
-    pub fn resume(&mut self, pending: Box<Pending>, answer: Result<BeginResponse, String>, host: &mut dyn Host) -> RequestOutcome {
+    /// Finish a request that waited for the state service. The service unavailable (no answer,
+    /// timeout, 5xx): the policy decides, degraded. The service refusing the call (4xx): the
+    /// request is refused, whatever the policy says of degraded mode.
+    pub fn resume(&mut self, pending: Box<Pending>, answer: Result<BeginResponse, StateFailure>, host: &mut dyn Host) -> RequestOutcome {
         let mut ctx = *pending;
         match answer {
             Ok(resp) => match resp.outcome {
@@ -267,7 +285,16 @@ impl Warden {
                     self.refused_session(ctx, BeginError::Revoked)
                 }
             },
-            Err(why) => {
+            Err(StateFailure::Refused(why)) => {
+                let shadow = self.config.mode == Mode::Shadow;
+                ctx.out.metrics.push(metrics::STATE_REFUSED.into());
+                ctx.out.log = Some(format!(
+                    "session state refused the step of session {} by {} ({why}); refused: session_state_refused",
+                    ctx.session.id, ctx.identity.subject
+                ));
+                self.refuse(ctx.out, Decision::internal(Action::Deny, "session_state_refused"), Some(&ctx.session), 403, shadow, ctx.mcp.as_ref())
+            }
+            Err(StateFailure::Unavailable(why)) => {
                 ctx.out.metrics.push(metrics::STATE_UNAVAILABLE.into());
                 ctx.out.log = Some(format!("session state unavailable ({why}); the policy decides with session.unavailable = true"));
                 self.begin_locally(ctx, host, true)

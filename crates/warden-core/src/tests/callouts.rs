@@ -147,3 +147,137 @@ fn jwks_are_fetched_shared_with_other_vms_and_kept_when_a_fetch_fails() {
     let n = |name: &str| counts.iter().filter(|c| c.as_str() == name).count();
     assert_eq!((n(metrics::JWKS_FETCH_OK), n(metrics::JWKS_FETCH_FAILED)), (1, 1));
 }
+
+/// Answer every batch the client sends with `service` until nothing is queued or in flight.
+fn serve(client: &mut StateClient, w: &mut Warden, h: &mut FakeHost, counts: &mut Vec<String>, service: impl Fn(&[StepRecord], usize) -> crate::callouts::Answer) {
+    let mut answered = 0;
+    for _ in 0..200 {
+        client.on_tick(h);
+        let calls: Vec<FakeCall> = h.calls[answered..].to_vec();
+        answered = h.calls.len();
+        for c in &calls {
+            let body = c.body.as_deref().unwrap();
+            let batch: crate::wire::RecordBatch = serde_json::from_slice(body).unwrap();
+            assert!(client.on_response(c.token, service(&batch.records, body.len()), w, h, counts));
+        }
+        if calls.is_empty() && client.queued() == 0 {
+            return;
+        }
+        h.now_ms += 1000;
+    }
+    panic!("the queue never drained: {} records left", client.queued());
+}
+
+fn refused_400(why: &str) -> crate::callouts::Answer {
+    Some(("400".into(), format!(r#"{{"error":"bad_request","message":"{why}"}}"#).into_bytes()))
+}
+
+#[test]
+fn a_batch_with_one_invalid_record_is_split_until_only_that_record_is_set_aside() {
+    let k = keys();
+    let mut w = with_state(&k, "sync");
+    let mut h = live_host();
+    let mut client = StateClient::new(state_config(json!({"max_batch": 16})));
+    let mut counts: Vec<String> = Vec::new();
+    for step in 1..=40 {
+        // Records of several sessions share batches; one of them the service will not take.
+        client.enqueue(record(&format!("s{}", step % 5), step), &mut counts);
+    }
+    let mut accepted = Vec::new();
+    let accepted_cell = std::cell::RefCell::new(&mut accepted);
+    serve(&mut client, &mut w, &mut h, &mut counts, |records, _| {
+        if records.iter().any(|r| r.step == 23) {
+            return refused_400("record for session s3 step 23: unknown action");
+        }
+        accepted_cell.borrow_mut().extend(records.iter().map(|r| r.step));
+        ok_append(records.len())
+    });
+    accepted.sort();
+    assert_eq!(accepted, (1..=40).filter(|s| *s != 23).collect::<Vec<_>>(), "every valid record accepted, once");
+    let n = |name: &str| counts.iter().filter(|c| c.as_str() == name).count();
+    assert_eq!((n(metrics::RECORDS_SENT), n(metrics::RECORDS_REJECTED), n(metrics::RECORDS_DROPPED)), (39, 1, 0));
+    let kept: Vec<_> = client.rejected().collect();
+    assert_eq!(kept.len(), 1, "set aside, not dropped");
+    assert_eq!((kept[0].record.session_id.as_str(), kept[0].record.step, kept[0].record.decision_id.as_str()), ("s3", 23, "dec_23"));
+    assert_eq!(kept[0].reason, "record for session s3 step 23: unknown action");
+    let rec: StepRecord = serde_json::from_slice(kept[0].record.json()).unwrap();
+    assert_eq!(rec.step, 23, "the whole record is kept");
+}
+
+#[test]
+fn batches_are_bounded_in_bytes_and_a_record_larger_than_a_batch_goes_alone() {
+    let k = keys();
+    let mut w = with_state(&k, "sync");
+    let mut h = live_host();
+    let mut client = StateClient::new(state_config(json!({"max_batch": 100, "max_batch_bytes": 4096})));
+    let mut counts: Vec<String> = Vec::new();
+    for step in 1..=30 {
+        let mut r = record("s1", step);
+        r.path = Some(format!("/{}", "p".repeat(900)));
+        if step == 7 {
+            r.input = crate::wire::RecordedInput::new(&json!({"big": "b".repeat(20_000)}));
+        }
+        client.enqueue(r, &mut counts);
+    }
+    let sizes = std::cell::RefCell::new(Vec::new());
+    serve(&mut client, &mut w, &mut h, &mut counts, |records, bytes| {
+        sizes.borrow_mut().push((records.len(), bytes));
+        ok_append(records.len())
+    });
+    let sizes = sizes.into_inner();
+    for (n, bytes) in &sizes {
+        assert!(*bytes <= 4096 || *n == 1, "a batch of {n} records is {bytes} bytes");
+    }
+    assert!(sizes.iter().any(|(n, b)| *n == 1 && *b > 20_000), "the large record went alone: {sizes:?}");
+    assert_eq!(sizes.iter().map(|(n, _)| n).sum::<usize>(), 30);
+    assert!(sizes.len() >= 10, "{sizes:?}");
+    assert_eq!(counts.iter().filter(|c| c.as_str() == metrics::RECORDS_SENT).count(), 30);
+}
+
+#[test]
+fn a_413_is_split_like_a_400_and_nothing_is_set_aside() {
+    let k = keys();
+    let mut w = with_state(&k, "sync");
+    let mut h = live_host();
+    let mut client = StateClient::new(state_config(json!({"max_batch": 8})));
+    let mut counts: Vec<String> = Vec::new();
+    for step in 1..=8 {
+        client.enqueue(record("s1", step), &mut counts);
+    }
+    let too_large = Some(("413".into(), br#"{"error":"too_large","message":"the body is larger than 8388608 bytes"}"#.to_vec()));
+    let sent = std::cell::RefCell::new(Vec::new());
+    // The service (or a proxy in front of it) takes at most 3 records per body.
+    serve(&mut client, &mut w, &mut h, &mut counts, |records, _| {
+        if records.len() > 3 {
+            return too_large.clone();
+        }
+        sent.borrow_mut().extend(records.iter().map(|r| r.step));
+        ok_append(records.len())
+    });
+    let mut sent = sent.into_inner();
+    sent.sort();
+    assert_eq!(sent, (1..=8).collect::<Vec<_>>());
+    let n = |name: &str| counts.iter().filter(|c| c.as_str() == name).count();
+    assert_eq!((n(metrics::RECORDS_SENT), n(metrics::RECORDS_REJECTED), n(metrics::RECORDS_DROPPED)), (8, 0, 0));
+    assert_eq!(client.rejected().count(), 0);
+}
+
+#[test]
+fn records_are_bounded_when_queued() {
+    let k = keys();
+    let mut w = with_state(&k, "sync");
+    let mut h = live_host();
+    let mut client = StateClient::new(state_config(json!({})));
+    let mut counts: Vec<String> = Vec::new();
+    let mut r = record("s1", 1);
+    r.mcp_method = Some("m".repeat(1_000_000));
+    r.signals = vec!["sig".into(); 500];
+    client.enqueue(r, &mut counts);
+    client.on_tick(&mut h);
+    let batch: crate::wire::RecordBatch = serde_json::from_slice(h.calls[0].body.as_deref().unwrap()).unwrap();
+    let sent = &batch.records[0];
+    assert!(sent.mcp_method.as_deref().unwrap().len() <= crate::wire::limits::MAX_TEXT_BYTES);
+    assert_eq!(sent.signals.len(), crate::wire::limits::MAX_REASONS);
+    assert!(h.calls[0].body.as_ref().unwrap().len() < 100_000);
+    client.on_response(h.calls[0].token, ok_append(1), &mut w, &mut h, &mut counts);
+}
