@@ -16,6 +16,10 @@ pub const RECORDS_DROPPED: &str = "warden.records.dropped";
 pub const REVOCATIONS_APPLIED: &str = "warden.revocations.applied";
 pub const CANDIDATE_EVALUATIONS: &str = "warden.candidate.evaluations";
 pub const CANDIDATE_DISAGREEMENTS: &str = "warden.candidate.disagreements";
+/// A gauge, not a counter: the linear memory (KiB) of every VM running the filter in this proxy,
+/// summed (each VM adds its own growth). Wasm memory never shrinks, so a soak reads it to see
+/// whether the VM heap keeps growing under steady load.
+pub const VM_MEMORY_KIB: &str = "warden.vm.memory_kib";
 
 /// `warden.decisions.<action>`: what was enforced.
 pub fn decision(action: &str) -> String {
