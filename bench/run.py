@@ -634,6 +634,17 @@ def machine() -> dict:
 # ---------------------------------------------------------------- run
 
 
+SOAK_BEGIN, SOAK_END = "<!-- soak:begin -->", "<!-- soak:end -->"
+
+
+def soak_section(readme: Path) -> str:
+    """The Soak section `make soak` (bench/soak.py) writes between these markers, kept when the
+    bench rewrites the rest of the file."""
+    text = readme.read_text() if readme.exists() else ""
+    a, b = text.find(SOAK_BEGIN), text.find(SOAK_END)
+    return "\n" + text[a : b + len(SOAK_END)] + "\n" if 0 <= a < b else ""
+
+
 def med(xs):
     return statistics.median(xs) if xs else None
 
@@ -1016,7 +1027,7 @@ def run_variants(runtimes, module, src, keys, ctx, state_result, t_start) -> int
     report["targets"] = targets(report)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (OUT / "README.md").write_text(render(report))
+    (OUT / "README.md").write_text(render(report) + soak_section(OUT / "README.md"))
     log(f"done in {report['duration_s']} s: {OUT / 'README.md'}, {OUT / 'report.json'}")
     print(table(report))
     return 0
