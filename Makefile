@@ -6,7 +6,7 @@ PY := .venv/bin/python
 RAW_WASM := target/wasm32-wasip1/release/session_warden.wasm
 WASM := target/session_warden.wasm
 
-.PHONY: all setup build test test-unit test-e2e lint demo bench clean
+.PHONY: all setup build test test-unit test-e2e lint demo bench soak clean
 
 all: build
 
@@ -57,3 +57,8 @@ clean:
 bench: build
 	@./scripts/setup-bench.sh
 	@$(PY) bench/run.py
+
+## soak: sessions at a fixed rate for a fixed time through Envoy + warden-state, then the trail,
+## the chains, memory and logs checked (not part of make test; SOAK_SECONDS, SOAK_RATE, SOAK_SESSIONS)
+soak: build
+	@$(PY) bench/soak.py
