@@ -586,7 +586,8 @@ def run(st: Settings) -> dict:
         "settings": {"seconds_per_phase": st.seconds, "rate": st.rate, "sessions": st.sessions, "modes": list(st.modes), "together": st.together},
         "thresholds": {"rss": f"max({RSS_SLACK_KIB} KiB, {RSS_SLACK_PCT}%)", "envoy_heap": f"max({HEAP_SLACK_KIB} KiB, {HEAP_SLACK_PCT}%)",
                        "vm_heap": f"{VM_SLACK_KIB} KiB"},
-        "machine": benchrun.machine(),
+        # bench/run.py's machine description, less what concerns wrk and pinning (the soak uses neither).
+        "machine": {k: v for k, v in benchrun.machine().items() if k not in ("wrk", "pinning")},
         "source": benchrun.source(),
         "phases": [],
         "failures": [],
@@ -635,7 +636,7 @@ def summary(rep: dict) -> str:
         lines.append(
             f"  {p['mode']:6s}: {p['seconds']} s, {p['sessions']} sessions, {p['answered']}/{p['sent']} answered ({p['rps']} rps), "
             f"{p['steps']} steps in the trail; RSS {mem('rss')}; Envoy heap {mem('envoy_heap')}; VM heap "
-            f"{m['vm_heap'].get('first_third_kib', '?')} -> {m['vm_heap'].get('last_third_kib', '?')} KiB; "
+            f"{m['vm_heap'].get('first_third_kib', 0):.0f} -> {m['vm_heap'].get('last_third_kib', 0):.0f} KiB; "
             f"dropped {p['filter_counters'].get('warden.records.dropped', 0)}; Envoy errors {len(p['envoy_errors'])}"
         )
     lines.append("PASS: every check held" if not rep["failures"] else f"FAIL: {len(rep['failures'])} check(s) failed:")
@@ -663,7 +664,8 @@ def readme_section(rep: dict, st: Settings) -> str:
             x = mem[k]
             if "first_third_kib" not in x:
                 return "n/a"
-            return f"{x['first_third_kib'] / div:.1f} → {x['last_third_kib'] / div:.1f} {unit} ({'flat' if x['ok'] else '**grew**'})"
+            fmt = ".1f" if unit == "MiB" else ".0f"
+            return f"{x['first_third_kib'] / div:{fmt}} → {x['last_third_kib'] / div:{fmt}} {unit} ({'flat' if x['ok'] else '**grew**'})"
 
         rows.append(
             f"| {p['mode']} | {p['seconds']} | {p['rps']} | {p['sessions']} | {p['sent']} / {p['answered']} | {p['steps']} |"
@@ -691,7 +693,8 @@ def readme_section(rep: dict, st: Settings) -> str:
         "that neither Envoy nor warden-state logged an error, that warden-state counted no store error or failed",
         "transaction, 4xx or refused step, and that `warden.records.dropped`, `warden.state.unavailable` and",
         "`warden.policy_errors` are 0. Knobs: `SOAK_SECONDS` (60, per mode), `SOAK_RATE` (200/s), `SOAK_SESSIONS` (24), `SOAK_MODES`.",
-        "A 4 s pass of the same code runs in the e2e suite (`tests/e2e/test_soak_short.py`).",
+        "A 5 s pass of the same code (both modes in one Envoy, `SOAK_TOGETHER`) runs in the e2e suite",
+        "(`tests/e2e/test_soak_short.py`).",
         "warden-state installs no logger, so its `log::error!` lines go nowhere: for it the soak relies on its",
         "`/metrics` counters and on panics reaching its stderr.",
         "",
@@ -710,6 +713,11 @@ def readme_section(rep: dict, st: Settings) -> str:
         *rows,
         "",
         f"Result: {verdict}." + (f" At this length the RSS check catches a leak of about {max(leak):.0f} bytes per request or more." if leak else ""),
+        "",
+        "Trends over each measured window (least-squares slope, KiB/min; for information, not checked): "
+        + "; ".join(f"{p['mode']}: RSS {p['memory']['rss'].get('slope_kib_per_min', 0):+g}, Envoy heap "
+                    f"{p['memory']['envoy_heap'].get('slope_kib_per_min', 0):+g}, VM heap {p['memory']['vm_heap'].get('slope_kib_per_min', 0):+g}"
+                    for p in rep["phases"]) + ".",
         SOAK_END,
     ])
 
