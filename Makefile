@@ -6,7 +6,7 @@ PY := .venv/bin/python
 RAW_WASM := target/wasm32-wasip1/release/session_warden.wasm
 WASM := target/session_warden.wasm
 
-.PHONY: all setup build test test-unit test-e2e lint demo bench fuzz clean
+.PHONY: all setup build test test-unit test-e2e lint demo bench fuzz soak clean
 
 all: build
 
@@ -65,3 +65,8 @@ FUZZ_SECONDS ?= 60
 fuzz:
 	@./scripts/setup-fuzz.sh
 	@FUZZ_SECONDS=$(FUZZ_SECONDS) ./scripts/fuzz.sh
+
+## soak: sessions at a fixed rate for a fixed time through Envoy + warden-state, then the trail,
+## the chains, memory and logs checked (not part of make test; SOAK_SECONDS, SOAK_RATE, SOAK_SESSIONS)
+soak: build
+	@$(PY) bench/soak.py

@@ -634,6 +634,25 @@ def machine() -> dict:
 # ---------------------------------------------------------------- run
 
 
+SOAK_BEGIN, SOAK_END = "<!-- soak:begin -->", "<!-- soak:end -->"
+
+
+# Sections other runs write into bench/README.md, between their markers: `make soak`'s (written by
+# bench/soak.py) and the latest `make fuzz` run's (written by hand). Kept when the bench rewrites
+# the rest of the file.
+KEPT_SECTIONS = [(SOAK_BEGIN, SOAK_END), ("<!-- fuzz:begin -->", "<!-- fuzz:end -->")]
+
+
+def soak_section(readme: Path) -> str:
+    text = readme.read_text() if readme.exists() else ""
+    out = ""
+    for begin, end in KEPT_SECTIONS:
+        a, b = text.find(begin), text.find(end)
+        if 0 <= a < b:
+            out += "\n" + text[a : b + len(end)] + "\n"
+    return out
+
+
 def med(xs):
     return statistics.median(xs) if xs else None
 
@@ -1016,7 +1035,7 @@ def run_variants(runtimes, module, src, keys, ctx, state_result, t_start) -> int
     report["targets"] = targets(report)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (OUT / "README.md").write_text(render(report))
+    (OUT / "README.md").write_text(render(report) + soak_section(OUT / "README.md"))
     log(f"done in {report['duration_s']} s: {OUT / 'README.md'}, {OUT / 'report.json'}")
     print(table(report))
     return 0

@@ -168,6 +168,7 @@ impl RootContext for WardenRoot {
             info!("session-warden: candidate policy {v} evaluated beside the enforced one (shadow: never acts)");
         }
         self.metrics.borrow_mut().define_known();
+        self.metrics.borrow_mut().memory(memory_kib());
         let targets = warden.jwks_targets();
         self.jwks = (!targets.is_empty()).then(|| JwksFetcher::new(targets));
         self.state = warden.config.state.clone().map(|cfg| Rc::new(RefCell::new(StateClient::new(cfg))));
@@ -179,6 +180,7 @@ impl RootContext for WardenRoot {
 
     fn on_tick(&mut self) {
         self.metrics.borrow_mut().flush();
+        self.metrics.borrow_mut().memory(memory_kib());
         if let Some(client) = &self.state {
             client.borrow_mut().on_tick(&mut ProxyHost);
         }

@@ -12,6 +12,8 @@ use warden_core::metrics::{self as names, Counters};
 pub struct Metrics {
     ids: HashMap<String, u32>,
     pending: HashMap<u32, i64>,
+    memory: Option<u32>,
+    memory_reported_kib: usize,
 }
 
 impl Metrics {
@@ -56,6 +58,21 @@ impl Metrics {
         Some(id)
     }
 
+    /// The `warden.vm.memory_kib` gauge: this VM adds what its linear memory grew by since it
+    /// last reported (memory only grows), so the gauge is the sum over the proxy's VMs. A host
+    /// call only when it grew.
+    pub fn memory(&mut self, kib: usize) {
+        if kib <= self.memory_reported_kib {
+            return;
+        }
+        if self.memory.is_none() {
+            self.memory = hostcalls::define_metric(MetricType::Gauge, names::VM_MEMORY_KIB).ok();
+        }
+        let Some(id) = self.memory else { return };
+        if hostcalls::increment_metric(id, (kib - self.memory_reported_kib) as i64).is_ok() {
+            self.memory_reported_kib = kib;
+        }
+    }
 
     pub fn flush(&mut self) {
         for (id, n) in self.pending.drain() {

@@ -23,6 +23,11 @@ pub const CANDIDATE_DISAGREEMENTS: &str = "warden.candidate.disagreements";
 /// Requests refused for an ambiguous or malformed path (`path_ambiguous`).
 pub const PATHS_REFUSED: &str = "warden.paths.refused";
 
+/// A gauge, not a counter: the linear memory (KiB) of every VM running the filter in this proxy,
+/// summed (each VM adds its own growth). Wasm memory never shrinks, so a soak reads it to see
+/// whether the VM heap keeps growing under steady load.
+pub const VM_MEMORY_KIB: &str = "warden.vm.memory_kib";
+
 /// `warden.decisions.<action>`: what was enforced.
 pub fn decision(action: &str) -> String {
     format!("warden.decisions.{action}")

@@ -25,6 +25,8 @@ struct Args {
 }
 
 fn main() {
+    // Warnings and errors by default (a store failure must never be silent); RUST_LOG=info for more.
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     if let Err(e) = run() {
         eprintln!("warden-state: {e}");
         std::process::exit(1);
