@@ -168,6 +168,7 @@ fn main() {
     write("request", "mcp-too-large", format!("@body: too-large\n{}\n{{}}", mcp_head(&[])));
     write("request", "sync-ok", lines(&[("@state", "sync"), ("@answer", "ok"), (":method", "GET"), (":path", "/echo"), ("authorization", &bearer), ("x-client-region", "eu"), ("x-device-id", "d1")]));
     write("request", "sync-down", lines(&[("@state", "sync"), ("@answer", "down"), (":method", "GET"), (":path", "/"), ("x-api-key", API_KEY)]));
+    write("request", "sync-refused", lines(&[("@state", "sync"), ("@answer", "refused"), (":method", "GET"), (":path", "/"), ("x-api-key", API_KEY)]));
     write("request", "sync-mismatch", lines(&[("@state", "sync"), ("@answer", "mismatch"), (":method", "GET"), (":path", "/"), ("x-api-key", API_KEY), ("x-session-id", "ses_3")]));
     write("request", "sync-revoked", lines(&[("@state", "sync"), ("@answer", "revoked"), (":method", "GET"), (":path", "/"), ("x-api-key", API_KEY)]));
     write("request", "cached-mcp", format!("@state: cached\n{}\n{}", mcp_head(&[("mcp-session-id", "ses_c")]), call(1, "tickets.search")));

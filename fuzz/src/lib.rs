@@ -19,7 +19,7 @@ use warden_core::host::{FakeHost, Headers};
 use warden_core::identity::jwt::{JwtVerifier, Provider, VerifiedToken};
 use warden_core::identity::{Identifier, Identity, IdentityKind};
 use warden_core::wire::{BeginOutcome, BeginResponse, BeginStep, RecordBatch, StepRecord};
-use warden_core::{Body, Step, Warden};
+use warden_core::{Body, StateFailure, Step, Warden};
 
 /// A target: any bytes in, a panic only on a bug.
 pub type Target = fn(&[u8]);
@@ -367,7 +367,7 @@ fn warden_for(state: Option<&str>) -> Result<Warden, warden_core::error::ConfigE
 }
 
 /// The whole request flow on arbitrary headers, connection properties and body. Set-up lines:
-/// `@state: local|sync|cached|shadow` (which filter), `@answer: ok|down|mismatch|revoked` (what
+/// `@state: local|sync|cached|shadow` (which filter), `@answer: ok|down|refused|mismatch|revoked` (what
 /// the state service says to a begin-step), `@body: too-large`.
 pub fn request(data: &[u8]) {
     let mut req = parse_request(data);
@@ -381,7 +381,8 @@ pub fn request(data: &[u8]) {
         (_, None) => Body::Absent,
     };
     let answer = match req.setup("answer") {
-        Some("down") => Err("unavailable".to_string()),
+        Some("down") => Err(StateFailure::Unavailable("unavailable".to_string())),
+        Some("refused") => Err(StateFailure::Refused("HTTP 400".to_string())),
         Some(a) => Ok(BeginResponse {
             outcome: match a {
                 "mismatch" => BeginOutcome::SubjectMismatch,
