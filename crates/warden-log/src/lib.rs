@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 pub use keys::{
     generate_cosigner_key, generate_log_key, Cosigner, KeyRing, LogSigner, SessionHead, VerifiedCheckpoint, HEAD_HEADER,
 };
-pub use tlog_tiles::{Hash, HashReader, EMPTY_HASH};
+pub use tlog_tiles::{Error as TreeError, Hash, HashReader, EMPTY_HASH};
 
 /// Why a proof, note or key was refused: a sentence naming what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
