@@ -158,7 +158,7 @@ fn signer(name: &str) -> (LogSigner, String) {
 #[test]
 fn checkpoints_are_c2sp_notes_that_verify_with_the_key_and_only_with_it() {
     let (log, vkey) = signer("warden.example/log");
-    assert_eq!(log.verifier_keys(), [vkey.clone()]);
+    assert_eq!(log.verifier_keys(), std::slice::from_ref(&vkey));
     let mem = Mem::of(&leaves(9));
     let r = root(9, &mem).unwrap();
     let note = log.checkpoint(9, r).unwrap();
@@ -167,7 +167,7 @@ fn checkpoints_are_c2sp_notes_that_verify_with_the_key_and_only_with_it() {
     assert_eq!(lines[..4], ["warden.example/log", "9", &r.to_string(), ""]);
     assert!(lines[4].starts_with("— warden.example/log "));
 
-    let ring = KeyRing::new(&[vkey.clone()]).unwrap();
+    let ring = KeyRing::new(std::slice::from_ref(&vkey)).unwrap();
     let c = ring.verify_checkpoint(&note).unwrap();
     assert_eq!((c.origin.as_str(), c.size, c.root), ("warden.example/log", 9, r));
 
@@ -185,7 +185,7 @@ fn checkpoints_are_c2sp_notes_that_verify_with_the_key_and_only_with_it() {
     assert!(e.0.contains("unknown keys"), "{e}");
     // A key of another log cannot vouch for this one.
     let (elsewhere, evkey) = signer("other.example/log");
-    let e = KeyRing::new(&[evkey.clone()]).unwrap().verify_checkpoint(&elsewhere.sign(&format!("warden.example/log\n9\n{r}\n")).unwrap()).unwrap_err();
+    let e = KeyRing::new(std::slice::from_ref(&evkey)).unwrap().verify_checkpoint(&elsewhere.sign(&format!("warden.example/log\n9\n{r}\n")).unwrap()).unwrap_err();
     assert!(e.0.contains("of the log \"warden.example/log\", signed by the key of \"other.example/log\""), "{e}");
     // Not a note at all.
     assert!(ring.verify_checkpoint("warden.example/log\n9\n").unwrap_err().0.contains("not a signed note"));
@@ -196,7 +196,7 @@ fn a_rotated_key_keeps_old_checkpoints_verifiable() {
     let (old_skey, old_vkey) = generate_log_key("warden.example/log").unwrap();
     let (new_skey, new_vkey) = generate_log_key("warden.example/log").unwrap();
     let r = root(3, &Mem::of(&leaves(3))).unwrap();
-    let before = LogSigner::from_keys(&[old_skey.clone()]).unwrap().checkpoint(3, r).unwrap();
+    let before = LogSigner::from_keys(std::slice::from_ref(&old_skey)).unwrap().checkpoint(3, r).unwrap();
     let during = LogSigner::from_keys(&[new_skey.clone(), old_skey]).unwrap().checkpoint(3, r).unwrap();
     let after = LogSigner::from_keys(&[new_skey]).unwrap().checkpoint(3, r).unwrap();
     let both = KeyRing::new(&[new_vkey.clone(), old_vkey.clone()]).unwrap();

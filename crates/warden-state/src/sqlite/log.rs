@@ -154,3 +154,60 @@ pub(super) fn session_leaves_in(conn: &Connection, session_id: &str, tree_size: 
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use rusqlite::{params, Connection};
+    use warden_core::trail::{self, GENESIS};
+    use warden_core::wire::StepRecord;
+
+    use super::*;
+    use crate::sqlite::queries::session_in;
+    use crate::sqlite::schema::{migrate, MIGRATIONS};
+
+    #[test]
+    fn records_stored_before_the_log_are_logged_once_at_the_migration_and_keep_their_hashes() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        for sql in &MIGRATIONS[..3] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 3).unwrap();
+        // Two sessions as the service wrote them before: serde_json text, hashed as written.
+        let mut expected = Vec::new();
+        for (sid, n) in [("old-a", 3u64), ("old-b", 2)] {
+            let mut prev = GENESIS.to_string();
+            for seq in 1..=n {
+                let r = StepRecord { session_id: sid.into(), step: seq, decision_id: format!("d{seq}"), action: "allow".into(), risk: 0.1, ..Default::default() };
+                let body = serde_json::to_string(&r).unwrap();
+                let hash = trail::chain_hash(&prev, &body);
+                conn.execute(
+                    "INSERT INTO records (session_id, seq, step, decision_id, at_ms, body, prev_hash, hash) VALUES (?1, ?2, ?2, ?3, 0, ?4, ?5, ?6)",
+                    params![sid, seq as i64, r.decision_id, body, prev, hash],
+                )
+                .unwrap();
+                expected.push((sid.to_string(), seq, hash.clone()));
+                prev = hash;
+            }
+            conn.execute(
+                "INSERT INTO sessions (id, subject, started_at_ms, last_seen_at_ms, steps, state, records, head_hash) VALUES (?1, '', 0, 0, ?2, '{}', ?2, ?3)",
+                params![sid, n as i64, prev],
+            )
+            .unwrap();
+        }
+        migrate(&mut conn).unwrap();
+        assert_eq!(size(&conn).unwrap(), 5);
+        let view = session_in(&conn, "old-a").unwrap().unwrap();
+        assert!(view.timeline.iter().all(|e| e.hash_version == trail::HASH_V1));
+        trail::verify(&view.timeline).unwrap();
+        let r = root(&conn, 5).unwrap();
+        for (i, (sid, seq, hash)) in expected.iter().enumerate() {
+            let p = inclusion_in(&conn, sid, *seq, 5).unwrap().unwrap();
+            assert_eq!((p.leaf_index, &p.hash), (i as u64, hash));
+            warden_log::check_inclusion(&warden_log::decode(&p.proof).unwrap(), p.leaf_index, 5, warden_log::leaf_hash(sid, *seq, hash), r).unwrap();
+        }
+        // Migrating again does nothing: a record slipped into the file later is never logged.
+        conn.execute("INSERT INTO records (session_id, seq, step, decision_id, at_ms, body, prev_hash, hash) VALUES ('old-b', 3, 3, 'x', 0, '{}', '', '')", []).unwrap();
+        migrate(&mut conn).unwrap();
+        assert_eq!(size(&conn).unwrap(), 5);
+    }
+}

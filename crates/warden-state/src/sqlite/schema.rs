@@ -9,7 +9,7 @@ use super::backend;
 use crate::store::StoreError;
 
 /// Each entry moves the schema one version up; applied in order, once, in a transaction.
-const MIGRATIONS: &[&str] = &[
+pub(super) const MIGRATIONS: &[&str] = &[
     // 1: sessions, their hash-chained records, revocations, audit events.
     "CREATE TABLE sessions (
         id TEXT PRIMARY KEY,
