@@ -563,6 +563,8 @@ STATE_BIN = Path(os.environ.get("WARDEN_STATE_BIN", ROOT / "target/release/warde
 CLI_BIN = Path(os.environ.get("WARDEN_CLI_BIN", ROOT / "target/release/warden"))
 PROXY_TOKEN = "proxy-" + uuid.uuid4().hex
 ADMIN_TOKEN = "admin-" + uuid.uuid4().hex
+LOG_TOKEN = "log-" + uuid.uuid4().hex
+LOG_ORIGIN = "warden-e2e/log"
 
 
 class StateService:
@@ -574,6 +576,15 @@ class StateService:
         self.port = port
         self.proc: subprocess.Popen | None = None
         self.log_path = self.db.with_suffix(".log")
+        # The log's signing key, made once per database (kept across restarts, like a real one);
+        # `vkey` is its public verifier key, all an offline verifier is given.
+        self.key_path = self.db.with_suffix(".key")
+        self.vkey_path = self.db.with_suffix(".vkey")
+        if not self.key_path.exists():
+            out = subprocess.run([str(STATE_BIN), "keygen", "--name", LOG_ORIGIN, "--out", str(self.key_path)],
+                                 capture_output=True, text=True, check=True)
+            self.vkey_path.write_text(out.stdout)
+        self.vkey = self.vkey_path.read_text().strip()
         self.start()
 
     @property
@@ -581,10 +592,10 @@ class StateService:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout=15.0) -> "StateService":
-        env = dict(os.environ, WARDEN_PROXY_TOKEN=PROXY_TOKEN, WARDEN_ADMIN_TOKEN=ADMIN_TOKEN)
+        env = dict(os.environ, WARDEN_PROXY_TOKEN=PROXY_TOKEN, WARDEN_ADMIN_TOKEN=ADMIN_TOKEN, WARDEN_LOG_TOKEN=LOG_TOKEN)
         log = open(self.log_path, "a")
         self.proc = subprocess.Popen(
-            [str(STATE_BIN), "--listen", f"127.0.0.1:{self.port}", "--db", str(self.db)],
+            [str(STATE_BIN), "--listen", f"127.0.0.1:{self.port}", "--db", str(self.db), "--log-key", str(self.key_path)],
             stdout=subprocess.PIPE, stderr=log, text=True, env=env,
         )
         log.close()

@@ -25,12 +25,33 @@ impl Client {
         self.read(resp)
     }
 
+    /// A text answer (a signed checkpoint).
+    pub fn get_text(&self, path: &str) -> Result<String, String> {
+        let resp = self.agent.get(&format!("{}{path}", self.base)).header("authorization", &self.auth).call();
+        self.read_with(resp, |t| Ok(t.to_string()))
+    }
+
+    /// `Ok(None)` when the service answers 503 (it has no log key), for the commands that work
+    /// without the log's evidence and say so.
+    pub fn get_optional<T: DeserializeOwned>(&self, path: &str) -> Result<Option<T>, String> {
+        let resp = self.agent.get(&format!("{}{path}", self.base)).header("authorization", &self.auth).call();
+        match self.read::<T>(resp) {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if e.starts_with("HTTP 503") => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     pub fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, String> {
         let resp = self.agent.post(&format!("{}{path}", self.base)).header("authorization", &self.auth).send_json(body);
         self.read(resp)
     }
 
     fn read<T: DeserializeOwned>(&self, resp: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Result<T, String> {
+        self.read_with(resp, |text| serde_json::from_str(text).map_err(|e| format!("unexpected answer from the service: {e}")))
+    }
+
+    fn read_with<T>(&self, resp: Result<ureq::http::Response<ureq::Body>, ureq::Error>, parse: impl Fn(&str) -> Result<T, String>) -> Result<T, String> {
         let mut resp = resp.map_err(|e| format!("cannot reach the state service at {} ({e}): is it running? set WARDEN_STATE_URL or --url", self.base))?;
         let status = resp.status().as_u16();
         let text = resp.body_mut().read_to_string().map_err(|e| format!("unreadable answer: {e}"))?;
@@ -43,7 +64,7 @@ impl Client {
                 _ => format!("HTTP {status}: {msg}"),
             });
         }
-        serde_json::from_str(&text).map_err(|e| format!("unexpected answer from the service: {e}"))
+        parse(&text)
     }
 }
 

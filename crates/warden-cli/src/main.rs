@@ -2,6 +2,8 @@
 //! This file is the command line and the dispatch; each command group lives in its own module.
 
 mod client;
+mod evidence;
+mod log;
 mod policy;
 mod replay;
 mod session;
@@ -43,6 +45,11 @@ enum Command {
     },
     /// Re-decide recorded sessions with a candidate policy and show what would change.
     Replay(replay::ReplayArgs),
+    /// The append-only log over every record: witness it, make a witness key.
+    Log {
+        #[command(subcommand)]
+        command: log::LogCommand,
+    },
     /// Test, evaluate and check a policy directory on the proxy's own engine set-up.
     Policy {
         #[command(subcommand)]
@@ -75,6 +82,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         Command::Session { command } => session::run(command, &connect, cli.json),
         Command::Sessions { select } => session::list(&connect()?, &select, cli.json),
         Command::Replay(args) => replay::run(args, &connect, cli.json),
+        Command::Log { command } => log::run(command, &cli.url, cli.token.as_deref(), cli.json),
         Command::Policy { command } => Ok(policy::run(command)),
     }
 }

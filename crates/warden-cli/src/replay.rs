@@ -149,11 +149,7 @@ pub fn print(report: &Report, version: &str) {
 
 /// Sessions from JSON Lines written by `warden session export`.
 pub fn read_export(text: &str) -> Result<Vec<SessionView>, String> {
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| serde_json::from_str(l).map_err(|e| format!("line {}: not an exported session ({e})", i + 1)))
-        .collect()
+    Ok(crate::evidence::read(text)?.into_iter().map(|(v, _)| v).collect())
 }
 
 #[cfg(test)]
@@ -176,7 +172,7 @@ mod tests {
                     input: warden_core::wire::RecordedInput::new(&serde_json::json!({"request": {"path": path}})),
                     ..Default::default()
                 };
-                TrailEntry { seq: i as u64 + 1, record, body: String::new(), prev_hash: String::new(), hash: String::new() }
+                TrailEntry { seq: i as u64 + 1, record, body: String::new(), prev_hash: String::new(), hash: String::new(), hash_version: 2 }
             })
             .collect();
         SessionView { id: "s1".into(), state: SessionState::default(), revoked_at_ms: None, revoke_reason: None, timeline, audit: vec![] }

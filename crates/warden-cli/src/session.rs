@@ -7,11 +7,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Subcommand;
-use warden_core::trail;
 use warden_core::wire::{SessionList, SessionSummary, SessionView};
+use warden_log::{KeyRing, SessionEvidence};
 
 use crate::client::{self, Client};
-use crate::{replay, time};
+use crate::{evidence, time};
 
 /// Which sessions, when none are named: by subject, credential, workload and time.
 #[derive(clap::Args, Clone, Default)]
@@ -38,13 +38,19 @@ pub struct Selection {
 pub enum SessionCommand {
     /// The session's timeline: who or what acted, when, with which credential, under which decision.
     Show { id: String },
-    /// Check the trail's hash chain; exits 1 and names the first bad step if it was altered.
+    /// Check the trail's hash chain, and with --key its evidence in the log; exits 1 and names
+    /// what is wrong.
     Verify {
         /// The session (optional with --file: every session in the file).
         id: Option<String>,
         /// Verify offline, from a `warden session export` file.
         #[arg(long)]
         file: Option<PathBuf>,
+        /// The log's public verifier key (`<name>+<id>+<base64>`, or a file holding one): also
+        /// check each record's inclusion proof, the signed checkpoint and the signed session
+        /// head. Repeat for rotated keys.
+        #[arg(long)]
+        key: Vec<String>,
     },
     /// Write sessions with their trails as JSON Lines (for replay and offline verify).
     Export {
@@ -76,25 +82,39 @@ pub fn run(command: SessionCommand, connect: &dyn Fn() -> Result<Client, String>
             }
             Ok(ExitCode::SUCCESS)
         }
-        SessionCommand::Verify { id, file } => {
-            let views = match (&file, &id) {
+        SessionCommand::Verify { id, file, key } => {
+            let keys = if key.is_empty() { None } else { Some(key_ring(&key)?) };
+            // Each session with its raw JSON and evidence, from the file or from the service.
+            let sessions: Vec<(SessionView, Option<serde_json::Value>, Option<SessionEvidence>)> = match (&file, &id) {
                 (Some(f), _) => {
                     let text = std::fs::read_to_string(f).map_err(|e| format!("cannot read {}: {e}", f.display()))?;
-                    let all = replay::read_export(&text)?;
-                    match &id {
-                        Some(id) => all.into_iter().filter(|v| &v.id == id).collect(),
-                        None => all,
-                    }
+                    evidence::read(&text)?
+                        .into_iter()
+                        .filter(|(v, _)| id.as_ref().is_none_or(|id| &v.id == id))
+                        .map(|(v, raw)| {
+                            let ev = raw.get("evidence").and_then(|e| serde_json::from_value(e.clone()).ok());
+                            (v, Some(raw), ev)
+                        })
+                        .collect()
                 }
-                (None, Some(id)) => vec![connect()?.get::<SessionView>(&format!("/v1/sessions/{}", client::escape(id)))?],
+                (None, Some(id)) => {
+                    let client = connect()?;
+                    let (view, ev) = if keys.is_some() {
+                        let (view, ev) = with_evidence(&client, id)?;
+                        (view, Some(ev.ok_or("the service has no log key: its evidence cannot be checked")?))
+                    } else {
+                        (client.get::<SessionView>(&format!("/v1/sessions/{}", client::escape(id)))?, None)
+                    };
+                    vec![(view, None, ev)]
+                }
                 (None, None) => return Err("name a session, or pass --file with an export".into()),
             };
-            if views.is_empty() {
+            if sessions.is_empty() {
                 return Err("no such session in the file".into());
             }
             let mut code = ExitCode::SUCCESS;
-            for view in &views {
-                if !verify_one(view, json) {
+            for (view, raw, ev) in &sessions {
+                if !verify_one(view, raw.as_ref(), ev.as_ref(), keys.as_ref(), json) {
                     code = ExitCode::from(1);
                 }
             }
@@ -104,10 +124,21 @@ pub fn run(command: SessionCommand, connect: &dyn Fn() -> Result<Client, String>
             let client = connect()?;
             let ids = if ids.is_empty() { search(&client, &select)?.into_iter().map(|s| s.id).collect() } else { ids };
             let mut text = String::new();
+            let mut unproven = 0;
             for id in &ids {
-                let view: SessionView = client.get(&format!("/v1/sessions/{}", client::escape(id)))?;
-                text.push_str(&serde_json::to_string(&view).map_err(|e| e.to_string())?);
+                let (view, ev) = with_evidence(&client, id)?;
+                if ev.is_none() {
+                    unproven += 1;
+                }
+                let mut line = serde_json::to_value(&view).map_err(|e| e.to_string())?;
+                if let (Some(ev), serde_json::Value::Object(m)) = (&ev, &mut line) {
+                    m.insert("evidence".into(), serde_json::to_value(ev).map_err(|e| e.to_string())?);
+                }
+                text.push_str(&serde_json::to_string(&line).map_err(|e| e.to_string())?);
                 text.push('\n');
+            }
+            if unproven > 0 {
+                eprintln!("warning: the service has no log key: {unproven} session(s) exported without evidence (only their chains can be verified)");
             }
             match out {
                 Some(path) => {
@@ -175,20 +206,80 @@ pub fn search(client: &Client, select: &Selection) -> Result<Vec<SessionSummary>
     Ok(client.get::<SessionList>(&format!("/v1/sessions?{}", q.join("&")))?.sessions)
 }
 
-/// Print the verdict on one trail; true if intact.
-fn verify_one(view: &SessionView, json: bool) -> bool {
+/// How many records a session's evidence covers: its signed head's count (the leaves' count
+/// when the head does not parse; verification then says why).
+fn covered(ev: &SessionEvidence) -> usize {
+    ev.head
+        .split("\n\n")
+        .next()
+        .and_then(|t| warden_log::SessionHead::parse(&format!("{t}\n")).ok())
+        .map(|h| h.records as usize)
+        .unwrap_or(ev.leaves.len())
+}
+
+/// A session and its evidence (`None` when the service has no log key). The trail is read
+/// first, then the evidence, whose checkpoint is signed after: every record read must be in it,
+/// so a record the trail has beyond the signed head was never logged and stays to be named.
+/// Records appended between the two reads are left out, for the next export.
+fn with_evidence(client: &Client, id: &str) -> Result<(SessionView, Option<SessionEvidence>), String> {
+    let path = client::escape(id);
+    let view: SessionView = client.get(&format!("/v1/sessions/{path}"))?;
+    let Some(ev) = client.get_optional::<SessionEvidence>(&format!("/v1/log/proof/session/{path}"))? else { return Ok((view, None)) };
+    let head = covered(&ev);
+    if view.timeline.len() >= head {
+        return Ok((view, Some(ev)));
+    }
+    let mut again: SessionView = client.get(&format!("/v1/sessions/{path}"))?;
+    again.timeline.truncate(head);
+    Ok((again, Some(ev)))
+}
+
+/// `--key` values: verifier keys, or files holding them (one a line).
+pub fn key_ring(keys: &[String]) -> Result<KeyRing, String> {
+    let mut all = Vec::new();
+    for k in keys {
+        if k.contains('+') {
+            all.push(k.clone());
+        } else {
+            let text = std::fs::read_to_string(k).map_err(|e| format!("--key {k}: neither a verifier key nor a readable file ({e})"))?;
+            all.extend(text.lines().filter(|l| !l.trim().is_empty()).map(str::to_string));
+        }
+    }
+    KeyRing::new(&all).map_err(|e| format!("--key: {e}"))
+}
+
+/// Print the verdict on one trail; true if intact. With keys, the evidence is required and checked.
+fn verify_one(view: &SessionView, raw: Option<&serde_json::Value>, ev: Option<&SessionEvidence>, keys: Option<&KeyRing>, json: bool) -> bool {
     let id = &view.id;
-    let result = trail::verify(&view.timeline);
+    let chain = evidence::check_chain(view, raw);
+    let proven = match (&chain, keys) {
+        (Err(_), _) | (_, None) => None,
+        (Ok(()), Some(keys)) => Some(match ev {
+            Some(ev) => evidence::check(view, ev, keys),
+            None => Err("no evidence to check against the key (exported from a service without a log key, or edited out)".to_string()),
+        }),
+    };
+    let result = match (chain, proven) {
+        (Err(e), _) | (Ok(()), Some(Err(e))) => Err(e),
+        (Ok(()), Some(Ok(p))) => Ok(Some(p)),
+        (Ok(()), None) => Ok(None),
+    };
+    let n = view.timeline.len();
     if json {
         let doc = match &result {
-            Ok(()) => serde_json::json!({"session_id": id, "ok": true, "records": view.timeline.len()}),
-            Err(b) => serde_json::json!({"session_id": id, "ok": false, "seq": b.seq, "step": b.step, "why": b.why}),
+            Ok(p) => serde_json::json!({"session_id": id, "ok": true, "records": n, "tree_size": p.as_ref().map(|p| p.tree_size), "signed_by": p.as_ref().map(|p| &p.signed_by)}),
+            Err(why) => serde_json::json!({"session_id": id, "ok": false, "why": why}),
         };
         println!("{doc}");
     } else {
         match &result {
-            Ok(()) => println!("session {id}: trail intact ({} records, chain verified)", view.timeline.len()),
-            Err(b) => println!("session {id}: TRAIL BROKEN at step {} (record {}): {}", b.step, b.seq, b.why),
+            Ok(None) => println!("session {id}: trail intact ({n} records, chain verified)"),
+            Ok(Some(p)) => println!(
+                "session {id}: trail intact ({n} records, chain verified, every record in the log at the checkpoint of {} leaves signed by {})",
+                p.tree_size,
+                p.signed_by.join(", ")
+            ),
+            Err(why) => println!("session {id}: TRAIL BROKEN {why}"),
         }
     }
     result.is_ok()

@@ -7,6 +7,7 @@
 //! (what proxies and the state service exchange). docs/ARCHITECTURE.md maps the rest.
 
 pub mod callouts;
+pub mod canonical;
 pub mod config;
 pub mod correlation;
 pub mod decision;

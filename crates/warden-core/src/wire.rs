@@ -420,10 +420,15 @@ pub struct AppendResult {
 pub struct TrailEntry {
     pub seq: u64,
     pub record: StepRecord,
-    /// The record exactly as hashed (canonical JSON text).
+    /// The record as stored: its canonical JSON text (hash version 2) or, for records written
+    /// before hash version 2, the exact text that was hashed.
     pub body: String,
     pub prev_hash: String,
     pub hash: String,
+    /// Which chain rule `hash` follows (`trail::HASH_V1`, `trail::HASH_V2`); absent in exports
+    /// written before there were two.
+    #[serde(default = "crate::trail::legacy_hash_version")]
+    pub hash_version: u8,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

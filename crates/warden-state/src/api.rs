@@ -21,14 +21,18 @@ use warden_core::wire::{
     AppendResult, BeginOutcome, BeginResponse, BeginStep, ErrorBody, RecordBatch, RevocationFeed, RevokeRequest, SessionList, SessionView,
 };
 
+use warden_log::{ConsistencyProof, InclusionProof, LogSigner, SessionEvidence, SessionHead};
+
 use crate::store::{Search, Store, StoreError};
 use crate::validate::{self, Invalid};
 
-/// Who may call what: proxies report steps; admins read trails and revoke.
+/// Who may call what: proxies report steps; admins read trails and revoke; log readers (a
+/// witness) read checkpoints and consistency proofs only.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     Proxy,
     Admin,
+    LogReader,
 }
 
 #[derive(Default)]
@@ -47,12 +51,30 @@ pub struct AppState {
     proxy_token: [u8; 32],
     admin_token: [u8; 32],
     pub counters: Counters,
+    /// The log's signing keys; without them the log is kept but no checkpoint is signed.
+    log: Option<Arc<LogSigner>>,
+    log_token: Option<[u8; 32]>,
 }
 
 impl AppState {
     /// Tokens are kept only as hashes.
     pub fn new(store: Arc<dyn Store>, proxy_token: &str, admin_token: &str) -> Self {
-        Self { store, proxy_token: sha256(proxy_token.as_bytes()), admin_token: sha256(admin_token.as_bytes()), counters: Counters::default() }
+        Self {
+            store,
+            proxy_token: sha256(proxy_token.as_bytes()),
+            admin_token: sha256(admin_token.as_bytes()),
+            counters: Counters::default(),
+            log: None,
+            log_token: None,
+        }
+    }
+
+    /// Sign checkpoints and session heads with `signer`; let `log_token` (a witness's) read
+    /// checkpoints and consistency proofs.
+    pub fn with_log(mut self, signer: Option<Arc<LogSigner>>, log_token: Option<&str>) -> Self {
+        self.log = signer;
+        self.log_token = log_token.map(|t| sha256(t.as_bytes()));
+        self
     }
 
     fn role_of(&self, headers: &HeaderMap) -> Option<Role> {
@@ -66,6 +88,8 @@ impl AppState {
             Some(Role::Admin)
         } else if ct_eq(&h, &self.proxy_token) {
             Some(Role::Proxy)
+        } else if self.log_token.as_ref().is_some_and(|t| ct_eq(&h, t)) {
+            Some(Role::LogReader)
         } else {
             None
         }
@@ -97,6 +121,8 @@ pub enum ApiError {
     /// The body is larger than the service takes (`wire::limits::MAX_BODY_BYTES`).
     TooLarge,
     NotFound(String),
+    /// The service is not configured for this (no log key).
+    Unavailable(String),
     Internal,
 }
 
@@ -113,6 +139,7 @@ impl IntoResponse for ApiError {
                 format!("the body is larger than {} bytes; send fewer records per batch", limits::MAX_BODY_BYTES),
             ),
             Self::NotFound(m) => (StatusCode::NOT_FOUND, "not_found", m),
+            Self::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", m),
             Self::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal", "the store failed; see the service log".to_string()),
         };
         let mut response = (status, Json(ErrorBody { error: code.into(), message })).into_response();
@@ -196,6 +223,13 @@ impl Allowed for Admins {
 }
 impl Allowed for ProxiesOrAdmins {
     const ROLES: &'static [Role] = &[Role::Proxy, Role::Admin];
+}
+/// Checkpoints and consistency proofs: hashes only, no session data; a witness reads them with
+/// the log token, never with the proxy token (which can append) or the admin token (which reads
+/// every trail).
+struct LogReaders;
+impl Allowed for LogReaders {
+    const ROLES: &'static [Role] = &[Role::Admin, Role::LogReader];
 }
 
 /// A caller whose bearer token has one of `R`'s roles. A handler that takes one is closed to
@@ -319,6 +353,80 @@ async fn revoke(
     Ok(Json(serde_json::json!({"session_id": id, "revoked": true, "changed": changed})))
 }
 
+fn log_signer(st: &AppState) -> Result<Arc<LogSigner>, ApiError> {
+    st.log.clone().ok_or_else(|| ApiError::Unavailable("no log key is configured (--log-key): checkpoints are not signed".into()))
+}
+
+fn note(text: String) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response()
+}
+
+/// The latest checkpoint (one is signed first if there is none yet).
+async fn log_checkpoint(_: Caller<LogReaders>, State(st): Shared) -> Result<Response, ApiError> {
+    let signer = log_signer(&st)?;
+    match st.store.log_latest().await? {
+        Some((_, n)) => Ok(note(n)),
+        None => Ok(note(st.store.log_checkpoint(signer, now_ms()).await?.1)),
+    }
+}
+
+/// On demand: a checkpoint of the log as it is now.
+async fn log_checkpoint_now(_: Caller<Admins>, State(st): Shared) -> Result<Response, ApiError> {
+    let signer = log_signer(&st)?;
+    Ok(note(st.store.log_checkpoint(signer, now_ms()).await?.1))
+}
+
+#[derive(Deserialize)]
+struct ConsistencyQuery {
+    from: u64,
+    to: u64,
+}
+
+async fn log_consistency(_: Caller<LogReaders>, State(st): Shared, Params(q): Params<ConsistencyQuery>) -> Result<Json<ConsistencyProof>, ApiError> {
+    match st.store.log_consistency(q.from, q.to).await? {
+        Some(proof) => Ok(Json(ConsistencyProof { from: q.from, to: q.to, proof })),
+        None => Err(ApiError::BadRequest(format!("no consistency proof from {} to {}: from must not exceed to, nor to the log's size", q.from, q.to))),
+    }
+}
+
+#[derive(Deserialize)]
+struct InclusionQuery {
+    session_id: String,
+    seq: u64,
+    tree_size: u64,
+}
+
+async fn log_inclusion(_: Caller<Admins>, State(st): Shared, Params(q): Params<InclusionQuery>) -> Result<Json<InclusionProof>, ApiError> {
+    validate::session_id(&q.session_id)?;
+    match st.store.log_inclusion(q.session_id.clone(), q.seq, q.tree_size).await? {
+        Some(p) => Ok(Json(p)),
+        None => Err(ApiError::NotFound(format!("record {} of session {} is not among the log's first {} leaves", q.seq, q.session_id, q.tree_size))),
+    }
+}
+
+/// A session's evidence: a checkpoint signed now, each of its records' inclusion proofs against
+/// it and its signed head, read from the log.
+async fn log_session(Path(id): Path<String>, _: Caller<Admins>, State(st): Shared) -> Result<Json<SessionEvidence>, ApiError> {
+    let signer = log_signer(&st)?;
+    let (size, checkpoint) = st.store.log_checkpoint(signer.clone(), now_ms()).await?;
+    let leaves = st.store.log_session(id.clone(), size).await?;
+    if leaves.is_empty() && st.store.session(id.clone()).await?.is_none() {
+        return Err(ApiError::NotFound(format!("no session {id}")));
+    }
+    let head = SessionHead {
+        origin: signer.origin().to_string(),
+        session_id: id.clone(),
+        tree_size: size,
+        records: leaves.last().map(|l| l.seq).unwrap_or(0),
+        hash: leaves.last().map(|l| l.hash.clone()).unwrap_or_else(|| warden_core::trail::GENESIS.to_string()),
+    };
+    let head = signer.session_head(&head).map_err(|e| {
+        log::error!("cannot sign a session head: {e}");
+        ApiError::Internal
+    })?;
+    Ok(Json(SessionEvidence { session_id: id, checkpoint, head, leaves }))
+}
+
 async fn metrics(State(st): Shared) -> impl IntoResponse {
     let c = &st.counters;
     let lines = [
@@ -356,6 +464,10 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/v1/sessions", get(search))
         .route("/v1/sessions/{id}", get(session))
         .route("/v1/sessions/{id}/revoke", post(revoke))
+        .route("/v1/log/checkpoint", get(log_checkpoint).post(log_checkpoint_now))
+        .route("/v1/log/proof/consistency", get(log_consistency))
+        .route("/v1/log/proof/inclusion", get(log_inclusion))
+        .route("/v1/log/proof/session/{id}", get(log_session))
         // Only the endpoints' refusals count: an unknown endpoint is not a refused request.
         .route_layer(middleware::from_fn_with_state(state.clone(), count_failures))
         .fallback(not_found)

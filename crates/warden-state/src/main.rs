@@ -2,7 +2,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use warden_log::LogSigner;
 use warden_state::sqlite::SqliteStore;
 use warden_state::{app, AppState};
 
@@ -22,6 +23,58 @@ struct Args {
     /// Token for admin calls (read trails, revoke).
     #[arg(long, env = "WARDEN_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// The log's signing key file (`warden-state keygen`); repeat to sign with several while
+    /// rotating (the first names the log). Without one the log is kept but nothing is signed.
+    #[arg(long, env = "WARDEN_LOG_KEY_FILE", value_delimiter = ',')]
+    log_key: Vec<PathBuf>,
+    /// Token a witness presents to read checkpoints and consistency proofs (and nothing else).
+    #[arg(long, env = "WARDEN_LOG_TOKEN", hide_env_values = true)]
+    log_token: Option<String>,
+    /// Sign a checkpoint this often (seconds) when the log has grown.
+    #[arg(long, env = "WARDEN_CHECKPOINT_INTERVAL", default_value_t = 10)]
+    checkpoint_interval: u64,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Make a log signing key: writes the private key to --out (mode 0600, never overwritten)
+    /// and prints the public verifier key (`<name>+<id>+<base64>`) to give to verifiers.
+    Keygen {
+        /// The log's name, its checkpoints' origin line (e.g. `warden.example.com/log`).
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn keygen(name: &str, out: &std::path::Path) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let (skey, vkey) = warden_log::generate_log_key(name).map_err(|e| e.to_string())?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .map_err(|e| format!("cannot create {}: {e}", out.display()))?;
+    f.write_all(format!("{skey}\n").as_bytes()).map_err(|e| format!("cannot write {}: {e}", out.display()))?;
+    println!("{vkey}");
+    Ok(())
+}
+
+/// The signing keys, from their files. Their contents are never printed or logged.
+fn log_signer(paths: &[PathBuf]) -> Result<Option<LogSigner>, String> {
+    if paths.is_empty() {
+        return Ok(None);
+    }
+    let texts = paths
+        .iter()
+        .map(|p| std::fs::read_to_string(p).map_err(|e| format!("cannot read the log key {}: {e}", p.display())))
+        .collect::<Result<Vec<_>, _>>()?;
+    LogSigner::from_keys(&texts).map(Some).map_err(|e| format!("log key: {e}"))
 }
 
 fn main() {
@@ -36,14 +89,30 @@ fn main() {
 #[tokio::main(flavor = "multi_thread")]
 async fn run() -> Result<(), String> {
     let args = Args::parse();
+    if let Some(Command::Keygen { name, out }) = &args.command {
+        return keygen(name, out);
+    }
     let (Some(proxy), Some(admin)) = (args.proxy_token, args.admin_token) else {
         return Err("set both WARDEN_PROXY_TOKEN and WARDEN_ADMIN_TOKEN (or --proxy-token / --admin-token): the API is never open".into());
     };
     if proxy.len() < 16 || admin.len() < 16 || proxy == admin {
         return Err("tokens must be at least 16 characters and the proxy and admin tokens must differ".into());
     }
-    let store = SqliteStore::open(&args.db).map_err(|e| e.to_string())?;
-    let state = Arc::new(AppState::new(Arc::new(store), &proxy, &admin));
+    if let Some(t) = &args.log_token {
+        if t.len() < 16 || *t == proxy || *t == admin {
+            return Err("the log token must be at least 16 characters and differ from the proxy and admin tokens".into());
+        }
+    }
+    let signer = log_signer(&args.log_key)?.map(Arc::new);
+    let store: Arc<dyn warden_state::store::Store> = Arc::new(SqliteStore::open(&args.db).map_err(|e| e.to_string())?);
+    match &signer {
+        Some(s) => {
+            eprintln!("warden-state: log {} signed by {}", s.origin(), s.verifier_keys().join(" "));
+            tokio::spawn(checkpoints(store.clone(), s.clone(), args.checkpoint_interval.max(1)));
+        }
+        None => eprintln!("warden-state: no --log-key: the log is kept but no checkpoint is signed"),
+    }
+    let state = Arc::new(AppState::new(store, &proxy, &admin).with_log(signer, args.log_token.as_deref()));
     let listener = tokio::net::TcpListener::bind(args.listen).await.map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     println!("warden-state listening on {addr} (db {})", args.db.display());
@@ -51,6 +120,20 @@ async fn run() -> Result<(), String> {
         .with_graceful_shutdown(shutdown())
         .await
         .map_err(|e| e.to_string())
+}
+
+/// A checkpoint on a period, when the log has grown. A refusal (the database no longer extends
+/// the last checkpoint) is logged each time: it needs an operator.
+async fn checkpoints(store: Arc<dyn warden_state::store::Store>, signer: Arc<LogSigner>, every_s: u64) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(every_s));
+    loop {
+        tick.tick().await;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        if let Err(e) = store.log_checkpoint(signer.clone(), now).await {
+            log::error!("checkpoint: {e}");
+            eprintln!("warden-state: checkpoint: {e}");
+        }
+    }
 }
 
 /// SIGINT or SIGTERM: stop accepting, finish what is in flight.

@@ -4,8 +4,10 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use warden_core::wire::{AppendResult, BeginResponse, BeginStep, RevocationFeed, SessionSummary, SessionView, StepRecord};
+use warden_log::{InclusionProof, LeafProof, LogSigner};
 
 /// A store only fails as a backend: what a client could get wrong is refused before the store
 /// is called (see `Store`).
@@ -60,6 +62,18 @@ pub trait Store: Send + Sync + 'static {
     /// Revoke a session (a session not seen yet is created revoked). True if it was not revoked before.
     fn revoke(&self, id: String, reason: String, now_ms: u64) -> StoreFuture<'_, bool>;
     fn revocations(&self, after: u64, limit: usize) -> StoreFuture<'_, RevocationFeed>;
+    /// The append-only log over every record (`warden_log`). `append` must enter each new
+    /// record into it as its next leaf, in the record's transaction.
+    /// Sign a checkpoint of the log as it is now unless the latest covers it; refuse (an error)
+    /// when the log no longer extends the latest checkpoint. Returns (tree size, signed note).
+    fn log_checkpoint(&self, signer: Arc<LogSigner>, now_ms: u64) -> StoreFuture<'_, (u64, String)>;
+    fn log_latest(&self) -> StoreFuture<'_, Option<(u64, String)>>;
+    /// `None` when `to` is beyond the log or `from` > `to`.
+    fn log_consistency(&self, from: u64, to: u64) -> StoreFuture<'_, Option<Vec<String>>>;
+    /// `None` when the record is not among the first `tree_size` leaves.
+    fn log_inclusion(&self, session_id: String, seq: u64, tree_size: u64) -> StoreFuture<'_, Option<InclusionProof>>;
+    /// The session's leaves among the first `tree_size`, in sequence order, with their proofs.
+    fn log_session(&self, session_id: String, tree_size: u64) -> StoreFuture<'_, Vec<LeafProof>>;
     /// Counters the store keeps about itself (none by default).
     fn counters(&self) -> Vec<StoreCounter> {
         Vec::new()

@@ -17,6 +17,7 @@
 //! `writer` (group commit and read connections, blind to what is stored), `queries` (what a
 //! session, its trail and revocations are in SQL) and here the `Store` they make together.
 
+mod log;
 mod queries;
 mod schema;
 mod writer;
@@ -27,6 +28,7 @@ use std::sync::Arc;
 
 use rusqlite::Connection;
 use warden_core::wire::{AppendResult, BeginResponse, BeginStep, RevocationFeed, SessionSummary, SessionView, StepRecord};
+use warden_log::{InclusionProof, LeafProof, LogSigner};
 
 pub use queries::chain_hash;
 use queries::{append_in, begin_in, revocations_in, revoke_in, search_in, session_in};
@@ -104,6 +106,26 @@ impl Store for SqliteStore {
 
     fn revocations(&self, after: u64, limit: usize) -> StoreFuture<'_, RevocationFeed> {
         self.read(move |conn| revocations_in(conn, after, limit))
+    }
+
+    fn log_checkpoint(&self, signer: Arc<LogSigner>, now_ms: u64) -> StoreFuture<'_, (u64, String)> {
+        self.write(1, move |conn| log::checkpoint_in(conn, &signer, now_ms))
+    }
+
+    fn log_latest(&self) -> StoreFuture<'_, Option<(u64, String)>> {
+        self.read(log::latest_in)
+    }
+
+    fn log_consistency(&self, from: u64, to: u64) -> StoreFuture<'_, Option<Vec<String>>> {
+        self.read(move |conn| log::consistency_in(conn, from, to))
+    }
+
+    fn log_inclusion(&self, session_id: String, seq: u64, tree_size: u64) -> StoreFuture<'_, Option<InclusionProof>> {
+        self.read(move |conn| log::inclusion_in(conn, &session_id, seq, tree_size))
+    }
+
+    fn log_session(&self, session_id: String, tree_size: u64) -> StoreFuture<'_, Vec<LeafProof>> {
+        self.read(move |conn| log::session_leaves_in(conn, &session_id, tree_size))
     }
 
     fn counters(&self) -> Vec<StoreCounter> {

@@ -5,7 +5,7 @@
 
 use rusqlite::{params, Connection, OptionalExtension};
 use warden_core::session::{BeginError, SessionState};
-use warden_core::trail::GENESIS;
+use warden_core::trail::{self, GENESIS};
 use warden_core::wire::{
     AppendResult, AuditEvent, BeginOutcome, BeginResponse, BeginStep, Revocation, RevocationFeed, SessionSummary, SessionView, StepRecord,
     TrailEntry,
@@ -172,16 +172,29 @@ pub(super) fn append_in(conn: &Connection, batch: &[StepRecord], now_ms: u64) ->
                 })
             }
         };
-        let body = serde_json::to_string(r).map_err(backend)?;
+        let body = trail::canonical_body(r).map_err(backend)?;
         let seq = row.records + 1;
         let hash = chain_hash(&row.head, &body);
         conn.prepare_cached(
-            "INSERT INTO records (session_id, seq, step, decision_id, at_ms, credential, workload, body, prev_hash, hash)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            "INSERT INTO records (session_id, seq, step, decision_id, at_ms, credential, workload, body, prev_hash, hash, hash_version)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
         )
         .map_err(backend)?
-        .execute(params![r.session_id, seq as i64, r.step as i64, r.decision_id, r.at_ms as i64, r.credential, r.workload, body, row.head, hash])
+        .execute(params![
+            r.session_id,
+            seq as i64,
+            r.step as i64,
+            r.decision_id,
+            r.at_ms as i64,
+            r.credential,
+            r.workload,
+            body,
+            row.head,
+            hash,
+            trail::HASH_V2
+        ])
         .map_err(backend)?;
+        super::log::append_leaf(conn, &r.session_id, seq, &hash)?;
         row.state.apply_record(r);
         row.records = seq;
         row.head = hash;
@@ -215,16 +228,18 @@ pub(super) fn session_in(conn: &Connection, id: &str) -> Result<Option<SessionVi
     let mut timeline = Vec::new();
     {
         let mut stmt = conn
-            .prepare_cached("SELECT seq, body, prev_hash, hash FROM records WHERE session_id = ?1 ORDER BY seq")
+            .prepare_cached("SELECT seq, body, prev_hash, hash, hash_version FROM records WHERE session_id = ?1 ORDER BY seq")
             .map_err(backend)?;
         let rows = stmt
-            .query_map(params![id], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?)))
+            .query_map(params![id], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?, r.get::<_, u8>(4)?))
+            })
             .map_err(backend)?;
         for row in rows {
-            let (seq, body, prev_hash, hash) = row.map_err(backend)?;
+            let (seq, body, prev_hash, hash, hash_version) = row.map_err(backend)?;
             // A body that no longer parses is still shown (and fails verification), not hidden.
             let record = serde_json::from_str(&body).unwrap_or_default();
-            timeline.push(TrailEntry { seq: seq as u64, record, body, prev_hash, hash });
+            timeline.push(TrailEntry { seq: seq as u64, record, body, prev_hash, hash, hash_version });
         }
     }
     let mut audit = Vec::new();

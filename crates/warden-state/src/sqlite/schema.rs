@@ -9,7 +9,7 @@ use super::backend;
 use crate::store::StoreError;
 
 /// Each entry moves the schema one version up; applied in order, once, in a transaction.
-const MIGRATIONS: &[&str] = &[
+pub(super) const MIGRATIONS: &[&str] = &[
     // 1: sessions, their hash-chained records, revocations, audit events.
     "CREATE TABLE sessions (
         id TEXT PRIMARY KEY,
@@ -69,7 +69,31 @@ const MIGRATIONS: &[&str] = &[
     // order: from an index, without sorting them on every step.
     "DROP INDEX IF EXISTS sessions_last_seen;
      CREATE INDEX credential_subjects_first_seen ON credential_subjects(credential, first_seen_ms, subject);",
+    // 4: the append-only log over every record (`super::log`): each record's leaf, the Merkle
+    // tree's stored hashes (tlog_tiles' layout), signed checkpoints; and each record's hash
+    // version (records already stored keep version 1: their hashes are never recomputed). The
+    // records already stored are entered into the log by `LOG_MIGRATION`'s Rust step.
+    "ALTER TABLE records ADD COLUMN hash_version INTEGER NOT NULL DEFAULT 1;
+     CREATE TABLE log_leaves (
+        idx INTEGER PRIMARY KEY,
+        session_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        hash TEXT NOT NULL,
+        UNIQUE (session_id, seq)
+     );
+     CREATE TABLE log_hashes (idx INTEGER PRIMARY KEY, hash BLOB NOT NULL);
+     CREATE TABLE checkpoints (
+        size INTEGER PRIMARY KEY,
+        root BLOB NOT NULL,
+        note TEXT NOT NULL,
+        at_ms INTEGER NOT NULL
+     );",
 ];
+
+/// The migration that creates the log: after its SQL, the records already stored are entered
+/// into the log, in stored order, once. Never again later: a record that appears in the file
+/// without having been appended by the service (a forgery) must stay out of the log.
+const LOG_MIGRATION: usize = 4;
 
 pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(backend)?;
@@ -82,6 +106,9 @@ pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         let tx = conn.transaction().map_err(backend)?;
         tx.execute_batch(sql).map_err(|e| StoreError::Backend(format!("migration {}: {e}", i + 1)))?;
+        if i + 1 == LOG_MIGRATION {
+            super::log::enter_stored_records(&tx)?;
+        }
         tx.pragma_update(None, "user_version", (i + 1) as i64).map_err(backend)?;
         tx.commit().map_err(backend)?;
     }
