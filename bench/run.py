@@ -162,7 +162,7 @@ def raise_limits(doc: dict) -> list[str]:
 
 def warden_config(ctx: Ctx) -> dict:
     """The default policy library with its limits on steps raised (RAISED_LIMITS), one JWT
-    provider with the RS256 key inline."""
+    provider with the RS256 key inline (`ctx.keys`; the soak passes its own keys)."""
     policy = h.policy_library()
     raise_limits(policy.get("data") or {})
     return {

@@ -50,6 +50,7 @@ import statistics
 import sys
 import tempfile
 import threading
+from types import SimpleNamespace
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +63,6 @@ sys.path.insert(0, str(ROOT / "bench"))
 import harness as h  # noqa: E402
 import run as benchrun  # noqa: E402  (bench/run.py: machine, source, /proc helpers, limits)
 
-PROVIDER = "soak-idp"
 SOAK_BEGIN, SOAK_END = benchrun.SOAK_BEGIN, benchrun.SOAK_END
 
 # Flatness thresholds, last third against first third (medians) after the warm-up.
@@ -123,25 +123,15 @@ class Settings:
 
 
 def warden_config(keys: h.Keys, mode: str) -> dict:
-    """The shipped policy library; its step-count and step-rate limits raised (as the bench does:
-    a soak session takes hundreds of steps a minute), and a forbidden path given no risk weight,
-    so the soak's steady 5% of refused steps is refused for the path every time instead of
-    escalating the session to step-up, throttle and terminate (which the scenario tests cover)."""
-    policy = h.policy_library()
-    benchrun.raise_limits(policy.get("data") or {})
-    policy = h.deep_merge(policy, {"data": {"warden": {"config": {"risk": {"weights": {"path_forbidden": 0}}}}}})
-    return {
-        "mode": "enforce",
-        "policy": policy,
-        "identity": {
-            "jwt": {
-                "providers": [
-                    {"name": PROVIDER, "issuer": h.ISSUER, "audiences": [h.AUDIENCE], "algorithms": ["RS256"], "jwks": keys.jwks(("RS256",))}
-                ]
-            }
-        },
-        "state": h.state_config(mode=mode, timeout_ms=1000, flush_interval_ms=100),
-    }
+    """The bench's configuration (the shipped policy library with its step-count and step-rate
+    limits raised: a soak session takes hundreds of steps a minute) with a forbidden path given no
+    risk weight, so the soak's steady 5% of refused steps is refused for the path every time
+    instead of escalating the session to step-up, throttle and terminate (which the scenario tests
+    cover), and the state service in the given mode."""
+    cfg = benchrun.warden_config(SimpleNamespace(keys=keys))
+    cfg["policy"] = h.deep_merge(cfg["policy"], {"data": {"warden": {"config": {"risk": {"weights": {"path_forbidden": 0}}}}}})
+    cfg["state"] = h.state_config(mode=mode, timeout_ms=1000, flush_interval_ms=100)
+    return cfg
 
 
 # ---------------------------------------------------------------- the client

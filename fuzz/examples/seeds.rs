@@ -155,7 +155,7 @@ fn main() {
         v.extend_from_slice(extra);
         lines(&v)
     };
-    write("request", "get", lines(&[(":method", "GET"), (":path", "/echo"), (":authority", "api.test"), ("authorization", &bearer), ("x-warden-subject", "root")]));
+    write("request", "get", lines(&[(":method", "GET"), (":path", "/echo-subject"), (":authority", "api.test"), ("authorization", &bearer), ("x-warden-subject", "root")]));
     write("request", "admin", lines(&[(":method", "GET"), (":path", "/admin/x"), ("x-api-key", API_KEY), ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")]));
     write("request", "step-up", lines(&[(":method", "GET"), (":path", "/secrets"), ("authorization", &bearer), ("x-session-id", "ses_1")]));
     write("request", "throttle", lines(&[(":method", "GET"), (":path", "/busy"), ("x-api-key", API_KEY)]));
@@ -166,14 +166,14 @@ fn main() {
     write("request", "mcp-batch", format!("{}\n{}", mcp_head(&[("mcp-session-id", "ses_m")]), json!([call(1, "a"), call(2, "shell.exec")])));
     write("request", "mcp-not-json", format!("{}\n{{", mcp_head(&[])));
     write("request", "mcp-too-large", format!("@body: too-large\n{}\n{{}}", mcp_head(&[])));
-    write("request", "sync-ok", lines(&[("@state", "sync"), ("@answer", "ok"), (":method", "GET"), (":path", "/echo"), ("authorization", &bearer), ("x-client-region", "eu"), ("x-device-id", "d1")]));
+    write("request", "sync-ok", lines(&[("@state", "sync"), ("@answer", "ok"), (":method", "GET"), (":path", "/echo-subject"), ("authorization", &bearer), ("x-client-region", "eu"), ("x-device-id", "d1")]));
     write("request", "sync-down", lines(&[("@state", "sync"), ("@answer", "down"), (":method", "GET"), (":path", "/"), ("x-api-key", API_KEY)]));
     write("request", "sync-refused", lines(&[("@state", "sync"), ("@answer", "refused"), (":method", "GET"), (":path", "/"), ("x-api-key", API_KEY)]));
     write("request", "sync-mismatch", lines(&[("@state", "sync"), ("@answer", "mismatch"), (":method", "GET"), (":path", "/"), ("x-api-key", API_KEY), ("x-session-id", "ses_3")]));
     write("request", "sync-revoked", lines(&[("@state", "sync"), ("@answer", "revoked"), (":method", "GET"), (":path", "/"), ("x-api-key", API_KEY)]));
     write("request", "cached-mcp", format!("@state: cached\n{}\n{}", mcp_head(&[("mcp-session-id", "ses_c")]), call(1, "tickets.search")));
     write("request", "shadow-admin", lines(&[("@state", "shadow"), (":method", "GET"), (":path", "/admin"), ("x-api-key", API_KEY)]));
-    write("request", "xfcc-trusted", lines(&[("@source.address", &format!("{TRUSTED_HOP}:1")), (":method", "GET"), (":path", "/echo"),
+    write("request", "xfcc-trusted", lines(&[("@source.address", &format!("{TRUSTED_HOP}:1")), (":method", "GET"), (":path", "/echo-subject"),
         ("x-forwarded-client-cert", "URI=spiffe://example.org/ns/x/sa/y")]));
     write("request", "bad-session-id", lines(&[(":method", "GET"), (":path", "/"), ("x-api-key", API_KEY), ("x-session-id", "a b")]));
 

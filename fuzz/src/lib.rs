@@ -58,20 +58,8 @@ const ED_X: &str = "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo";
 
 const ALGS: [&str; 4] = ["RS256", "ES256", "EdDSA", "HS256"];
 
-const POLICY: &str = r#"
-package warden.session
-import rego.v1
-
-default decision := {"action": "allow", "reasons": [], "risk": 0}
-
-decision := {"action": "deny", "reasons": ["path_forbidden"], "risk": 90} if startswith(input.request.path, "/admin")
-decision := {"action": "step_up", "reasons": ["sensitive"], "risk": 50, "acr_values": "phr"} if input.request.path == "/secrets"
-decision := {"action": "throttle", "reasons": ["slow_down"], "retry_after": 9} if input.request.path == "/busy"
-decision := {"action": "terminate", "reasons": ["kill"]} if input.request.path == "/kill"
-decision := {"action": "deny", "reasons": ["tool_forbidden"]} if input.request.mcp.tool == "shell.exec"
-decision := {"action": "allow", "reasons": [], "headers": {"x-policy-saw": input.identity.subject}} if input.request.path == "/echo"
-decision := {"action": "deny", "reasons": ["state_unavailable"]} if input.session.unavailable
-"#;
+/// The request-flow unit tests' policy, so a fuzzed request meets the same rules.
+const POLICY: &str = include_str!("../../crates/warden-core/src/tests/policy.rego");
 
 /// The key set every JWT-verifying target uses: one key of each supported algorithm.
 pub fn jwks_doc() -> &'static Value {
