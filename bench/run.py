@@ -1232,7 +1232,7 @@ This run took {rep['duration_s']} s (after `make build`).
   (B = `native_jwt_rbac`). **added µs/req** = 1e6/rps − 1e6/rps_A: the Envoy worker's time the
   variant adds to each request (Envoy's one worker is the bottleneck: see Envoy CPU below).
 - **p50 / p99**: latency at a fixed, paced {rate} rps ({LATENCY_FRACTION:.0%} of A's capacity), the same rate for
-  every variant. \* = the variant cannot sustain that rate (saturated): its latency is then that of
+  every variant. \\* = the variant cannot sustain that rate (saturated): its latency is then that of
   {meth['connections']} queued requests. The latency table below adds a rate every variant sustains.
 - **peak RSS**: `VmHWM` of the variant's Envoy process (`/proc/<pid>/status`) after all its runs.
 - **ready**: from spawning Envoy until `/ready` answers `LIVE`, the admin lists the listener and it
