@@ -587,6 +587,29 @@ async fn an_oversized_body_is_413_with_the_error_shape_and_counted() {
     assert!(m.as_str().unwrap().contains("warden_state_rejected_requests_total 3"), "{m}");
 }
 
+#[tokio::test]
+async fn a_revocation_body_that_does_not_parse_is_refused_before_the_token_as_text() {
+    use warden_core::wire::limits;
+    let api = Api::new();
+    let big = format!(r#"{{"reason":"{}"}}"#, "x".repeat(limits::MAX_BODY_BYTES));
+    for token in [Some(ADMIN), None] {
+        for (content_type, body, status) in [
+            ("text/plain", "incident 42".to_string(), StatusCode::UNSUPPORTED_MEDIA_TYPE),
+            ("application/json", r#"{"reason": 42}"#.to_string(), StatusCode::UNPROCESSABLE_ENTITY),
+            ("application/json", big.clone(), StatusCode::PAYLOAD_TOO_LARGE),
+        ] {
+            let (s, v) = api.send("POST", "/v1/sessions/t1/revoke", token, Some((content_type, body))).await;
+            assert_eq!(s, status, "{content_type} with {token:?}: {v}");
+            assert!(v.is_string(), "axum's own rejection, not an API error body: {v}");
+        }
+    }
+    let (s, v) = api.call("POST", "/v1/sessions/t1/revoke", Some(ADMIN), Some(json!({"reason": "r".repeat(1025)}))).await;
+    assert_eq!((s, v["message"].as_str()), (StatusCode::BAD_REQUEST, Some("reason is longer than 1024 bytes")));
+    let (s, v) = api.call("GET", "/v1/sessions?limit=many", Some(ADMIN), None).await;
+    assert_eq!((s, v["error"].as_str()), (StatusCode::BAD_REQUEST, Some("bad_request")));
+    assert_eq!(api.call("GET", "/v1/sessions/t1", Some(ADMIN), None).await.0, StatusCode::NOT_FOUND, "nothing was revoked");
+}
+
 /// openapi.yaml cannot drift the other way either: every operation (but the log's, exercised by
 /// tests/log.rs) got a documented 2xx from the tests above, each exchange checked as it was made.
 #[test]

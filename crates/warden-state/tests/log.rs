@@ -136,6 +136,8 @@ async fn checkpoints_and_proofs_verify_with_only_the_public_key() {
     }
     assert_eq!(api.call("GET", "/v1/log/proof/session/nobody", Some(ADMIN), None).await.0, StatusCode::NOT_FOUND);
     assert_eq!(api.call("GET", "/v1/log/proof/inclusion?session_id=a&seq=9&tree_size=7", Some(ADMIN), None).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(api.call("GET", "/v1/log/proof/inclusion?session_id=has%20space&seq=1&tree_size=7", Some(ADMIN), None).await.0, StatusCode::BAD_REQUEST);
+    assert_eq!(api.call("GET", "/v1/log/proof/session/%FF", Some(ADMIN), None).await.0, StatusCode::BAD_REQUEST);
     assert_eq!(api.call("GET", "/v1/log/proof/consistency?from=7&to=5", Some(LOG), None).await.0, StatusCode::BAD_REQUEST);
     assert_eq!(api.call("GET", "/v1/log/proof/consistency?from=5&to=99", Some(LOG), None).await.0, StatusCode::BAD_REQUEST);
 }
@@ -155,6 +157,7 @@ async fn the_log_endpoints_answer_only_their_roles_and_need_a_key() {
         ("GET", "/v1/log/proof/inclusion?session_id=a&seq=1&tree_size=1", unauth, forbidden, ok, forbidden),
         ("GET", "/v1/log/proof/session/a", unauth, forbidden, ok, forbidden),
         ("GET", "/v1/sessions/a", unauth, forbidden, ok, forbidden),
+        ("GET", "/v1/revocations", unauth, ok, ok, forbidden),
         ("POST", "/v1/steps/begin", unauth, StatusCode::UNPROCESSABLE_ENTITY, forbidden, forbidden),
     ] {
         for (token, want) in [(None, none), (Some(PROXY), proxy), (Some(ADMIN), admin), (Some(LOG), log)] {
