@@ -23,6 +23,7 @@ pub mod mcp;
 pub mod metrics;
 pub mod path;
 pub mod policy;
+pub mod profile;
 pub mod session;
 pub mod trail;
 pub mod value;

@@ -16,6 +16,7 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use warden_core::hash::sha256;
+use warden_core::profile::Profile;
 use warden_core::wire::limits;
 use warden_core::wire::{
     AppendResult, BeginOutcome, BeginResponse, BeginStep, ErrorBody, RecordBatch, RevocationFeed, RevokeRequest, SessionList, SessionView,
@@ -371,6 +372,22 @@ async fn revoke(
     Ok(Json(serde_json::json!({"session_id": id, "revoked": true, "changed": changed})))
 }
 
+/// A subject's behavioural profile (admin): what its steps habitually look like.
+async fn profile(Path(subject): Path<String>, _: Caller<Admins>, State(st): Shared) -> Result<Json<Profile>, ApiError> {
+    validate::subject(&subject)?;
+    match st.store.profile(subject.clone()).await? {
+        Some(p) => Ok(Json(p)),
+        None => Err(ApiError::NotFound(format!("no profile of {subject:?}: none of its steps was recorded yet, or it was reset"))),
+    }
+}
+
+/// Forget a subject's profile (admin): it is learned again from its next steps.
+async fn reset_profile(Path(subject): Path<String>, _: Caller<Admins>, State(st): Shared) -> Result<Json<serde_json::Value>, ApiError> {
+    validate::subject(&subject)?;
+    let reset = st.store.reset_profile(subject.clone()).await?;
+    Ok(Json(serde_json::json!({"subject": subject, "reset": reset})))
+}
+
 fn log_signer(st: &AppState) -> Result<Arc<LogSigner>, ApiError> {
     st.log.clone().ok_or_else(|| ApiError::Unavailable("no log key is configured (--log-key): checkpoints are not signed".into()))
 }
@@ -483,6 +500,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/v1/sessions", get(search))
         .route("/v1/sessions/{id}", get(session))
         .route("/v1/sessions/{id}/revoke", post(revoke))
+        .route("/v1/profiles/{subject}", get(profile).delete(reset_profile))
         .route("/v1/log/checkpoint", get(log_checkpoint).post(log_checkpoint_now))
         .route("/v1/log/proof/consistency", get(log_consistency))
         .route("/v1/log/proof/inclusion", get(log_inclusion))

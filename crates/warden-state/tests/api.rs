@@ -463,6 +463,54 @@ async fn a_session_s_head_names_a_removed_tail() {
     assert!(why.starts_with("the last 2 record(s) are missing"), "{why}");
 }
 
+// ---------------------------------------------------------------- behavioural profiles
+
+#[tokio::test]
+async fn a_subject_s_profile_is_learned_from_its_records_handed_out_with_its_steps_and_reset() {
+    let api = Api::new();
+    let subject = "spiffe://example.org/ns/ops/sa/report-bot";
+    let path = format!("/v1/profiles/{}", subject.replace('/', "%2F").replace(':', "%3A"));
+    assert_eq!(api.call("GET", &path, Some(ADMIN), None).await.0, StatusCode::NOT_FOUND);
+    for (i, sid) in ["p1", "p2"].iter().enumerate() {
+        for step in 1..=3u64 {
+            let (s, v) = api
+                .call("POST", "/v1/steps/begin", Some(PROXY), Some(json!({"session_id": sid, "subject": subject, "region": "eu", "authority": "t1.example"})))
+                .await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+            let r = StepRecord {
+                region: Some("eu".into()),
+                authority: Some("t1.example".into()),
+                tool: Some("report.build".into()),
+                response_bytes: Some(1000 * (i as u64 + 1)),
+                action: if step == 3 { "deny".into() } else { "allow".into() },
+                ..counted(sid, step, &format!("d{step}"), subject)
+            };
+            let (s, v) = api.call("POST", "/v1/records", Some(PROXY), Some(json!({"records": [r]}))).await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+        }
+    }
+    let (s, p) = api.call("GET", &path, Some(ADMIN), None).await;
+    assert_eq!(s, StatusCode::OK, "{p}");
+    assert!((p["steps"].as_f64().unwrap() - 6.0).abs() < 1e-3, "{p}");
+    assert!((p["regions"]["eu"]["count"].as_f64().unwrap() - 6.0).abs() < 1e-3, "{p}");
+    assert!(p["authorities"]["t1.example"]["count"].as_f64().unwrap() > 5.9 && p["tools"]["report.build"]["count"].as_f64().unwrap() > 5.9, "{p}");
+    assert!(p["bytes_per_step"].as_f64().unwrap() > 1000.0, "{p}");
+    // The session keeps its data volume and its refusals; the next step carries the profile.
+    let view = api.view("p2").await;
+    assert_eq!((view.state.bytes_out, view.state.refusals.len(), view.state.authorities.clone()), (6000, 1, vec!["t1.example".to_string()]));
+    let (_, v) = api.call("POST", "/v1/steps/begin", Some(PROXY), Some(json!({"session_id": "p3", "subject": subject}))).await;
+    assert!((v["session"]["profile"]["steps"].as_f64().unwrap() - 6.0).abs() < 1e-3, "{v}");
+    assert!(api.view("p3").await.state.profile.is_none(), "the profile is handed out, never stored with a session");
+    // Admins only; a reset forgets it until the next records.
+    assert_eq!(api.call("GET", &path, Some(PROXY), None).await.0, StatusCode::FORBIDDEN);
+    let (s, v) = api.call("DELETE", &path, Some(ADMIN), None).await;
+    assert_eq!((s, v["reset"].as_bool()), (StatusCode::OK, Some(true)), "{v}");
+    assert_eq!(api.call("GET", &path, Some(ADMIN), None).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(api.call("DELETE", &path, Some(ADMIN), None).await.1["reset"], json!(false));
+    let (s, v) = api.call("GET", &format!("/v1/profiles/{}", "x".repeat(1025)), Some(ADMIN), None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+}
+
 // ---------------------------------------------------------------- group commit
 
 fn store_counter(metrics: &Value, name: &str) -> u64 {
@@ -478,6 +526,7 @@ fn begin_req(sid: &str, subject: &str) -> BeginStep {
         workload: None,
         region: None,
         device: None,
+        authority: None,
         tools: Vec::new(),
         known_steps: None,
         scopes: Vec::new(),
