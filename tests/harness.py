@@ -104,6 +104,9 @@ class _Echo(_Quiet):
         seen = getattr(self.server, "requests", None)
         if seen is not None:
             seen.append(doc)
+        # `/bytes/N`: a response of N bytes (data-volume scenarios), at most 64 MiB.
+        if self.path.startswith("/bytes/") and self.path[7:].isdigit():
+            return self._send(200, b"x" * min(int(self.path[7:]), 64 << 20), "application/octet-stream")
         self._send(200, json.dumps(doc).encode())
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _echo
