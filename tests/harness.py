@@ -574,9 +574,11 @@ class StateService:
     """The real warden-state binary on a SQLite file. `kill()` is a crash (SIGKILL);
     `start()` again comes back on the same port and database."""
 
-    def __init__(self, db: Path, port: int = 0):
+    def __init__(self, db: Path, port: int = 0, env: dict | None = None):
         self.db = Path(db)
         self.port = port
+        # More of the service's settings, as its environment variables (e.g. WARDEN_SSF_*).
+        self.env = env or {}
         self.proc: subprocess.Popen | None = None
         self.log_path = self.db.with_suffix(".log")
         # The log's signing key, made once per database (kept across restarts, like a real one);
@@ -595,7 +597,7 @@ class StateService:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout=15.0) -> "StateService":
-        env = dict(os.environ, WARDEN_PROXY_TOKEN=PROXY_TOKEN, WARDEN_ADMIN_TOKEN=ADMIN_TOKEN, WARDEN_LOG_TOKEN=LOG_TOKEN)
+        env = dict(os.environ, WARDEN_PROXY_TOKEN=PROXY_TOKEN, WARDEN_ADMIN_TOKEN=ADMIN_TOKEN, WARDEN_LOG_TOKEN=LOG_TOKEN, **self.env)
         log = open(self.log_path, "a")
         self.proc = subprocess.Popen(
             [str(STATE_BIN), "--listen", f"127.0.0.1:{self.port}", "--db", str(self.db), "--log-key", str(self.key_path)],

@@ -25,6 +25,7 @@ pub mod path;
 pub mod policy;
 pub mod profile;
 pub mod session;
+pub mod ssf;
 pub mod trail;
 pub mod value;
 pub mod wire;

@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod sqlite;
+pub mod ssf;
 pub mod store;
 pub mod validate;
 

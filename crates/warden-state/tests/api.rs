@@ -19,6 +19,7 @@ use warden_state::{app, AppState};
 
 const PROXY: &str = "proxy-token-0123456789";
 const ADMIN: &str = "admin-token-0123456789";
+const SSF_PUSH: &str = "ssf-push-token-0123456789";
 
 struct Api {
     state: Arc<AppState>,
@@ -89,6 +90,7 @@ fn caller(token: Option<&str>) -> contract::Caller {
         None => contract::Caller::Anonymous,
         Some(PROXY) => contract::Caller::Role("proxy"),
         Some(ADMIN) => contract::Caller::Role("admin"),
+        Some(SSF_PUSH) => contract::Caller::Role("ssf_push"),
         Some(_) => contract::Caller::Unknown,
     }
 }
@@ -509,6 +511,73 @@ async fn a_subject_s_profile_is_learned_from_its_records_handed_out_with_its_ste
     assert_eq!(api.call("DELETE", &path, Some(ADMIN), None).await.1["reset"], json!(false));
     let (s, v) = api.call("GET", &format!("/v1/profiles/{}", "x".repeat(1025)), Some(ADMIN), None).await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+}
+
+// ---------------------------------------------------------------- shared signals
+
+/// A transmitter's key and a SET it signs (`typ: secevent+jwt`).
+fn signed_set(kp: &jwt_simple::prelude::ES256KeyPair, aud: &str, events: Value) -> String {
+    use jwt_simple::prelude::*;
+    let claims = JWTClaims {
+        issued_at: Some(Duration::from_secs(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs())),
+        expires_at: None,
+        invalid_before: None,
+        issuer: Some("https://idp.test".into()),
+        subject: None,
+        audiences: Some(Audiences::AsString(aud.into())),
+        jwt_id: Some("set-1".into()),
+        nonce: None,
+        custom: json!({"events": events}),
+    };
+    let opts = HeaderOptions { signature_type: Some("secevent+jwt".into()), ..Default::default() };
+    kp.sign_with_options(claims, &opts).unwrap()
+}
+
+#[tokio::test]
+async fn shared_signals_revoke_the_sessions_a_verified_set_names() {
+    use jwt_simple::prelude::*;
+    let kp = ES256KeyPair::generate();
+    let tx = warden_state::ssf::Transmitter::from_pem("https://idp.test", &kp.to_pem().unwrap()).unwrap();
+    let (keys, _) = warden_core::identity::jwks::parse_jwks(&tx.jwks(), &["ES256".to_string()]).unwrap();
+    let receiver = warden_core::ssf::Receiver { issuer: "https://idp.test".into(), audience: "https://warden.test".into(), keys, max_age_seconds: 300 };
+    let store = Arc::new(SqliteStore::in_memory().unwrap());
+    let state = AppState::new(store, PROXY, ADMIN).with_ssf(Some(Arc::new(receiver)), Some(SSF_PUSH), Some(tx.jwks()));
+    let api = Api { state: Arc::new(state) };
+    for sid in ["a1", "a2"] {
+        api.begin(sid, "alice", "sha256:alice").await;
+    }
+    api.begin("b1", "bob", "sha256:bob").await;
+    let push = |set: String, token: Option<&'static str>| {
+        let api = &api;
+        async move { api.send("POST", "/v1/ssf/events", token, Some(("application/secevent+jwt", set))).await }
+    };
+    let revoked = |e: Value| json!({"https://schemas.openid.net/secevent/caep/event-type/session-revoked": e});
+    // Refused: nothing changes.
+    let (s, v) = push(signed_set(&ES256KeyPair::generate(), "https://warden.test", revoked(json!({"subject": {"format": "opaque", "id": "a1"}}))), Some(SSF_PUSH)).await;
+    assert_eq!((s, v["err"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_key")), "{v}");
+    let (s, v) = push(signed_set(&kp, "https://other.test", revoked(json!({"subject": {"format": "opaque", "id": "a1"}}))), Some(SSF_PUSH)).await;
+    assert_eq!((s, v["err"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_audience")), "{v}");
+    assert_eq!(push(signed_set(&kp, "https://warden.test", revoked(json!({"subject": {"format": "opaque", "id": "a1"}}))), None).await.0, StatusCode::UNAUTHORIZED);
+    assert!(api.view("a1").await.revoked_at_ms.is_none());
+    // One session, then every session of a subject.
+    let (s, v) = push(signed_set(&kp, "https://warden.test", revoked(json!({"subject": {"format": "opaque", "id": "a1"}, "reason_admin": {"en": "lost device"}}))), Some(SSF_PUSH)).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let a1 = api.view("a1").await;
+    assert!(a1.revoke_reason.unwrap().contains("lost device") && api.view("a2").await.revoked_at_ms.is_none());
+    let (s, _) = push(signed_set(&kp, "https://warden.test", revoked(json!({"subject": {"format": "iss_sub", "iss": "https://idp.test", "sub": "alice"}}))), Some(SSF_PUSH)).await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    assert!(api.view("a2").await.revoked_at_ms.is_some() && api.view("b1").await.revoked_at_ms.is_none());
+    // The revocations reach the proxies' feed like any other.
+    let (_, feed) = api.call("GET", "/v1/revocations?after=0", Some(PROXY), None).await;
+    let ids: Vec<&str> = feed["revocations"].as_array().unwrap().iter().map(|r| r["session_id"].as_str().unwrap()).collect();
+    assert_eq!(ids, vec!["a1", "a2"]);
+    // The transmitter's public key is published, with no token.
+    let (s, jwks) = api.call("GET", "/v1/ssf/jwks", None, None).await;
+    assert_eq!((s, jwks["keys"][0]["kty"].as_str()), (StatusCode::OK, Some("EC")));
+    // Without a receiver or a transmitter configured: 404.
+    let plain = Api::new();
+    assert_eq!(plain.send("POST", "/v1/ssf/events", Some(SSF_PUSH), Some(("application/secevent+jwt", "x".into()))).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(plain.call("GET", "/v1/ssf/jwks", None, None).await.0, StatusCode::NOT_FOUND);
 }
 
 // ---------------------------------------------------------------- group commit
