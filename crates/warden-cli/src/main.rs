@@ -5,6 +5,7 @@ mod client;
 mod config;
 mod evidence;
 mod log;
+mod oci;
 mod policy;
 mod replay;
 mod session;
@@ -54,6 +55,11 @@ enum Command {
     /// Build the plugin configuration (JSON, YAML, Istio WasmPlugin, ECDS file or a complete
     /// Envoy bootstrap) from a policy directory and a settings file, validated as the proxy does.
     Config(config::ConfigArgs),
+    /// The module as a Wasm OCI image (Istio, Envoy Gateway): build it, push it to a registry.
+    Oci {
+        #[command(subcommand)]
+        command: oci::OciCommand,
+    },
     /// Test, evaluate and check a policy directory on the proxy's own engine set-up.
     Policy {
         #[command(subcommand)]
@@ -89,5 +95,6 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         Command::Log { command } => log::run(command, &cli.url, cli.token.as_deref(), cli.json),
         Command::Policy { command } => Ok(policy::run(command)),
         Command::Config(args) => config::run(args),
+        Command::Oci { command } => oci::run(command, cli.json),
     }
 }
