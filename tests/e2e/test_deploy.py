@@ -1,5 +1,7 @@
 """Deploying it as README says: Envoy booted from `warden config --format bootstrap` (the quick
-start's own settings file), and a JWKS reached through the cluster the settings name."""
+start's own settings file), a JWKS reached through the cluster the settings name, and the module
+loaded from an HTTP URL with its sha256 (how Istio's agent and Envoy Gateway hand it to Envoy),
+a wrong checksum refused."""
 
 import hashlib
 import json
@@ -74,3 +76,70 @@ def test_a_jwks_is_fetched_through_the_cluster_the_settings_name(keys, echo, jwk
             time.sleep(0.1)
         assert status == 200
         assert envoy.stats()["wasmcustom.warden.jwks.fetch_ok"] >= 1
+
+
+class ModuleServer(h.Server):
+    """Serves the module over HTTP, counting fetches."""
+
+    def __init__(self, body: bytes):
+        outer = self
+        self.hits = 0
+
+        class H(h._Quiet):
+            def do_GET(self):
+                outer.hits += 1
+                self._send(200, body, "application/wasm")
+
+        super().__init__(H)
+
+
+@pytest.fixture()
+def module_server():
+    s = ModuleServer(h.WASM.read_bytes())
+    yield s
+    s.stop()
+
+
+def remote_module_bootstrap(echo, module_server, sha256: str) -> dict:
+    return cli_bootstrap(
+        f"envoy.upstream=127.0.0.1:{echo.port}",
+        "envoy.module.file=null",
+        "envoy.module.url=http://modules.warden.test/session_warden.wasm",
+        f"envoy.module.sha256={sha256}",
+        "envoy.module.cluster=modules",
+        f"envoy.clusters.modules=127.0.0.1:{module_server.port}",
+        "state=null",  # sessions kept in the proxy: this test is about the module
+    )
+
+
+def test_the_module_is_loaded_from_an_http_url_with_its_sha256(echo, module_server):
+    sha = hashlib.sha256(h.WASM.read_bytes()).hexdigest()
+    config = remote_module_bootstrap(echo, module_server, sha)
+    code = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"][0]["typed_config"]["config"]["vm_config"]["code"]
+    assert code["remote"]["sha256"] == sha and "local" not in code
+    with h.Envoy(config) as envoy:
+        envoy.wait_ready()
+        assert module_server.hits >= 1
+        r = requests.get(envoy.url("warden", "/tickets"), headers={"x-api-key": DEMO_KEY}, timeout=5)
+        assert r.status_code == 200 and r.json()["headers"]["x-warden-subject"] == "demo-client"
+        assert requests.get(envoy.url("warden", "/tickets"), timeout=5).status_code == 401
+
+
+def test_a_module_whose_sha256_differs_is_refused(echo, module_server):
+    """What really happens (Envoy 1.40): the fetch is retried (3 retries, about 3.5 s), counted as
+    a fetch failure, the plugin is not loaded, and the listener comes up failing closed: every
+    request gets 503 and the upstream sees none. The module never runs."""
+    wrong = hashlib.sha256(b"another module").hexdigest()
+    config = remote_module_bootstrap(echo, module_server, wrong)
+    seen = len(echo.requests)
+    with h.Envoy(config) as envoy:
+        envoy.wait_ready()
+        assert module_server.hits >= 1
+        stats = envoy.stats("wasm|listener_manager")
+        assert stats["wasm.remote_load_fetch_failures"] == 1
+        assert stats["listener_manager.total_listeners_active"] == 1
+        assert "Plugin session-warden failed to load" in envoy.log()
+        for path in ("/tickets", "/admin"):
+            r = requests.get(envoy.url("warden", path), headers={"x-api-key": DEMO_KEY}, timeout=5)
+            assert r.status_code == 503
+        assert len(echo.requests) == seen, "nothing reached the upstream"
