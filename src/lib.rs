@@ -166,7 +166,8 @@ impl Context for WardenRoot {
         if self.drained() {
             return true;
         }
-        info!("session-warden: configuration released: sending its {} queued attribution record(s) first", client.borrow().queued());
+        let (queued, batches) = (client.borrow().queued(), client.borrow().records_in_flight());
+        info!("session-warden: configuration released: its attribution records ({queued} queued, {batches} batch(es) awaiting the service, and those of requests still running) go to the service before it lets go");
         self.draining_until = Some(now_ms() + DRAIN_MS);
         false
     }

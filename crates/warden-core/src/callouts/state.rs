@@ -234,7 +234,8 @@ impl StateClient {
         self.queued() == 0 && self.records_in_flight() == 0
     }
 
-    fn records_in_flight(&self) -> usize {
+    /// Batches of records sent and not answered yet.
+    pub fn records_in_flight(&self) -> usize {
         self.in_flight.iter().filter(|f| matches!(f, InFlight::Records(..))).count()
     }
 
