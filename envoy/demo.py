@@ -23,24 +23,39 @@ def step(msg):
 def main() -> int:
     step("generating signing keys for a demo identity provider")
     keys = h.Keys()
-    config = {
-        "policy": h.policy_library(),
-        "identity": {
-            "jwt": {"providers": [{"name": "demo-idp", "issuer": h.ISSUER, "audiences": [h.AUDIENCE], "jwks": keys.jwks()}]}
-        },
-        "state": h.state_config(mode="sync"),
-    }
     tmp = tempfile.TemporaryDirectory(prefix="warden-demo-")
     step(f"starting the session-state service (SQLite in {tmp.name})")
     state = h.StateService(Path(tmp.name) / "warden-state.db")
-    step("starting an echo upstream and Envoy with the filter")
+    step("starting an echo upstream")
     echo = h.echo_server()
-    envoy = h.Envoy(
-        h.bootstrap([h.listener("demo", [h.wasm_filter(config)])], [h.cluster("echo", echo.port), h.cluster("warden-state", state.port)])
-    )
+    # The settings `warden config` turns into a complete Envoy bootstrap (README, "Quick start"):
+    # the policy directory, the identity provider, the state service and where everything is.
+    settings = {
+        "policy": {"dir": str(h.ROOT / "policies")},
+        "identity": {"jwt": {"providers": [{"name": "demo-idp", "issuer": h.ISSUER, "audiences": [h.AUDIENCE], "jwks": keys.jwks()}]}},
+        "state": {"cluster": "warden-state", "mode": "sync", "token_env": "WARDEN_PROXY_TOKEN"},
+        "envoy": {
+            "listen": "127.0.0.1:0",
+            "admin": "127.0.0.1:0",
+            "upstream": f"127.0.0.1:{echo.port}",
+            "clusters": {"warden-state": f"127.0.0.1:{state.port}"},
+            "module": {"file": str(h.WASM)},
+        },
+    }
+    step("warden config --format bootstrap: the plugin configuration validated, and the Envoy bootstrap around it")
+    envoy = None
+    try:
+        bootstrap = h.warden_config(settings, "bootstrap", env={"WARDEN_PROXY_TOKEN": h.PROXY_TOKEN})
+        step("starting Envoy with that bootstrap")
+        envoy = h.Envoy(bootstrap)
+    except Exception:
+        state.stop()
+        echo.stop()
+        tmp.cleanup()
+        raise
     try:
         envoy.wait_ready()
-        url = envoy.url("demo")
+        url = envoy.url("warden")
         step(f"Envoy is up: listener {url}  admin {envoy.admin}")
         print(f"{DIM}    policy: policies/session.rego with policies/data.json{RESET}\n")
 

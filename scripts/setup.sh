@@ -23,6 +23,12 @@ fi
 # wasm-opt (binaryen) shrinks the built module; Debian's package, installed only if missing.
 . scripts/apt.sh
 command -v wasm-opt >/dev/null || apt_install setup "make setup" binaryen
+# The OCI tests: a real registry on loopback (Debian's docker-registry, the CNCF distribution
+# server) and skopeo to read images back. Only the binary is used; no service is started.
+missing=()
+[ -x /usr/bin/docker-registry ] || missing+=(docker-registry)
+command -v skopeo >/dev/null || missing+=(skopeo)
+apt_install setup "make setup" "${missing[@]}"
 
 stamp=.venv/.requirements.sha256
 want=$(sha256sum tests/requirements.txt | cut -d' ' -f1)

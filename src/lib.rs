@@ -120,20 +120,73 @@ struct WardenRoot {
     metrics: Rc<RefCell<Metrics>>,
     jwks: Option<JwksFetcher>,
     state: Option<Rc<RefCell<StateClient>>>,
+    /// Set when Envoy lets go of this configuration (`on_done`): until then, and at most until
+    /// this time, the root context stays to send the attribution records still queued in it.
+    draining_until: Option<u64>,
+}
+
+/// How long a replaced configuration's root context may take to hand its queued records to the
+/// state service before it lets go (and counts what is left as dropped).
+const DRAIN_MS: u64 = 5_000;
+
+impl WardenRoot {
+    /// Every request of this configuration has ended (the HTTP contexts hold the client too) and
+    /// every record has been taken by the service.
+    fn drained(&self) -> bool {
+        self.state.as_ref().is_none_or(|c| Rc::strong_count(c) == 1 && c.borrow().is_drained())
+    }
+
+    /// While draining: let go once drained, or at the deadline.
+    fn finish_draining(&mut self) {
+        let Some(deadline) = self.draining_until else { return };
+        if !self.drained() {
+            if now_ms() < deadline {
+                return;
+            }
+            let left = self.state.as_ref().map_or(0, |c| c.borrow().queued());
+            error!("session-warden: {left} attribution record(s) not taken by the state service within {DRAIN_MS} ms of the configuration being replaced: dropped");
+            let mut metrics = self.metrics.borrow_mut();
+            for _ in 0..left {
+                metrics.increment(warden_core::metrics::RECORDS_DROPPED);
+            }
+        }
+        self.metrics.borrow_mut().flush();
+        self.draining_until = None;
+        let _ = hostcalls::done();
+    }
 }
 
 impl Context for WardenRoot {
-    fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, body_size: usize, _num_trailers: usize) {
-        let Some(warden) = self.warden.as_ref() else { return };
-        let (warden, metrics) = (&mut *warden.borrow_mut(), &mut *self.metrics.borrow_mut());
-        let answer = state::response(num_headers, body_size);
-        if let Some(client) = self.state.as_ref() {
-            if client.borrow_mut().on_response(token_id, answer.clone(), warden, &mut ProxyHost, metrics) {
-                return;
-            }
+    /// Envoy lets go of this configuration: replaced (ECDS, a WasmPlugin change, LDS) or Envoy
+    /// stopping. Its records are queued here and nowhere else, so they are sent first; Envoy
+    /// keeps the context (its ticks and call answers) until `proxy_done`.
+    fn on_done(&mut self) -> bool {
+        let Some(client) = self.state.clone() else { return true };
+        client.borrow_mut().flush_now(&mut ProxyHost);
+        if self.drained() {
+            return true;
         }
-        if let Some(fetcher) = self.jwks.as_mut() {
-            fetcher.on_response(token_id, answer, warden, &mut ProxyHost, metrics);
+        let (queued, batches) = (client.borrow().queued(), client.borrow().records_in_flight());
+        info!("session-warden: configuration released: its attribution records ({queued} queued, {batches} batch(es) awaiting the service, and those of requests still running) go to the service before it lets go");
+        self.draining_until = Some(now_ms() + DRAIN_MS);
+        false
+    }
+
+    fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, body_size: usize, _num_trailers: usize) {
+        let Some(warden_rc) = self.warden.clone() else { return };
+        let answer = state::response(num_headers, body_size);
+        let ours = {
+            let (warden, metrics) = (&mut *warden_rc.borrow_mut(), &mut *self.metrics.borrow_mut());
+            let ours = self.state.as_ref().is_some_and(|client| client.borrow_mut().on_response(token_id, answer.clone(), warden, &mut ProxyHost, metrics));
+            if !ours {
+                if let Some(fetcher) = self.jwks.as_mut() {
+                    fetcher.on_response(token_id, answer, warden, &mut ProxyHost, metrics);
+                }
+            }
+            ours
+        };
+        if ours && self.draining_until.is_some() {
+            self.finish_draining();
         }
     }
 }
@@ -182,7 +235,15 @@ impl RootContext for WardenRoot {
         self.metrics.borrow_mut().flush();
         self.metrics.borrow_mut().memory(memory_kib());
         if let Some(client) = &self.state {
-            client.borrow_mut().on_tick(&mut ProxyHost);
+            if self.draining_until.is_some() {
+                client.borrow_mut().flush_now(&mut ProxyHost);
+            } else {
+                client.borrow_mut().on_tick(&mut ProxyHost);
+            }
+        }
+        if self.draining_until.is_some() {
+            self.finish_draining();
+            return;
         }
         let (Some(fetcher), Some(warden)) = (self.jwks.as_mut(), self.warden.as_ref()) else { return };
         fetcher.on_tick(&mut warden.borrow_mut(), &mut ProxyHost, &mut *self.metrics.borrow_mut());

@@ -8,7 +8,9 @@ read back from Envoy itself. Everything started here is stopped by `stop()` / co
 from __future__ import annotations
 
 import base64
+import copy
 import datetime
+import functools
 import hashlib
 import hmac
 import json
@@ -293,40 +295,62 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def wasm_filter(plugin_config: dict | str, runtime="envoy.wasm.runtime.v8", vm_id="session-warden") -> dict:
-    value = plugin_config if isinstance(plugin_config, str) else json.dumps(plugin_config)
-    return {
-        "name": "envoy.filters.http.wasm",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-            "config": {
-                "name": "session-warden",
-                "root_id": "session-warden",
-                "fail_open": False,
-                "vm_config": {
-                    "vm_id": vm_id,
-                    "runtime": runtime,
-                    "code": {"local": {"filename": str(WASM)}},
-                },
-                "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": value},
-            },
-        },
+def warden_config(settings: dict, fmt="json", *sets: str, env: dict | None = None) -> dict:
+    """`warden config --format FMT` on these settings (README, "warden config"): the plugin
+    configuration, ECDS file or Envoy bootstrap the CLI builds, validated as the filter does.
+    Raises with the CLI's message when it refuses them."""
+    if not CLI_BIN.exists():
+        raise RuntimeError(f"{CLI_BIN} is missing: run 'make build'")
+    with tempfile.TemporaryDirectory(prefix="warden-config-") as d:
+        path = Path(d) / "settings.json"
+        path.write_text(json.dumps(settings))
+        args = [str(CLI_BIN), "config", "--settings", str(path), "--format", fmt]
+        for s in sets:
+            args += ["--set", s]
+        out = subprocess.run(args, capture_output=True, text=True, timeout=60, env=dict(os.environ, **(env or {})))
+    if out.returncode != 0:
+        raise RuntimeError(f"warden config failed ({out.returncode}): {out.stderr.strip()}")
+    return json.loads(out.stdout)
+
+
+@functools.lru_cache(maxsize=None)
+def _reference_bootstrap() -> str:
+    """The bootstrap `warden config` writes (crates/warden-cli/src/config/envoy.rs), for a
+    one-line policy: the one place the project writes an Envoy configuration. The harness takes
+    the filter's shape, the secure connection-manager settings and the buffer filter from it."""
+    settings = {
+        "policy": {"modules": {"allow.rego": "package warden.session\nimport rego.v1\ndefault decision := {\"action\": \"allow\"}"}},
+        "envoy": {"listen": "127.0.0.1:0", "admin": "127.0.0.1:0", "upstream": "127.0.0.1:9"},
     }
+    return json.dumps(warden_config(settings, "bootstrap"))
+
+
+def _reference_http_filters() -> list:
+    b = json.loads(_reference_bootstrap())
+    return b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
+
+
+def wasm_filter(plugin_config: dict | str, runtime="envoy.wasm.runtime.v8", vm_id="session-warden") -> dict:
+    """The filter entry `warden config` writes, with this plugin configuration, runtime, VM id
+    and the module under test."""
+    value = plugin_config if isinstance(plugin_config, str) else json.dumps(plugin_config)
+    f = copy.deepcopy(_reference_http_filters()[0])
+    assert f["name"] == "envoy.filters.http.wasm", f
+    cfg = f["typed_config"]["config"]
+    cfg["vm_config"].update(vm_id=vm_id, runtime=runtime, code={"local": {"filename": str(WASM)}})
+    cfg["configuration"]["value"] = value
+    return f
 
 
 def secure_hcm() -> dict:
     """The HttpConnectionManager settings a secure deployment must have in front of the warden
-    (README "Deploying securely" says why each): Envoy normalizes the path it routes on, sends
-    upstream and hands the filter; refuses escaped slashes and underscore header names; and
-    takes the client address from the connection, not from a header the client wrote."""
-    return {
-        "normalize_path": True,
-        "merge_slashes": True,
-        "path_with_escaped_slashes_action": "REJECT_REQUEST",
-        "use_remote_address": True,
-        "xff_num_trusted_hops": 0,
-        "common_http_protocol_options": {"headers_with_underscores_action": "REJECT_REQUEST"},
-    }
+    (README "Deploying securely" says why each), as `warden config` writes them: Envoy
+    normalizes the path it routes on, sends upstream and hands the filter; refuses escaped
+    slashes and underscore header names; and takes the client address from the connection, not
+    from a header the client wrote."""
+    b = json.loads(_reference_bootstrap())
+    hcm = b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    return {k: v for k, v in hcm.items() if k not in ("@type", "stat_prefix", "codec_type", "route_config", "http_filters")}
 
 
 def _is_warden(f: dict) -> bool:
@@ -696,12 +720,12 @@ class McpServer:
 
 
 def buffer_filter(max_bytes: int = 1024 * 1024) -> dict:
-    """Envoy's buffer filter, placed after the warden on MCP routes: the upstream sees nothing of
-    a request (not even its headers) until the warden has read the body and decided."""
-    return {
-        "name": "envoy.filters.http.buffer",
-        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer", "max_request_bytes": max_bytes},
-    }
+    """Envoy's buffer filter as `warden config` places it after the warden: the upstream sees
+    nothing of a request (not even its headers) until the warden has read the body and decided."""
+    f = copy.deepcopy(_reference_http_filters()[1])
+    assert f["name"] == "envoy.filters.http.buffer", f
+    f["typed_config"]["max_request_bytes"] = max_bytes
+    return f
 
 
 # ---------------------------------------------------------------- raw clients for hostile input

@@ -2,8 +2,10 @@
 //! This file is the command line and the dispatch; each command group lives in its own module.
 
 mod client;
+mod config;
 mod evidence;
 mod log;
+mod oci;
 mod policy;
 mod profile;
 mod replay;
@@ -56,6 +58,14 @@ enum Command {
         #[command(subcommand)]
         command: log::LogCommand,
     },
+    /// Build the plugin configuration (JSON, YAML, Istio WasmPlugin, ECDS file or a complete
+    /// Envoy bootstrap) from a policy directory and a settings file, validated as the proxy does.
+    Config(config::ConfigArgs),
+    /// The module as a Wasm OCI image (Istio, Envoy Gateway): build it, push it to a registry.
+    Oci {
+        #[command(subcommand)]
+        command: oci::OciCommand,
+    },
     /// Test, evaluate and check a policy directory on the proxy's own engine set-up.
     Policy {
         #[command(subcommand)]
@@ -91,5 +101,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         Command::Replay(args) => replay::run(args, &connect, cli.json),
         Command::Log { command } => log::run(command, &cli.url, cli.token.as_deref(), cli.json),
         Command::Policy { command } => Ok(policy::run(command)),
+        Command::Config(args) => config::run(args),
+        Command::Oci { command } => oci::run(command, cli.json),
     }
 }

@@ -221,7 +221,21 @@ impl StateClient {
         }
     }
 
-    fn records_in_flight(&self) -> usize {
+    /// Send what is queued now, whatever the flush interval: the plugin is being replaced (a new
+    /// configuration) or Envoy is stopping, and the queue lives only in this root context.
+    pub fn flush_now(&mut self, host: &mut dyn Host) {
+        self.next_flush_ms = 0;
+        self.failures = 0;
+        self.on_tick(host);
+    }
+
+    /// Nothing queued and no batch waiting for its answer.
+    pub fn is_drained(&self) -> bool {
+        self.queued() == 0 && self.records_in_flight() == 0
+    }
+
+    /// Batches of records sent and not answered yet.
+    pub fn records_in_flight(&self) -> usize {
         self.in_flight.iter().filter(|f| matches!(f, InFlight::Records(..))).count()
     }
 

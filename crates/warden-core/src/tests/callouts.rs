@@ -330,3 +330,28 @@ fn records_are_bounded_when_queued() {
     assert!(h.calls[0].body.as_ref().unwrap().len() < 100_000);
     client.on_response(h.calls[0].token, ok_append(1), &mut w, &mut h, &mut counts);
 }
+
+#[test]
+fn a_released_configuration_sends_what_it_holds_at_once_and_says_when_it_is_drained() {
+    let k = keys();
+    let mut w = with_state(&k, "sync");
+    let mut h = live_host();
+    let mut client = StateClient::new(state_config(json!({"flush_interval_ms": 60_000})));
+    let mut counts: Vec<String> = Vec::new();
+    client.on_tick(&mut h); // the interval starts now: nothing queued, nothing sent
+    client.enqueue(record("s1", 1), &mut counts);
+    client.on_tick(&mut h);
+    assert!(h.calls.is_empty(), "not due for a minute");
+    assert!(!client.is_drained());
+    client.flush_now(&mut h);
+    assert_eq!(h.calls.len(), 1, "released: sent at once");
+    assert!(!client.is_drained(), "until the service has taken it");
+    let call = h.calls[0].clone();
+    client.on_response(call.token, Some(("503".into(), b"down".to_vec())), &mut w, &mut h, &mut counts);
+    assert!(!client.is_drained(), "refused for now: back in the queue");
+    client.flush_now(&mut h);
+    let retry = h.calls.last().unwrap().clone();
+    assert_eq!(sent_records(&retry), vec![1], "a release does not wait for the back-off");
+    client.on_response(retry.token, ok_append(1), &mut w, &mut h, &mut counts);
+    assert!(client.is_drained());
+}
