@@ -530,6 +530,7 @@ fn begin_req(sid: &str, subject: &str) -> BeginStep {
         tools: Vec::new(),
         known_steps: None,
         scopes: Vec::new(),
+        proof: None,
     }
 }
 
