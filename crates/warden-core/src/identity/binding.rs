@@ -14,7 +14,7 @@
 
 use ct_codecs::{Base64UrlSafeNoPadding, Decoder, Encoder};
 use jwt_simple::prelude::*;
-use p256::ecdsa::signature::Verifier as _;
+use p256::ecdsa::signature::DigestVerifier as _;
 
 use super::jwt::VerifiedToken;
 use crate::config::DpopConfig;
@@ -166,7 +166,17 @@ fn verify_proof(cfg: &DpopConfig, proof: &str, headers: &Headers, raw_token: &st
         "ES256" => {
             let key = ES256PublicKey::from_jwk(&jwk_text).map_err(|_| DpopProofInvalid)?;
             let sig = p256::ecdsa::Signature::from_slice(&signature).map_err(|_| DpopProofInvalid)?;
-            key.public_key().as_ref().verify(signed, &sig).map_err(|_| DpopProofInvalid)?;
+            // SHA-256 by the hash the rest of the filter uses (as jwt-simple does), not a second one.
+            key.public_key()
+                .as_ref()
+                .verify_digest(
+                    |d: &mut hmac_sha256::Hash| {
+                        d.update(signed);
+                        Ok(())
+                    },
+                    &sig,
+                )
+                .map_err(|_| DpopProofInvalid)?;
             key.jwk_thumbprint()
         }
         "EdDSA" => {
