@@ -1,4 +1,5 @@
-# Credentials: rotation, sharing, expiry and scope escalation inside a session.
+# Credentials: rotation, sharing, expiry and scope escalation inside a session, and
+# sender-constrained tokens presented without their key.
 package warden.credentials
 
 import rego.v1
@@ -37,4 +38,13 @@ signals contains "scope_escalation" if {
 	count(input.session.scopes) > 0
 	some s in input.identity.scopes
 	not s in input.session.scopes
+}
+
+# A sender-constrained token (RFC 8705 mTLS-bound, RFC 9449 DPoP-bound) presented without
+# proof of its certificate or key: a copied token, used from elsewhere. (A DPoP proof that is
+# present but wrong never gets here: the filter refuses it, 401 `dpop_*`.)
+signals contains "token_binding_unproven" if {
+	enabled
+	input.identity.binding.kind != null
+	not input.identity.binding.held
 }

@@ -222,6 +222,34 @@ def std_claims(sub="agent-7", iss=ISSUER, aud=AUDIENCE, ttl=600) -> dict:
     return {"iss": iss, "sub": sub, "aud": aud, "iat": now, "exp": now + ttl}
 
 
+# ---------------------------------------------------------------- sender-constrained tokens
+
+
+def cert_x5t(cert_pem_path: str) -> str:
+    """RFC 8705 `x5t#S256` of a certificate: base64url SHA-256 of its DER."""
+    cert = x509.load_pem_x509_certificate(Path(cert_pem_path).read_bytes())
+    return b64url(cert.fingerprint(hashes.SHA256()))
+
+
+class DpopKey:
+    """A client's DPoP key (P-256) and the RFC 9449 proofs it makes."""
+
+    def __init__(self):
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.jwk = {k: v for k, v in json.loads(ECAlgorithm.to_jwk(self.key.public_key())).items() if k in ("kty", "crv", "x", "y")}
+
+    @property
+    def jkt(self) -> str:
+        """RFC 7638 thumbprint: SHA-256 of the required members, sorted, no whitespace."""
+        canonical = json.dumps({k: self.jwk[k] for k in ("crv", "kty", "x", "y")}, separators=(",", ":"), sort_keys=True)
+        return b64url(hashlib.sha256(canonical.encode()).digest())
+
+    def proof(self, method: str, url: str, token: str, iat: int | None = None, jti: str | None = None) -> str:
+        claims = {"htm": method, "htu": url, "iat": int(time.time()) if iat is None else iat,
+                  "jti": jti or uuid.uuid4().hex, "ath": b64url(hashlib.sha256(token.encode()).digest())}
+        return jwt.encode(claims, self.key, algorithm="ES256", headers={"typ": "dpop+jwt", "jwk": self.jwk})
+
+
 # ---------------------------------------------------------------- certificates
 
 
@@ -271,6 +299,8 @@ class Certs:
 
         self.server = leaf("server", [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
         self.client = leaf("client", [x509.UniformResourceIdentifier(spiffe_id)])
+        # Another client of the same CA: a valid mTLS peer, but not the certificate a token names.
+        self.client2 = leaf("client2", [x509.UniformResourceIdentifier("spiffe://example.org/ns/agents/sa/other-bot")])
 
     def _write(self, name: str, data: bytes) -> str:
         p = self.dir / name

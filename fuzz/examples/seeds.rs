@@ -23,6 +23,25 @@ fn es256(claims: &Value) -> String {
     key.with_key_id("es1").sign(c).unwrap_or_default()
 }
 
+/// A DPoP proof (RFC 9449) for `GET https://api.test/x` at NOW_S and `token`, signed with the
+/// key of scalar ES_SCALAR: its public JWK, the JWK's RFC 7638 thumbprint, the proof.
+fn dpop_proof(token: &str) -> (Value, String, String) {
+    use p256::ecdsa::signature::Signer as _;
+    let Ok(key) = ES256KeyPair::from_bytes(&ES_SCALAR) else { unreachable!("a fixed valid scalar") };
+    let jkt = key.public_key().jwk_thumbprint();
+    let mut jwk: Value = serde_json::from_str(&key.public_key().to_jwk()).unwrap_or_default();
+    if let Some(o) = jwk.as_object_mut() {
+        o.retain(|k, _| ["kty", "crv", "x", "y"].contains(&k.as_str()));
+    }
+    let header = json!({"typ": "dpop+jwt", "alg": "ES256", "jwk": jwk});
+    let ath = b64(&hmac_sha256::Hash::hash(token.as_bytes()));
+    let claims = json!({"htm": "GET", "htu": "https://api.test/x", "iat": NOW_S, "jti": "seed-1", "ath": ath});
+    let input = format!("{}.{}", b64(header.to_string().as_bytes()), b64(claims.to_string().as_bytes()));
+    let Ok(sk) = p256::ecdsa::SigningKey::from_slice(&ES_SCALAR) else { unreachable!("a fixed valid scalar") };
+    let sig: p256::ecdsa::Signature = sk.sign(input.as_bytes());
+    (jwk, jkt, format!("{input}.{}", b64(&sig.to_bytes())))
+}
+
 fn claims(sub: &str) -> Value {
     json!({"iss": ISS, "aud": "svc", "sub": sub, "exp": EXP, "iat": NOW_S - 10, "scope": "tickets:read tools:call"})
 }
@@ -91,6 +110,26 @@ fn main() {
     write("identify", "mtls-peer", lines(&[("@connection.uri_san_peer_certificate", "spiffe://example.org/ns/a/sa/b"), ("@connection.sha256_peer_certificate_digest", "abcdef")]));
     write("identify", "mtls-peer-and-token", lines(&[("@connection.uri_san_peer_certificate", "spiffe://example.org/w"), ("authorization", &bearer)]));
     write("identify", "v6-hop", lines(&[("@source.address", "[::1]:443"), ("x-forwarded-client-cert", xfcc)]));
+    // Sender-constrained tokens: a DPoP-bound token with a valid proof (for `GET https://api.test/x`
+    // at NOW_S), without one, with two; an mTLS-bound token from its certificate.
+    let (_, jkt, _) = dpop_proof("");
+    let bound = hs(&json!({"iss": ISS, "aud": "svc", "sub": "agent-dpop", "exp": EXP, "cnf": {"jkt": jkt}}));
+    let (_, _, proof) = dpop_proof(&bound);
+    let req = [(":method", "GET"), (":scheme", "https"), (":authority", "api.test"), (":path", "/x?y")];
+    let dpop_auth = format!("DPoP {bound}");
+    let with = |extra: &[(&str, &str)]| {
+        let mut v: Vec<(&str, &str)> = req.to_vec();
+        v.extend_from_slice(extra);
+        lines(&v)
+    };
+    write("identify", "dpop-proof", with(&[("authorization", &dpop_auth), ("dpop", &proof)]));
+    write("identify", "dpop-scheme-without-proof", with(&[("authorization", &dpop_auth)]));
+    write("identify", "dpop-bound-bearer", with(&[("authorization", &format!("Bearer {bound}"))]));
+    write("identify", "dpop-two-proofs", with(&[("authorization", &dpop_auth), ("dpop", &proof), ("dpop", &proof)]));
+    let cert_hash = hmac_sha256::Hash::hash(b"a client certificate");
+    let x5t = hs(&json!({"iss": ISS, "aud": "svc", "sub": "agent-mtls", "exp": EXP, "cnf": {"x5t#S256": b64(&cert_hash)}}));
+    let digest: String = cert_hash.iter().map(|b| format!("{b:02x}")).collect();
+    write("identify", "mtls-bound", with(&[("authorization", &format!("Bearer {x5t}")), ("@connection.sha256_peer_certificate_digest", &digest)]));
     let mut bad = b"authorization: Bearer \xff\xfe\n".to_vec();
     bad.extend_from_slice(b"x-api-key: \x01\n");
     write("identify", "not-utf8", bad);

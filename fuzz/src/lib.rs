@@ -287,6 +287,8 @@ pub fn session(data: &[u8]) {
             nbf: None,
             leeway: 60,
             fingerprint: "sha256:00".into(),
+            cnf_x5t: None,
+            cnf_jkt: None,
         })
     });
     let identity = Identity {
@@ -298,6 +300,7 @@ pub fn session(data: &[u8]) {
         workload: None,
         fingerprint: None,
         token_cache_hit: false,
+        binding: None,
     };
     let mut cfg = warden_core::config::SessionConfig::default();
     if let Some(claim) = req.setup("claim") {

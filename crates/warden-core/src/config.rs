@@ -210,6 +210,59 @@ pub struct IdentityConfig {
     /// Off by default: a request without a credential gets 401.
     #[serde(default)]
     pub allow_anonymous: bool,
+    /// Sender-constrained tokens: how DPoP proofs (RFC 9449) are checked.
+    #[serde(default)]
+    pub dpop: DpopConfig,
+}
+
+/// DPoP proofs (RFC 9449). Always on: a token bound to a key (`cnf.jkt`) or presented under the
+/// `DPoP` scheme needs a valid proof, whatever this says; this only tunes the checks.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DpopConfig {
+    /// How old a proof's `iat` may be.
+    #[serde(default = "default_dpop_max_age")]
+    pub max_age_seconds: u64,
+    /// How far ahead of the proxy's clock a proof's `iat` may be.
+    #[serde(default = "default_dpop_future")]
+    pub future_skew_seconds: u64,
+    /// Accepted proof algorithms (`ES256`, `EdDSA`).
+    #[serde(default = "default_dpop_algorithms")]
+    pub algorithms: Vec<String>,
+    /// Larger proofs are refused (`dpop_proof_invalid`).
+    #[serde(default = "default_dpop_max_bytes")]
+    pub max_proof_bytes: usize,
+    /// Proof `jti`s remembered per proxy VM (the state service remembers them for every proxy).
+    #[serde(default = "default_dpop_cache")]
+    pub replay_cache_entries: usize,
+}
+
+impl Default for DpopConfig {
+    fn default() -> Self {
+        Self {
+            max_age_seconds: default_dpop_max_age(),
+            future_skew_seconds: default_dpop_future(),
+            algorithms: default_dpop_algorithms(),
+            max_proof_bytes: default_dpop_max_bytes(),
+            replay_cache_entries: default_dpop_cache(),
+        }
+    }
+}
+
+fn default_dpop_max_age() -> u64 {
+    60
+}
+fn default_dpop_future() -> u64 {
+    5
+}
+fn default_dpop_algorithms() -> Vec<String> {
+    vec!["ES256".into(), "EdDSA".into()]
+}
+fn default_dpop_max_bytes() -> usize {
+    4096
+}
+fn default_dpop_cache() -> usize {
+    10_000
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -530,6 +583,24 @@ impl PluginConfig {
             if secret {
                 return Err(ConfigError::new("policy.input_headers", &format!("`{h}` carries a credential: it never goes into the policy input or the trail")));
             }
+        }
+        let dpop = &self.identity.dpop;
+        if dpop.algorithms.is_empty() {
+            return Err(ConfigError::new("identity.dpop.algorithms", "at least one algorithm is required"));
+        }
+        for alg in &dpop.algorithms {
+            if !matches!(alg.as_str(), "ES256" | "EdDSA") {
+                return Err(ConfigError::new("identity.dpop.algorithms", &format!("unsupported algorithm `{alg}` (supported: ES256, EdDSA)")));
+            }
+        }
+        if dpop.max_age_seconds == 0 || dpop.max_age_seconds > 3600 || dpop.future_skew_seconds > 300 {
+            return Err(ConfigError::new("identity.dpop", "max_age_seconds must be 1-3600 and future_skew_seconds at most 300"));
+        }
+        if dpop.max_proof_bytes < 256 || dpop.max_proof_bytes > 16384 {
+            return Err(ConfigError::new("identity.dpop.max_proof_bytes", "must be between 256 and 16384"));
+        }
+        if dpop.replay_cache_entries == 0 {
+            return Err(ConfigError::new("identity.dpop.replay_cache_entries", "must be at least 1"));
         }
         if self.token_cache.max_entries == 0 {
             return Err(ConfigError::new("token_cache.max_entries", "must be at least 1"));

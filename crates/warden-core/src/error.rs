@@ -49,6 +49,28 @@ pub enum IdentityError {
     MissingSubject,
     /// The subject holds control characters (CR, LF, NUL, …): it could not travel as a header.
     InvalidSubject,
+    /// `Authorization: DPoP <token>` without a `DPoP` proof header (RFC 9449).
+    DpopProofMissing,
+    /// More than one `DPoP` header: which one the upstream reads is anyone's guess.
+    DpopProofAmbiguous,
+    /// The proof is not a DPoP proof we accept: malformed, too large, wrong `typ`, an algorithm
+    /// other than ES256/EdDSA, a `jwk` that is not a public key, a bad signature, no `jti`/`iat`.
+    DpopProofInvalid,
+    /// The proof's `iat` is older than the window allows.
+    DpopProofExpired,
+    /// The proof's `iat` is further ahead than the clock skew allows.
+    DpopProofInFuture,
+    /// The proof was made for another method (`htm`).
+    DpopHtmMismatch,
+    /// The proof was made for another URL (`htu`).
+    DpopHtuMismatch,
+    /// The proof was made for another access token (`ath`).
+    DpopAthMismatch,
+    /// The proof's key is not the key the token is bound to (`cnf.jkt`), or the token presented
+    /// under the `DPoP` scheme is bound to no key at all.
+    DpopKeyMismatch,
+    /// The proof's `jti` was already used (at this proxy or, through the state service, another).
+    DpopReplayed,
 }
 
 impl IdentityError {
@@ -72,13 +94,29 @@ impl IdentityError {
             Self::UntrustedSpiffeId => "spiffe_id_not_trusted",
             Self::MissingSubject => "token_subject_missing",
             Self::InvalidSubject => "token_subject_invalid",
+            Self::DpopProofMissing => "dpop_proof_missing",
+            Self::DpopProofAmbiguous => "dpop_proof_ambiguous",
+            Self::DpopProofInvalid => "dpop_proof_invalid",
+            Self::DpopProofExpired => "dpop_proof_expired",
+            Self::DpopProofInFuture => "dpop_proof_in_future",
+            Self::DpopHtmMismatch => "dpop_htm_mismatch",
+            Self::DpopHtuMismatch => "dpop_htu_mismatch",
+            Self::DpopAthMismatch => "dpop_ath_mismatch",
+            Self::DpopKeyMismatch => "dpop_key_mismatch",
+            Self::DpopReplayed => "dpop_replayed",
         }
     }
 
-    /// The RFC 6750 error code that goes in `WWW-Authenticate`.
+    /// A failure of the DPoP proof (RFC 9449): answered with `WWW-Authenticate: DPoP`.
+    pub fn is_dpop(self) -> bool {
+        self.code().starts_with("dpop_")
+    }
+
+    /// The RFC 6750 error code that goes in `WWW-Authenticate` (RFC 9449 §7.1 for DPoP proofs).
     pub fn bearer_error(self) -> Option<&'static str> {
         match self {
             Self::MissingCredential => None,
+            e if e.is_dpop() && e != Self::DpopKeyMismatch => Some("invalid_dpop_proof"),
             Self::MalformedHeader => Some("invalid_request"),
             _ => Some("invalid_token"),
         }

@@ -27,6 +27,16 @@ pub struct SessionFacts<'a> {
     pub unavailable: bool,
 }
 
+/// `input.identity.binding`: what a sender-constrained token is bound to and whether it held.
+fn binding(id: &Identity) -> Value {
+    let b = id.binding.as_ref();
+    Obj::new()
+        .set("kind", opt_s(b.map(|b| b.kind.as_str())))
+        .set("thumbprint", opt_s(b.and_then(|b| b.thumbprint.as_deref())))
+        .set("held", Value::from(b.is_some_and(|b| b.held)))
+        .build()
+}
+
 pub fn build(now_ms: u64, mode: &str, req: &RequestFacts<'_>, id: &Identity, sess: &SessionFacts<'_>) -> Value {
     let h = req.headers;
     let mut selected = Obj::new();
@@ -60,6 +70,7 @@ pub fn build(now_ms: u64, mode: &str, req: &RequestFacts<'_>, id: &Identity, ses
         .set("delegation", strings(tok.map(|t| t.delegation.as_slice()).unwrap_or_default()))
         .set("workload", opt_s(id.workload.as_deref()))
         .set("profile", sess.before.profile.as_ref().map(|p| p.to_value()).unwrap_or(Value::Null))
+        .set("binding", binding(id))
         .build();
 
     let credential = Obj::new()

@@ -179,6 +179,19 @@ pub struct BeginStep {
     /// The credential's scopes: a new session remembers them as the scopes it started with.
     #[serde(default)]
     pub scopes: Vec<String>,
+    /// The DPoP proof this step presented (RFC 9449): the store refuses a use it has seen
+    /// (`BeginOutcome::ProofReplayed`), so a proof replayed at another proxy is refused too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proof: Option<ProofUse>,
+}
+
+/// One use of a DPoP proof: the hex SHA-256 of its key's thumbprint and its `jti` (never the
+/// client's text), and when no proxy would accept the proof any more (its `iat` plus the
+/// accepted age): until then a second use is a replay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProofUse {
+    pub id: String,
+    pub expires_at_ms: u64,
 }
 
 impl BeginStep {
@@ -193,6 +206,9 @@ impl BeginStep {
         c.opt("authority", &mut self.authority);
         c.list("tools", &mut self.tools, MAX_TOOLS);
         c.list("scopes", &mut self.scopes, MAX_SCOPES);
+        if let Some(p) = self.proof.as_mut() {
+            c.text("proof.id", &mut p.id);
+        }
         c.0
     }
 
@@ -211,6 +227,9 @@ pub enum BeginOutcome {
     SubjectMismatch,
     /// The session is revoked; nothing changed, an audit event was written.
     Revoked,
+    /// The step's DPoP proof was used before (at any proxy); nothing changed, an audit event
+    /// was written. The proxy refuses the request (401 `dpop_replayed`).
+    ProofReplayed,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -277,6 +296,18 @@ pub struct StepRecord {
     pub input: Option<RecordedInput>,
     /// What the candidate (shadow) policy decided, when one is configured.
     pub candidate: Option<CandidateOutcome>,
+    /// A sender-constrained token's binding (`mtls`, `dpop`) and whether it held; absent for
+    /// an unbound credential (and in records written before bindings were recorded).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub binding: Option<BindingRecord>,
+}
+
+/// `StepRecord::binding`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct BindingRecord {
+    pub kind: String,
+    pub held: bool,
 }
 
 /// Who counted a step (`StepRecord::begun`).
@@ -374,6 +405,7 @@ impl StepRecord {
             begun: f.begun,
             input,
             candidate,
+            binding: id.binding.as_ref().map(|b| BindingRecord { kind: b.kind.as_str().into(), held: b.held }),
         }
         .bounded()
     }

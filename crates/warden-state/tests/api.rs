@@ -179,6 +179,46 @@ async fn begin_step_counts_binds_and_audits() {
 }
 
 #[tokio::test]
+async fn a_dpop_proof_is_taken_once_across_sessions_and_proxies_and_expired_uses_are_pruned() {
+    let api = Api::new();
+    let begin = |sid: &'static str, id: &'static str, expires_at_ms: u64| {
+        let api = &api;
+        async move {
+            let body = json!({"session_id": sid, "subject": "agent-7", "credential": "sha256:a", "proof": {"id": id, "expires_at_ms": expires_at_ms}});
+            let (s, v) = api.call("POST", "/v1/steps/begin", Some(PROXY), Some(body)).await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+            (v["outcome"].as_str().unwrap_or_default().to_string(), v["step"].as_u64())
+        }
+    };
+    let later = recently() + 180_000;
+    let p1 = "1111111111111111111111111111111111111111111111111111111111111111";
+    assert_eq!(begin("dp1", p1, later).await, ("ok".to_string(), Some(1)));
+    // The same proof again, in the same session or another (another proxy): refused, uncounted.
+    assert_eq!(begin("dp1", p1, later).await, ("proof_replayed".to_string(), Some(0)));
+    assert_eq!(begin("dp2", p1, later).await, ("proof_replayed".to_string(), Some(0)));
+    let view = api.view("dp1").await;
+    assert_eq!(view.state.steps, 1);
+    assert!(view.audit.iter().any(|e| e.kind == "dpop_replayed"), "{:?}", view.audit);
+    let (s, _) = api.call("GET", "/v1/sessions/dp2", Some(ADMIN), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "a replay opens no session");
+    // Another proof is fine; a use past its expiry is pruned (no proxy accepts that proof).
+    assert_eq!(begin("dp1", "22", later).await, ("ok".to_string(), Some(2)));
+    assert_eq!(begin("dp3", "33", 1).await.0, "ok");
+    assert_eq!(begin("dp3", "33", 1).await.0, "ok");
+    // The step's record says the binding held; the trail shows it.
+    let rec = StepRecord {
+        begun: Begun::Service,
+        binding: Some(warden_core::wire::BindingRecord { kind: "dpop".into(), held: true }),
+        at_ms: recently() + 60_000,
+        ..record("dp1", 1, "allow")
+    };
+    let (s, v) = api.call("POST", "/v1/records", Some(PROXY), Some(json!({"records": [rec]}))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let view = api.view("dp1").await;
+    assert_eq!(view.timeline[0].record.binding.as_ref().map(|b| (b.kind.as_str(), b.held)), Some(("dpop", true)));
+}
+
+#[tokio::test]
 async fn a_refused_step_answers_with_the_session_as_stored() {
     let api = Api::new();
     api.begin("k1", "agent-7", "sha256:a").await;
@@ -599,6 +639,7 @@ fn begin_req(sid: &str, subject: &str) -> BeginStep {
         tools: Vec::new(),
         known_steps: None,
         scopes: Vec::new(),
+        proof: None,
     }
 }
 

@@ -92,9 +92,11 @@ impl Warden {
 
 /// 401 (or 400 for an unreadable header) with an RFC 6750 challenge and a reason code.
 pub(super) fn unauthenticated(e: IdentityError, decision_id: &str) -> LocalReply {
+    // A DPoP failure is answered with the DPoP scheme and the algorithms it accepts (RFC 9449 §7.1).
+    let scheme = if e.is_dpop() { "DPoP algs=\"ES256 EdDSA\", realm" } else { "Bearer realm" };
     let challenge = match e.bearer_error() {
-        Some(code) => format!("Bearer realm=\"session-warden\", error=\"{code}\", error_description=\"{}\"", e.code()),
-        None => "Bearer realm=\"session-warden\"".to_string(),
+        Some(code) => format!("{scheme}=\"session-warden\", error=\"{code}\", error_description=\"{}\"", e.code()),
+        None => format!("{scheme}=\"session-warden\""),
     };
     let body = serde_json::json!({
         "error": if e.status() == 400 { "bad_request" } else { "unauthenticated" },

@@ -126,6 +126,11 @@ impl Warden {
             }
         };
         bound_identity(&mut identity);
+        // A DPoP proof this VM has seen is refused now; it is consumed when the body is decided.
+        if identity.binding.as_ref().and_then(|b| b.proof.as_ref()).is_some_and(|p| self.identifier.proof_seen(p, host.now_ms())) {
+            out.metrics.push(metrics::REQUESTS.into());
+            return Err(Box::new(self.refuse_identity(out, IdentityError::DpopReplayed, early.traceparent)));
+        }
         let session = match session::resolve(&self.config.session, headers, &identity, host) {
             Ok(s) => s,
             Err(why) => {
@@ -180,6 +185,12 @@ impl Warden {
         };
         bound_identity(&mut identity);
         count_token_cache(&mut out, &identity);
+        // A DPoP proof is good for one request: this VM refuses a use it has seen (the state
+        // service, when configured, refuses one any proxy has seen: `BeginStep::proof`).
+        let proof = identity.binding.as_ref().and_then(|b| b.proof.clone());
+        if proof.as_ref().is_some_and(|p| !self.identifier.consume_proof(p, now_ms)) {
+            return Step::Done(self.refuse_identity(out, IdentityError::DpopReplayed, traceparent));
+        }
 
         // MCP: what the JSON-RPC message asks for.
         let signal = self.mcp_signal(&headers, path.as_ref());
@@ -234,7 +245,9 @@ impl Warden {
             out.adopt_session = out.reply.is_none();
             return Step::Done(out);
         }
-        if state.mode == config::StateMode::Cached {
+        // In cached mode too, a step with a DPoP proof goes to the service, which alone knows
+        // whether another proxy saw the proof.
+        if state.mode == config::StateMode::Cached && proof.is_none() {
             match self.begin_cached(&ctx, host) {
                 Cached::Hit(before, step) => return Step::Done(self.decide(ctx, *before, step, Counted::Cached, host)),
                 Cached::Refused(why) => return Step::Done(self.refused_session(ctx, why)),
@@ -253,6 +266,7 @@ impl Warden {
             tools: ctx.tools.clone(),
             known_steps: self.sessions.steps(&ctx.session.id),
             scopes: ctx.identity.scopes.clone(),
+            proof,
         };
         // Context headers reach the service cut to its limits, so no header value can make the
         // call invalid (and its 4xx refuse the request).
@@ -285,6 +299,10 @@ impl Warden {
                 BeginOutcome::Revoked => {
                     self.sessions.revoke(&ctx.session.id);
                     self.refused_session(ctx, BeginError::Revoked)
+                }
+                BeginOutcome::ProofReplayed => {
+                    ctx.out.log = Some(format!("DPoP proof replayed (session {}, subject {}): refused by the state service", ctx.session.id, ctx.identity.subject));
+                    self.refuse_identity(ctx.out, IdentityError::DpopReplayed, ctx.traceparent)
                 }
             },
             Err(StateFailure::Refused(why)) => {

@@ -26,17 +26,23 @@ pub struct Headers {
     map: HashMap<String, Vec<u8>>,
     /// Names sent more than once with different values.
     conflicting: Vec<String>,
+    /// Names sent more than once, whatever the values.
+    repeated: Vec<String>,
 }
 
 impl Headers {
     pub fn from_pairs<I: IntoIterator<Item = (String, Vec<u8>)>>(pairs: I) -> Self {
         let mut map: HashMap<String, Vec<u8>> = HashMap::new();
         let mut conflicting = Vec::new();
+        let mut repeated = Vec::new();
         for (k, v) in pairs {
             // The first value wins; a repeated credential header cannot smuggle a second one.
             // A repeat with another value is remembered: where it matters (the session id) the
             // request is ambiguous, since the upstream may act on either value.
             let k = k.to_ascii_lowercase();
+            if map.contains_key(&k) && !repeated.contains(&k) {
+                repeated.push(k.clone());
+            }
             match map.get(&k) {
                 Some(first) if *first != v && !conflicting.contains(&k) => conflicting.push(k),
                 Some(_) => {}
@@ -45,7 +51,12 @@ impl Headers {
                 }
             }
         }
-        Self { map, conflicting }
+        Self { map, conflicting, repeated }
+    }
+
+    /// Whether `name` was sent more than once, with the same value or not.
+    pub fn is_repeated(&self, name: &str) -> bool {
+        self.repeated.iter().any(|n| n == name)
     }
 
     /// Whether `name` was sent more than once with different values.

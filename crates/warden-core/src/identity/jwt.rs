@@ -33,6 +33,10 @@ pub struct VerifiedToken {
     pub nbf: Option<u64>,
     pub leeway: u64,
     pub fingerprint: String,
+    /// RFC 8705 `cnf.x5t#S256`: the base64url SHA-256 of the client certificate it is bound to.
+    pub cnf_x5t: Option<String>,
+    /// RFC 9449 `cnf.jkt`: the RFC 7638 thumbprint of the key it is bound to.
+    pub cnf_jkt: Option<String>,
 }
 
 impl VerifiedToken {
@@ -176,6 +180,8 @@ impl JwtVerifier {
             nbf: claims.invalid_before.map(|t| t.as_secs()),
             leeway: cfg.leeway_seconds,
             fingerprint: fingerprint(hash),
+            cnf_x5t: cnf_member(&raw_claims, "x5t#S256"),
+            cnf_jkt: cnf_member(&raw_claims, "jkt"),
             raw_claims,
         })
     }
@@ -206,6 +212,14 @@ fn map_error(e: &jwt_simple::Error) -> IdentityError {
         Some(JWTError::TokenTooLong) => IdentityError::TokenTooLarge,
         _ => IdentityError::MalformedToken,
     }
+}
+
+/// A confirmation member (RFC 7800 `cnf`). A `cnf` member that is present but not a non-empty
+/// string still binds the token: it becomes a value no key or certificate can match, so a token
+/// whose binding cannot be read is never treated as unbound.
+fn cnf_member(claims: &serde_json::Value, name: &str) -> Option<String> {
+    let v = claims.get("cnf")?.get(name)?;
+    Some(v.as_str().filter(|s| !s.is_empty()).map(str::to_string).unwrap_or_else(|| "!unreadable".to_string()))
 }
 
 /// `scope` (space-separated, RFC 8693) or `scp` (array or string).

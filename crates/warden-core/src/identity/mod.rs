@@ -1,6 +1,7 @@
 //! Who is calling: a verified JWT, an API key (compared by hash), or the SPIFFE ID of the
 //! mTLS peer. The peer's SPIFFE ID is also the `workload` behind any token it presents.
 
+pub mod binding;
 pub mod jwks;
 pub mod jwt;
 pub mod xfcc;
@@ -8,7 +9,7 @@ pub mod xfcc;
 use std::collections::HashMap;
 use std::rc::Rc;
 
-use crate::config::{ApiKeyConfig, IdentityConfig, SpiffeConfig};
+use crate::config::{ApiKeyConfig, DpopConfig, IdentityConfig, SpiffeConfig};
 use crate::error::IdentityError;
 use crate::hash::{fingerprint, hex, sha256};
 use crate::host::{Headers, Host};
@@ -45,6 +46,8 @@ pub struct Identity {
     /// Fingerprint of the credential presented (never the credential).
     pub fingerprint: Option<String>,
     pub token_cache_hit: bool,
+    /// A sender-constrained token's binding (RFC 8705 mTLS, RFC 9449 DPoP) and whether it held.
+    pub binding: Option<binding::Binding>,
 }
 
 struct ApiKey {
@@ -58,6 +61,9 @@ pub struct Identifier {
     api_keys: Option<(String, HashMap<String, ApiKey>)>,
     spiffe: Option<SpiffeConfig>,
     allow_anonymous: bool,
+    dpop: DpopConfig,
+    /// DPoP proof uses this VM has seen (`consume_proof`).
+    replays: binding::ReplayCache,
 }
 
 impl Identifier {
@@ -71,7 +77,19 @@ impl Identifier {
             api_keys: cfg.api_keys.as_ref().map(api_key_table),
             spiffe: cfg.spiffe.clone(),
             allow_anonymous: cfg.allow_anonymous,
+            dpop: cfg.dpop.clone(),
+            replays: binding::ReplayCache::new(cfg.dpop.replay_cache_entries),
         }
+    }
+
+    /// Whether this VM has already seen a DPoP proof's use (a replay), without remembering it.
+    pub fn proof_seen(&self, proof: &crate::wire::ProofUse, now_ms: u64) -> bool {
+        self.replays.seen(proof, now_ms)
+    }
+
+    /// Remember a DPoP proof's use in this VM; false when it is a replay.
+    pub fn consume_proof(&mut self, proof: &crate::wire::ProofUse, now_ms: u64) -> bool {
+        self.replays.consume(proof, now_ms)
     }
 
     pub fn jwt_mut(&mut self) -> Option<&mut JwtVerifier> {
@@ -87,8 +105,9 @@ impl Identifier {
         if let Some((header, verifier)) = &mut self.jwt {
             if let Some(raw) = headers.get(header.as_str()) {
                 let value = std::str::from_utf8(raw).map_err(|_| IdentityError::MalformedHeader)?;
-                let token = bearer(value).ok_or(IdentityError::MalformedHeader)?;
+                let (token, dpop_scheme) = credential(value).ok_or(IdentityError::MalformedHeader)?;
                 let (tok, hit) = verifier.verify(token, now)?;
+                let binding = binding::check(&self.dpop, &tok, token, dpop_scheme, headers, host, now)?;
                 return Ok(Identity {
                     kind: IdentityKind::Jwt,
                     subject: tok.subject.clone(),
@@ -98,6 +117,7 @@ impl Identifier {
                     token: Some(tok),
                     workload,
                     token_cache_hit: hit,
+                    binding,
                 });
             }
         }
@@ -118,6 +138,7 @@ impl Identifier {
                     workload,
                     fingerprint: Some(fingerprint(&hash)),
                     token_cache_hit: false,
+                    binding: None,
                 });
             }
         }
@@ -134,6 +155,7 @@ impl Identifier {
                 }),
                 workload: Some(id),
                 token_cache_hit: false,
+                binding: None,
             });
         }
 
@@ -147,6 +169,7 @@ impl Identifier {
                 workload: None,
                 fingerprint: None,
                 token_cache_hit: false,
+                binding: None,
             });
         }
         Err(IdentityError::MissingCredential)
@@ -163,10 +186,26 @@ fn api_key_table(cfg: &ApiKeyConfig) -> (String, HashMap<String, ApiKey>) {
 }
 
 /// `Bearer <token>` (scheme case-insensitive, RFC 6750).
+#[cfg(test)]
 fn bearer(value: &str) -> Option<&str> {
+    credential(value).filter(|(_, dpop)| !dpop).map(|(t, _)| t)
+}
+
+/// `Bearer <token>` (RFC 6750) or `DPoP <token>` (RFC 9449), scheme case-insensitive: the token
+/// and whether it came under the `DPoP` scheme.
+fn credential(value: &str) -> Option<(&str, bool)> {
     let (scheme, token) = value.trim().split_once(' ')?;
     let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty() && !token.contains(' ')).then_some(token)
+    if token.is_empty() || token.contains(' ') {
+        return None;
+    }
+    if scheme.eq_ignore_ascii_case("bearer") {
+        Some((token, false))
+    } else if scheme.eq_ignore_ascii_case("dpop") {
+        Some((token, true))
+    } else {
+        None
+    }
 }
 
 /// The SPIFFE ID of the peer: from the mTLS connection Envoy terminated, or from
@@ -235,6 +274,9 @@ mod tests {
         assert_eq!(bearer("Basic abc"), None);
         assert_eq!(bearer("Bearer"), None);
         assert_eq!(bearer("Bearer a b"), None);
+        assert_eq!(credential("DPoP abc"), Some(("abc", true)));
+        assert_eq!(credential("dpop  abc "), Some(("abc", true)));
+        assert_eq!(bearer("DPoP abc"), None);
     }
 
     #[test]

@@ -68,8 +68,9 @@ fn every_value_of_a_begin_step_is_bounded() {
         tools: vec![long.clone(); 70],
         known_steps: Some(3),
         scopes: vec!["s".into(); 300],
+        proof: Some(crate::wire::ProofUse { id: long.clone(), expires_at_ms: 1 }),
     };
-    assert_eq!(b.bound(), vec!["subject", "credential", "workload", "region", "device", "authority", "tools", "scopes"]);
+    assert_eq!(b.bound(), vec!["subject", "credential", "workload", "region", "device", "authority", "tools", "scopes", "proof.id"]);
     assert!(is_marked(&b.subject) && is_marked(b.region.as_deref().unwrap()));
     assert_eq!((b.tools.len(), b.scopes.len(), b.session_id.as_str(), b.known_steps), (MAX_TOOLS, MAX_SCOPES, "wf-1", Some(3)));
     assert!(b.bound().is_empty());

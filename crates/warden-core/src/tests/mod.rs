@@ -696,6 +696,7 @@ fn recorded_input_is_carried_as_recorded() {
     assert_eq!(back.input.unwrap().to_json().unwrap(), json!({"a": [true, null], "b": 1}));
 }
 
+mod binding;
 mod bounds;
 mod callouts;
 mod paths;

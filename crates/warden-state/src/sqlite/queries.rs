@@ -8,7 +8,7 @@ use warden_core::admission::{self, Admitted};
 use warden_core::session::{BeginError, SessionState};
 use warden_core::trail::{self, GENESIS};
 use warden_core::wire::{
-    AppendResult, AuditEvent, BeginOutcome, BeginResponse, BeginStep, RefusedRecord, Revocation, RevocationFeed, SessionHead, SessionSummary,
+    AppendResult, AuditEvent, BeginOutcome, BeginResponse, BeginStep, ProofUse, RefusedRecord, Revocation, RevocationFeed, SessionHead, SessionSummary,
     SessionView, StepRecord, TrailEntry,
 };
 
@@ -130,11 +130,35 @@ pub(super) fn revoke_in(conn: &Connection, id: &str, reason: &str, now_ms: u64) 
     Ok(changed > 0)
 }
 
+/// The DPoP replay rule, the one thing a store adds for sender-constrained tokens: a proof's use
+/// (`ProofUse`: hash of key thumbprint and jti, and when the proof stops being acceptable) is
+/// taken once. True when it had not been taken (it is now); false for a replay. Expired uses
+/// are pruned first, so the table holds only proofs some proxy could still accept. Runs in the
+/// begin-step's transaction, so two proxies racing with one proof cannot both take it.
+fn proof_unused(conn: &Connection, proof: &ProofUse, now_ms: u64) -> Result<bool, StoreError> {
+    conn.prepare_cached("DELETE FROM proof_uses WHERE expires_at_ms <= ?1").map_err(backend)?.execute(params![now_ms as i64]).map_err(backend)?;
+    let inserted = conn
+        .prepare_cached("INSERT OR IGNORE INTO proof_uses (id, expires_at_ms) VALUES (?1, ?2)")
+        .map_err(backend)?
+        .execute(params![proof.id, proof.expires_at_ms.min(i64::MAX as u64) as i64])
+        .map_err(backend)?;
+    Ok(inserted == 1)
+}
+
 pub(super) fn begin_in(conn: &Connection, req: &BeginStep, now_ms: u64) -> Result<BeginResponse, StoreError> {
     let (mut state, records, head, is_new) = match load(conn, &req.session_id)? {
         Some(row) => (row.state, row.records, row.head, false),
         None => (SessionState::open(&req.subject, &req.scopes, now_ms), 0, GENESIS.to_string(), true),
     };
+    // A replayed DPoP proof changes nothing but the audit trail (of a session that exists).
+    if let Some(proof) = &req.proof {
+        if !proof_unused(conn, proof, now_ms)? {
+            if !is_new {
+                audit(conn, &req.session_id, now_ms, "dpop_replayed", &req.subject, req.credential.as_deref(), "a DPoP proof was presented again")?;
+            }
+            return Ok(BeginResponse { outcome: BeginOutcome::ProofReplayed, step: 0, new: false, session: state });
+        }
+    }
     let mut before = match state.begin_step_after(&req.subject, &req.seen(), now_ms, req.known_steps.unwrap_or(0)) {
         Ok(before) => before,
         Err(why) => {

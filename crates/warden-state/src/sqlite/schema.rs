@@ -92,6 +92,10 @@ pub(super) const MIGRATIONS: &[&str] = &[
     "ALTER TABLE audit ADD COLUMN record TEXT;",
     // 6: each subject's behavioural profile across its sessions (`super::profiles`).
     "CREATE TABLE profiles (subject TEXT PRIMARY KEY, profile TEXT NOT NULL, updated_at_ms INTEGER NOT NULL);",
+    // 7: DPoP proof uses (RFC 9449 jti replay cache shared by every proxy), until they expire
+    // (`queries::proof_unused`).
+    "CREATE TABLE proof_uses (id TEXT PRIMARY KEY, expires_at_ms INTEGER NOT NULL) WITHOUT ROWID;
+     CREATE INDEX proof_uses_expiry ON proof_uses(expires_at_ms);",
 ];
 
 /// The migration that creates the log: after its SQL, the records already stored are entered
