@@ -260,15 +260,20 @@ def test_003_high_volume_calls_raise_risk_are_throttled_then_terminated(stack, k
 
 def test_003_calls_across_unfamiliar_tenants_raise_the_risk_then_require_a_step_up(stack, keys):
     a = Agent(stack, keys.token(sub="fanout-agent"))
-    tenants = [f"tenant-{i}.example" for i in range(1, 7)]
-    codes = [a.get(host=t).status_code for t in tenants]
-    # Three tenants are fine; each further one it has never called adds risk, until step-up.
-    assert codes == [200] * 5 + [401], codes
-    _, recs = a.trail(6)
-    assert [r["signals"] for r in recs] == [[]] * 3 + [["tenant_spread"]] * 3
+    codes = []
+    # Three tenants are fine; each further one it has never called adds risk (20 each, less the
+    # risk's decay over the seconds the steps take), until the score asks for a step-up.
+    for i in range(1, 10):
+        codes.append(a.get(host=f"tenant-{i}.example").status_code)
+        if codes[-1] != 200:
+            break
+    n = len(codes)
+    assert codes[-1] == 401 and n in (6, 7) and all(c == 200 for c in codes[:-1]), codes
+    _, recs = a.trail(n)
+    assert [r["signals"] for r in recs] == [[]] * 3 + [["tenant_spread"]] * (n - 3)
     risks = [r["risk"] for r in recs]
-    assert risks[:3] == [0, 0, 0] and risks[3] < risks[4] < risks[5] and risks[5] >= 59, risks
-    assert recs[5]["reasons"] == ["risk_high"] and "tenant_spread" in recs[5]["flags"]
+    assert risks[:3] == [0, 0, 0] and all(x < y for x, y in zip(risks[3:], risks[4:])) and risks[-1] >= 60, risks
+    assert recs[-1]["reasons"] == ["risk_high"] and "tenant_spread" in recs[-1]["flags"]
 
 
 def test_003_a_delegated_session_that_touched_secrets_is_shortened(stack, keys):
