@@ -1,0 +1,347 @@
+//! A session's reads and compare-and-swap writes. Each operation reads the session's keys,
+//! computes the new state in Rust with warden-core's rules, and writes it with `SESSION_CAS`
+//! only if the session's version is unchanged; otherwise it re-reads and recomputes. So every
+//! write is one atomic step of the session, whichever replica makes it, exactly as one SQLite
+//! transaction is.
+
+use std::collections::HashMap;
+
+use redis::AsyncCommands;
+use serde::{Deserialize, Serialize};
+use warden_core::session::SessionState;
+use warden_core::trail::{self, GENESIS};
+use warden_core::wire::{AuditEvent, BeginOutcome, BeginResponse, BeginStep, StepRecord, TrailEntry};
+
+use super::conn::Conn;
+use super::metrics::Metrics;
+use super::{backend, keys, scripts};
+use crate::store::{refusal, terminate_reason, StoreError};
+
+/// How often a write is recomputed before the store gives up (contention that high is a fault).
+const MAX_ATTEMPTS: u32 = 200;
+
+/// A session's hash as read.
+pub struct Loaded {
+    pub ver: u64,
+    /// `None`: no such session. Its `revoked` comes from `revoked_at_ms`, which is what says it.
+    pub state: Option<SessionState>,
+    pub records: u64,
+    pub head: String,
+    pub revoked_at_ms: Option<u64>,
+    pub revoke_reason: Option<String>,
+    /// The revocation's feed cursor, once it is in the feed.
+    pub fed: Option<u64>,
+}
+
+/// The hash fields `Loaded` is read from, in `SESSION_READ`'s and `SESSION_VIEW`'s order.
+fn parse(fields: Vec<Option<String>>) -> Result<Loaded, StoreError> {
+    let get = |i: usize| fields.get(i).cloned().flatten();
+    let num = |i: usize| get(i).map(|v| v.parse::<u64>().map_err(backend)).transpose();
+    let revoked_at_ms = num(4)?;
+    let state = get(1)
+        .map(|s| serde_json::from_str::<SessionState>(&s).map_err(|e| StoreError::Backend(format!("redis: a session's state does not parse: {e}"))))
+        .transpose()?
+        .map(|mut s| {
+            s.revoked = revoked_at_ms.is_some();
+            s
+        });
+    Ok(Loaded {
+        ver: num(0)?.unwrap_or(0),
+        state,
+        records: num(2)?.unwrap_or(0),
+        head: get(3).unwrap_or_else(|| GENESIS.to_string()),
+        revoked_at_ms,
+        revoke_reason: get(5),
+        fed: num(6)?,
+    })
+}
+
+/// A record as kept in the session's list.
+#[derive(Serialize, Deserialize)]
+pub struct StoredRecord {
+    pub seq: u64,
+    pub body: String,
+    pub prev_hash: String,
+    pub hash: String,
+    pub hash_version: u8,
+}
+
+impl StoredRecord {
+    pub fn entry(self) -> TrailEntry {
+        // A body that no longer parses is still shown (and fails verification), not hidden.
+        let record = serde_json::from_str(&self.body).unwrap_or_default();
+        TrailEntry { seq: self.seq, record, body: self.body, prev_hash: self.prev_hash, hash: self.hash, hash_version: self.hash_version }
+    }
+}
+
+/// What one compare-and-swap writes.
+#[derive(Default)]
+pub struct Write {
+    pub fields: Vec<(&'static str, String)>,
+    pub records: Vec<String>,
+    pub dedupe: Vec<(String, u64)>,
+    pub audit: Vec<String>,
+}
+
+impl Write {
+    fn state(&mut self, s: &SessionState) -> Result<(), StoreError> {
+        self.fields.push(("state", serde_json::to_string(s).map_err(backend)?));
+        Ok(())
+    }
+}
+
+fn json<T: Serialize>(v: &T) -> Result<String, StoreError> {
+    serde_json::to_string(v).map_err(backend)
+}
+
+pub async fn load(conn: &mut Conn, id: &str, dedupe: &[String]) -> Result<(Loaded, Vec<Option<u64>>), StoreError> {
+    let mut inv = scripts::SESSION_READ.prepare_invoke();
+    inv.key(keys::session(id)).key(keys::dedupe(id));
+    for f in dedupe {
+        inv.arg(f);
+    }
+    let (fields, seqs): (Vec<Option<String>>, Vec<Option<u64>>) = inv.invoke_async(conn).await.map_err(backend)?;
+    Ok((parse(fields)?, seqs))
+}
+
+/// Write `w` if the session is still at version `ver`. False: it changed; read it again.
+pub async fn cas(conn: &mut Conn, id: &str, ver: u64, w: &Write) -> Result<bool, StoreError> {
+    let mut inv = scripts::SESSION_CAS.prepare_invoke();
+    inv.key(keys::session(id)).key(keys::records(id)).key(keys::dedupe(id)).key(keys::audit(id));
+    inv.arg(ver).arg(w.fields.len());
+    for (k, v) in &w.fields {
+        inv.arg(*k).arg(v);
+    }
+    inv.arg(w.records.len());
+    for r in &w.records {
+        inv.arg(r);
+    }
+    inv.arg(w.dedupe.len());
+    for (f, seq) in &w.dedupe {
+        inv.arg(f).arg(*seq);
+    }
+    inv.arg(w.audit.len());
+    for a in &w.audit {
+        inv.arg(a);
+    }
+    let v: u64 = inv.invoke_async(conn).await.map_err(backend)?;
+    Ok(v > 0)
+}
+
+/// A short, growing pause between attempts of a contended write.
+async fn backoff(m: &Metrics, attempt: u32) -> Result<(), StoreError> {
+    m.session_retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if attempt + 1 >= MAX_ATTEMPTS {
+        return Err(StoreError::Backend(format!("redis: a session write lost {MAX_ATTEMPTS} compare-and-swaps in a row")));
+    }
+    if attempt >= 2 {
+        let us = 50u64 << attempt.min(6);
+        let jitter = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos() as u64 % us).unwrap_or(0);
+        tokio::time::sleep(std::time::Duration::from_micros(us / 2 + jitter)).await;
+    }
+    Ok(())
+}
+
+/// What a session's first write leaves for the search indexes.
+pub struct NewSession {
+    pub id: String,
+    pub subject: String,
+    pub started_at_ms: u64,
+}
+
+pub async fn begin(conn: &mut Conn, m: &Metrics, req: &BeginStep, now_ms: u64) -> Result<(BeginResponse, Option<NewSession>), StoreError> {
+    let sid = &req.session_id;
+    for attempt in 0.. {
+        let (cur, _) = load(conn, sid, &[]).await?;
+        let is_new = cur.state.is_none();
+        let mut state = cur.state.unwrap_or_else(|| SessionState::open(&req.subject, &req.scopes, now_ms));
+        let mut w = Write::default();
+        match state.begin_step_after(&req.subject, &req.seen(), now_ms, req.known_steps.unwrap_or(0)) {
+            Err(why) => {
+                let (outcome, kind, detail) = refusal(why, &state.subject, &req.subject);
+                let ev = AuditEvent { at_ms: now_ms, kind: kind.into(), subject: req.subject.clone(), credential: req.credential.clone(), detail };
+                w.audit.push(json(&ev)?);
+                if cas(conn, sid, cur.ver, &w).await? {
+                    return Ok((BeginResponse { outcome, step: 0, new: false, session: state }, None));
+                }
+            }
+            Ok(mut before) => {
+                w.state(&state)?;
+                if is_new {
+                    w.fields.push(("records", "0".into()));
+                    w.fields.push(("head", GENESIS.into()));
+                }
+                let mut c2 = conn.clone();
+                let (written, subjects) = tokio::join!(cas(conn, sid, cur.ver, &w), credential_subjects(&mut c2, req.credential.as_deref(), &req.subject, now_ms));
+                if written? {
+                    before.credential_subjects = subjects?;
+                    let new = is_new.then(|| NewSession { id: sid.clone(), subject: state.subject.clone(), started_at_ms: state.started_at_ms });
+                    return Ok((BeginResponse { outcome: BeginOutcome::Ok, step: state.steps, new: is_new, session: before }, new));
+                }
+            }
+        }
+        backoff(m, attempt).await?;
+    }
+    Err(StoreError::Backend("unreachable".into()))
+}
+
+/// Remember that `subject` presented `credential`; every subject that has (the first 16).
+pub async fn credential_subjects(conn: &mut Conn, credential: Option<&str>, subject: &str, now_ms: u64) -> Result<Vec<String>, StoreError> {
+    let Some(cred) = credential else { return Ok(Vec::new()) };
+    scripts::CREDENTIAL_SUBJECTS.key(keys::credential_subjects(cred)).arg(now_ms).arg(subject).invoke_async(conn).await.map_err(backend)
+}
+
+/// What the store does with one record of a batch. The one decision per record: swap it for
+/// warden-core's admission rule when there is one.
+enum Admission {
+    /// Already stored as this seq: a retry.
+    Duplicate(u64),
+    Append,
+}
+
+fn admit(stored: Option<u64>) -> Admission {
+    match stored {
+        Some(seq) => Admission::Duplicate(seq),
+        None => Admission::Append,
+    }
+}
+
+/// A batch's records of one session, after its write.
+pub struct Appended {
+    pub appended: u64,
+    pub duplicates: u64,
+    /// Every record of the batch as (seq, chain hash): the hash is `None` for a duplicate (read
+    /// it from the store if its leaf is missing from the log).
+    pub leaves: Vec<(u64, Option<String>)>,
+    /// A revocation this write made (enforced `terminate`), or one made before that is not in the
+    /// feed yet: (at_ms, reason).
+    pub unfed_revocation: Option<(u64, String)>,
+    pub new: Option<NewSession>,
+}
+
+/// Append a batch's records of one session (`recs`, in batch order) atomically.
+pub async fn append(conn: &mut Conn, m: &Metrics, sid: &str, recs: &[&StepRecord], now_ms: u64) -> Result<Appended, StoreError> {
+    let fields: Vec<String> = recs.iter().map(|r| keys::dedupe_field(r.step, &r.decision_id)).collect();
+    for attempt in 0.. {
+        let (cur, stored) = load(conn, sid, &fields).await?;
+        let is_new = cur.state.is_none();
+        let first = recs.first().map(|r| (r.subject.as_str(), r.at_ms)).unwrap_or(("", now_ms));
+        // In cached or degraded mode the trail may be the first the service hears of a session.
+        let mut state = cur.state.unwrap_or_else(|| SessionState::open(first.0, &[], first.1));
+        let (mut records, mut head) = (cur.records, cur.head);
+        let mut w = Write::default();
+        let mut in_batch: HashMap<&str, u64> = HashMap::new();
+        let mut out = Appended { appended: 0, duplicates: 0, leaves: Vec::new(), unfed_revocation: None, new: None };
+        let mut revoked_at = cur.revoked_at_ms.map(|at| (at, cur.revoke_reason.clone().unwrap_or_default()));
+        for ((r, field), stored) in recs.iter().zip(&fields).zip(stored.iter().copied().chain(std::iter::repeat(None))) {
+            match admit(stored.or_else(|| in_batch.get(field.as_str()).copied())) {
+                Admission::Duplicate(seq) => {
+                    out.duplicates += 1;
+                    out.leaves.push((seq, None));
+                    continue;
+                }
+                Admission::Append => {}
+            }
+            let body = trail::canonical_body(r).map_err(backend)?;
+            let seq = records + 1;
+            let hash = crate::sqlite::chain_hash(&head, &body);
+            w.records.push(json(&StoredRecord { seq, body, prev_hash: head.clone(), hash: hash.clone(), hash_version: trail::HASH_V2 })?);
+            w.dedupe.push((field.clone(), seq));
+            in_batch.insert(field, seq);
+            state.apply_record(r);
+            out.leaves.push((seq, Some(hash.clone())));
+            (records, head) = (seq, hash);
+            if r.action == "terminate" && r.enforced && revoked_at.is_none() {
+                revoked_at = Some((now_ms, terminate_reason(r)));
+                state.revoked = true;
+                w.fields.push(("revoked_at_ms", now_ms.to_string()));
+                w.fields.push(("revoke_reason", terminate_reason(r)));
+            }
+            out.appended += 1;
+        }
+        if cur.fed.is_none() {
+            out.unfed_revocation = revoked_at;
+        }
+        if out.appended == 0 {
+            return Ok(out);
+        }
+        w.state(&state)?;
+        w.fields.push(("records", records.to_string()));
+        w.fields.push(("head", head));
+        if cas(conn, sid, cur.ver, &w).await? {
+            out.new = is_new.then(|| NewSession { id: sid.to_string(), subject: state.subject.clone(), started_at_ms: state.started_at_ms });
+            return Ok(out);
+        }
+        backoff(m, attempt).await?;
+    }
+    Err(StoreError::Backend("unreachable".into()))
+}
+
+/// Revoke; a session not seen yet is created revoked. Returns (changed, the revocation when it
+/// is not in the feed yet, the new session).
+pub async fn revoke(conn: &mut Conn, m: &Metrics, sid: &str, reason: &str, now_ms: u64) -> Result<(bool, Option<(u64, String)>, Option<NewSession>), StoreError> {
+    for attempt in 0.. {
+        let (cur, _) = load(conn, sid, &[]).await?;
+        if let Some(at) = cur.revoked_at_ms {
+            let unfed = cur.fed.is_none().then(|| (at, cur.revoke_reason.clone().unwrap_or_default()));
+            return Ok((false, unfed, None));
+        }
+        let is_new = cur.state.is_none();
+        // Revoking a session no proxy has reported yet: it must never start.
+        let mut state = cur.state.unwrap_or_else(|| SessionState::open("", &[], now_ms));
+        state.revoked = true;
+        let mut w = Write::default();
+        w.state(&state)?;
+        if is_new {
+            w.fields.push(("records", "0".into()));
+            w.fields.push(("head", GENESIS.into()));
+        }
+        w.fields.push(("revoked_at_ms", now_ms.to_string()));
+        w.fields.push(("revoke_reason", reason.to_string()));
+        if cas(conn, sid, cur.ver, &w).await? {
+            let new = is_new.then(|| NewSession { id: sid.to_string(), subject: String::new(), started_at_ms: now_ms });
+            return Ok((true, Some((now_ms, reason.to_string())), new));
+        }
+        backoff(m, attempt).await?;
+    }
+    Err(StoreError::Backend("unreachable".into()))
+}
+
+/// Enter a revocation into the feed (once, however often it is retried) and remember its
+/// cursor on the session.
+pub async fn feed(conn: &mut Conn, sid: &str, at_ms: u64, reason: &str) -> Result<u64, StoreError> {
+    let entry = serde_json::json!({"session_id": sid, "at_ms": at_ms, "reason": reason}).to_string();
+    let cursor: u64 = scripts::FEED_APPEND
+        .key(keys::feed::counter())
+        .key(keys::feed::cursors())
+        .key(keys::feed::entries())
+        .key(keys::feed::by_session())
+        .arg(sid)
+        .arg(entry)
+        .invoke_async(conn)
+        .await
+        .map_err(backend)?;
+    let _: () = conn.hset(keys::session(sid), "fed", cursor).await.map_err(backend)?;
+    Ok(cursor)
+}
+
+/// The session, its records and audit events, read at one instant.
+pub async fn view(conn: &mut Conn, sid: &str) -> Result<Option<(Loaded, Vec<TrailEntry>, Vec<AuditEvent>)>, StoreError> {
+    let (fields, records, audit): (Vec<Option<String>>, Vec<String>, Vec<String>) = scripts::SESSION_VIEW
+        .key(keys::session(sid))
+        .key(keys::records(sid))
+        .key(keys::audit(sid))
+        .invoke_async(conn)
+        .await
+        .map_err(backend)?;
+    let loaded = parse(fields)?;
+    if loaded.state.is_none() {
+        return Ok(None);
+    }
+    let timeline = records
+        .iter()
+        .map(|r| serde_json::from_str::<StoredRecord>(r).map(StoredRecord::entry).map_err(backend))
+        .collect::<Result<Vec<_>, _>>()?;
+    let audit = audit.iter().map(|a| serde_json::from_str(a).map_err(backend)).collect::<Result<Vec<_>, _>>()?;
+    Ok(Some((loaded, timeline, audit)))
+}
