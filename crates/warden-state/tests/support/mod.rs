@@ -138,6 +138,44 @@ impl RedisServer {
     }
 }
 
+/// A local Redis Cluster: three masters, no replicas, each slot range on its own server.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub fn start() -> Self {
+        let nodes: Vec<RedisServer> = (0..3)
+            .map(|_| {
+                // The cluster bus gets its own free port (by default it is the port + 10000).
+                let bus = free_port().to_string();
+                let args = ["--save", "", "--appendonly", "no", "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000", "--cluster-port", &bus];
+                RedisServer::start_with(&args)
+            })
+            .collect();
+        let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run redis-cli ({e}): run `make setup` (it installs redis-tools)"));
+        assert!(out.status.success(), "redis-cli --cluster create failed: {}", String::from_utf8_lossy(&out.stdout));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !nodes.iter().all(|n| n.cmd(&["CLUSTER", "INFO"]).is_some_and(|i| i.contains("cluster_state:ok"))) {
+            assert!(Instant::now() < deadline, "the cluster did not reach cluster_state:ok within 20 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { nodes }
+    }
+
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        format!("redis+cluster://{}", hosts.join(","))
+    }
+}
+
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
