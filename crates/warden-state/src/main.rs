@@ -45,6 +45,17 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Copy everything of one store into another (e.g. a SQLite file into Redis): sessions,
+    /// records (bodies and hashes unchanged), audit events, revocations, credential subjects and
+    /// the log (the same leaves in the same order, so earlier checkpoints stay consistent).
+    Migrate {
+        /// `sqlite:PATH`
+        #[arg(long)]
+        from: String,
+        /// `redis://…`, `rediss://…` or `redis+cluster://…`; must hold no Session Warden data yet.
+        #[arg(long)]
+        to: String,
+    },
     /// Make a log signing key: writes the private key to --out (mode 0600, never overwritten)
     /// and prints the public verifier key (`<name>+<id>+<base64>`) to give to verifiers.
     Keygen {
@@ -97,6 +108,7 @@ async fn run() -> Result<(), String> {
     let args = Args::parse();
     match &args.command {
         Some(Command::Keygen { name, out }) => return keygen(name, out),
+        Some(Command::Migrate { from, to }) => return warden_state::migrate::run(from, to).await,
         None => {}
     }
     let (Some(proxy), Some(admin)) = (args.proxy_token, args.admin_token) else {

@@ -18,6 +18,7 @@
 //! Durability is Redis's: see README, "Running many proxies".
 
 mod conn;
+pub mod import;
 mod keys;
 mod log;
 mod metrics;
@@ -35,6 +36,7 @@ pub use conn::{cluster_nodes, is_redis_url, redacted};
 use conn::Conn;
 use log::{Leaf, LogWriter};
 use metrics::{Metrics, Op};
+pub use session::StoredRecord;
 use session::NewSession;
 
 use crate::store::{Search, Store, StoreError, StoreFuture};
