@@ -183,47 +183,63 @@ async fn enter_all(conn: &mut Conn, metrics: &Metrics, cache: &mut Cache, leaves
             *cache = Cache { epoch: epoch.clone(), hashes: HashMap::new() };
         }
         let mut stored = Vec::new();
-        for (j, (leaf, _)) in pending.iter().enumerate() {
-            let n = size + j as u64;
-            let lh = warden_log::leaf_hash(&leaf.session_id, leaf.seq, &leaf.hash);
-            let hs = with_hashes(conn, &mut cache.hashes, |r| warden_log::hashes_to_store(n, lh, r)).await?;
-            // The next leaf's computation reads these; they are only in the cache's epoch once written.
-            cache.hashes.extend(hs.iter().copied());
-            stored.extend(hs);
+        let outcome = write_leaves(conn, cache, &pending, size, &epoch, &mut stored).await;
+        if !matches!(outcome, Ok(true)) {
+            // Not known to be written: nothing computed from this size may stay in the cache.
+            for (i, _) in &stored {
+                cache.hashes.remove(i);
+            }
         }
-        let mut inv = scripts::LOG_APPEND.prepare_invoke();
-        inv.key(keys::log::meta()).key(keys::log::leaves()).key(keys::log::hashes()).key(keys::log::index());
-        for (leaf, _) in &pending {
-            inv.key(keys::log::session(&leaf.session_id));
-        }
-        inv.arg(size).arg(&epoch).arg(new_epoch()).arg(pending.len());
-        for (leaf, field) in &pending {
-            inv.arg(field.as_str()).arg(warden_log::leaf_data(&leaf.session_id, leaf.seq, &leaf.hash)).arg(leaf.seq);
-        }
-        inv.arg(stored.len());
-        for (i, h) in &stored {
-            inv.arg(*i).arg(h.0.as_slice());
-        }
-        let (result, _, new_epoch): (i64, i64, String) = inv.invoke_async(conn).await.map_err(backend)?;
-        if result > 0 {
+        if outcome? {
             metrics.log_leaves.fetch_add(pending.len() as u64, Ordering::Relaxed);
             metrics.log_writes.fetch_add(1, Ordering::Relaxed);
-            if new_epoch != cache.epoch {
-                // The log was created by this write: what was computed is its first hashes.
-                cache.epoch = new_epoch;
-            }
             return Ok(());
         }
         // Another replica extended the log first: what was computed from its size is void.
-        for (i, _) in &stored {
-            cache.hashes.remove(i);
-        }
         metrics.log_retries.fetch_add(1, Ordering::Relaxed);
         if attempt >= 2 {
             tokio::time::sleep(std::time::Duration::from_micros(100 << attempt.min(6))).await;
         }
     }
     Err(tree("the log write lost 1000 compare-and-swaps in a row"))
+}
+
+/// Compute the pending leaves' stored hashes from a log of `size` leaves (in `stored`, and in
+/// the cache: the next leaf's computation reads them) and write them if the log is unchanged.
+async fn write_leaves(
+    conn: &mut Conn,
+    cache: &mut Cache,
+    pending: &[(&Leaf, &String)],
+    size: u64,
+    epoch: &str,
+    stored: &mut Vec<(u64, Hash)>,
+) -> Result<bool, StoreError> {
+    for (j, (leaf, _)) in pending.iter().enumerate() {
+        let n = size + j as u64;
+        let lh = warden_log::leaf_hash(&leaf.session_id, leaf.seq, &leaf.hash);
+        let hs = with_hashes(conn, &mut cache.hashes, |r| warden_log::hashes_to_store(n, lh, r)).await?;
+        cache.hashes.extend(hs.iter().copied());
+        stored.extend(hs);
+    }
+    let mut inv = scripts::LOG_APPEND.prepare_invoke();
+    inv.key(keys::log::meta()).key(keys::log::leaves()).key(keys::log::hashes()).key(keys::log::index());
+    for (leaf, _) in pending {
+        inv.key(keys::log::session(&leaf.session_id));
+    }
+    inv.arg(size).arg(epoch).arg(new_epoch()).arg(pending.len());
+    for (leaf, field) in pending {
+        inv.arg(field.as_str()).arg(warden_log::leaf_data(&leaf.session_id, leaf.seq, &leaf.hash)).arg(leaf.seq);
+    }
+    inv.arg(stored.len());
+    for (i, h) in stored.iter() {
+        inv.arg(*i).arg(h.0.as_slice());
+    }
+    let (result, _, new_epoch): (i64, i64, String) = inv.invoke_async(conn).await.map_err(backend)?;
+    if result > 0 && new_epoch != cache.epoch {
+        // The log was created by this write: what was computed is its first hashes.
+        cache.epoch = new_epoch;
+    }
+    Ok(result > 0)
 }
 
 /// Which of these records' leaves are in the log.
