@@ -735,10 +735,12 @@ def state_lua(kind: str) -> str:
     return f"""
 n = 0
 tag = tostring(os.time()) .. tostring(math.random(1, 1000000))
+-- Records of steps a proxy counted alone (cached mode) open their sessions; they must be recent.
+now_ms = string.format("%d", os.time() * 1000)
 function records(k)
   local t = {{}}
   for i = 1, {STATE_BATCH} do
-    t[i] = '{{"session_id":"r-' .. tag .. '-' .. k .. '","step":' .. i .. ',"decision_id":"dec_' .. k .. '_' .. i .. '","at_ms":1,"subject":"bench-agent","identity_kind":"jwt","credential":"sha256:0011","method":"GET","path":"/tickets/42","action":"allow","enforced":true,"reasons":[],"risk":0,"policy_version":"bench","mode":"enforce","status":200}}'
+    t[i] = '{{"session_id":"r-' .. tag .. '-' .. k .. '","step":' .. i .. ',"decision_id":"dec_' .. k .. '_' .. i .. '","at_ms":' .. now_ms .. ',"begun":"cached","subject":"bench-agent","identity_kind":"jwt","credential":"sha256:0011","method":"GET","path":"/tickets/42","action":"allow","enforced":true,"reasons":[],"risk":0,"policy_version":"bench","mode":"enforce","status":200}}'
   end
   return table.concat(t, ",")
 end

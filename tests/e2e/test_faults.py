@@ -196,3 +196,27 @@ def test_a_state_service_fault(stack, keys, kind):
     assert stats.get("wasmcustom.warden.records.rejected", 0) == 0
     if kind != "4xx":
         assert stats["wasmcustom.warden.state.unavailable"] > before.get("wasmcustom.warden.state.unavailable", 0)
+
+
+def test_a_session_begun_while_the_service_was_down_keeps_its_whole_trail(stack, keys):
+    """Its first steps are counted by the proxy alone (degraded): their records are the first the
+    service hears of the session, and the trail's invariants take them (`begun: proxy`), then
+    the steps the service counts after them."""
+    envoy, state, _ = stack
+    agent = Agent(envoy, "degraded", keys.token(sub="fault-first-steps"))
+    before = envoy.stats()
+    state.kill()
+    try:
+        for _ in range(3):
+            assert agent.step().status_code == 200
+    finally:
+        state.start()
+    for _ in range(2):
+        assert agent.step().status_code == 200
+    agent.trail_is_exact(state)
+    view = state.session(agent.sid)
+    begun = [(e["record"]["step"], e["record"]["begun"]) for e in sorted(view["timeline"], key=lambda e: e["record"]["step"])]
+    assert begun == [(1, "proxy"), (2, "proxy"), (3, "proxy"), (4, "service"), (5, "service")], begun
+    assert view["audit"] == [], view["audit"]
+    stats = envoy.stats()
+    assert stats.get("wasmcustom.warden.records.rejected", 0) == before.get("wasmcustom.warden.records.rejected", 0)

@@ -80,6 +80,10 @@ def test_an_mcp_client_session_is_one_governed_session(mcp_stack, keys):
     methods = [(e["record"]["step"], e["record"]["mcp_method"], e["record"]["tool"], e["record"]["action"]) for e in steps]
     assert [m[0] for m in methods] == list(range(1, len(methods) + 1)), methods
     assert methods[0][1] == "initialize"
+    # initialize is counted by the proxy (the server names the session in its answer); the
+    # service counts the steps after it, and the trail's invariants refused nothing.
+    assert [e["record"]["begun"] for e in steps[:2]] == ["proxy", "service"], [e["record"]["begun"] for e in steps]
+    assert view["audit"] == []
     calls = [(m[2], m[3]) for m in methods if m[1] == "tools/call"]
     assert calls == [("search", "allow"), ("ticket.create", "allow"), ("shell.exec", "deny"), ("secrets.read", "step_up")], methods
     secrets = [e["record"] for e in steps if e["record"]["tool"] == "secrets.read"][0]

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 
 use serde_json::Value;
 use warden_core::trail;
-use warden_core::wire::{SessionView, StepRecord};
+use warden_core::wire::{SessionHead, SessionView, StepRecord};
 use warden_log::{KeyRing, SessionEvidence};
 
 /// What checked out: the checkpoint's size and who signed it.
@@ -58,6 +58,9 @@ fn unknown_fields(raw: &Value) -> Result<(), String> {
 /// The chain of one exported session, and its raw records' fields.
 pub fn check_chain(view: &SessionView, raw: Option<&Value>) -> Result<(), String> {
     trail::verify(&view.timeline).map_err(|b| format!("at step {} (record {}): {}", b.step, b.seq, b.why))?;
+    if let Some(head) = &view.head {
+        trail::verify_head(&view.timeline, head, "the session's head")?;
+    }
     match raw {
         Some(raw) => unknown_fields(raw),
         None => Ok(()),
@@ -81,22 +84,8 @@ pub fn check(view: &SessionView, evidence: &SessionEvidence, keys: &KeyRing) -> 
         ));
     }
     let n = view.timeline.len() as u64;
-    if n < head.records {
-        let missing = head.records - n;
-        return Err(format!("the last {missing} record(s) are missing: the signed head says {} records, the trail has {n} (truncated)", head.records));
-    }
-    if n > head.records {
-        return Err(format!(
-            "record {} and after are not in the log: the signed head says {} records, the trail has {n} (inserted)",
-            head.records + 1,
-            head.records
-        ));
-    }
-    if let Some(last) = view.timeline.last() {
-        if last.hash != head.hash {
-            return Err(format!("the last record's hash is not the signed head's (the session was rewritten after record {} was logged)", last.seq));
-        }
-    }
+    let signed = SessionHead { records: head.records, hash: head.hash.clone() };
+    trail::verify_head(&view.timeline, &signed, "the signed head")?;
     if evidence.leaves.len() as u64 != n {
         return Err(format!("the evidence proves {} records, the trail has {n}", evidence.leaves.len()));
     }

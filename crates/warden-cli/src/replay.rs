@@ -175,7 +175,7 @@ mod tests {
                 TrailEntry { seq: i as u64 + 1, record, body: String::new(), prev_hash: String::new(), hash: String::new(), hash_version: 2 }
             })
             .collect();
-        SessionView { id: "s1".into(), state: SessionState::default(), revoked_at_ms: None, revoke_reason: None, timeline, audit: vec![] }
+        SessionView { id: "s1".into(), state: SessionState::default(), revoked_at_ms: None, revoke_reason: None, head: None, timeline, audit: vec![] }
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Subcommand;
-use warden_core::wire::{SessionList, SessionSummary, SessionView};
+use warden_core::wire::{SessionHead, SessionList, SessionSummary, SessionView};
 use warden_log::{KeyRing, SessionEvidence};
 
 use crate::client::{self, Client};
@@ -231,6 +231,8 @@ fn with_evidence(client: &Client, id: &str) -> Result<(SessionView, Option<Sessi
     }
     let mut again: SessionView = client.get(&format!("/v1/sessions/{path}"))?;
     again.timeline.truncate(head);
+    // The export's head is what it covers: the signed head's records.
+    again.head = again.timeline.last().map(|e| SessionHead { records: e.seq, hash: e.hash.clone() });
     Ok((again, Some(ev)))
 }
 

@@ -3,10 +3,12 @@
 //! which local reply to send. Nothing here imports proxy_wasm, so all of it is tested natively.
 //!
 //! The request flow is `flow` (the `Warden`); the domain rules it and every store share live
-//! in `session` (binding, what a step or record adds), `trail` (the hash chain) and `wire`
-//! (what proxies and the state service exchange). docs/ARCHITECTURE.md maps the rest.
+//! in `session` (binding, what a step or record adds), `admission` (what a store accepts of a
+//! record), `trail` (the hash chain) and `wire` (what proxies and the state service exchange).
+//! docs/ARCHITECTURE.md maps the rest.
 
 pub mod callouts;
+pub mod admission;
 pub mod canonical;
 pub mod config;
 pub mod correlation;

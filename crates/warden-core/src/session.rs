@@ -163,16 +163,18 @@ impl SessionState {
         }
     }
 
-    /// What an attribution record adds to its session, in the store that keeps the trail:
-    /// what the step saw, what its decision left behind (flags, a satisfied step-up, the risk
-    /// of the latest step: records may arrive out of order) and the step count it proves.
-    pub fn apply_record(&mut self, r: &StepRecord) {
-        self.steps = self.steps.max(r.step);
-        self.last_seen_at_ms = self.last_seen_at_ms.max(r.at_ms);
-        if self.subject.is_empty() {
-            self.subject = r.subject.clone();
+    /// What an admitted attribution record adds to its session (`admission::admit` decides
+    /// which are): what its decision left behind (flags, a satisfied step-up, the risk of the
+    /// latest step: records may arrive out of order), and, for a step the proxy counted alone
+    /// (`counted_by_proxy`), what the step saw and the count it proves, as begin-step would
+    /// have. A step the service counted was merged by its begin: its record adds nothing seen.
+    pub fn apply_record(&mut self, r: &StepRecord, counted_by_proxy: bool) {
+        if counted_by_proxy {
+            self.steps = self.steps.max(r.step);
+            self.started_at_ms = self.started_at_ms.min(r.at_ms);
+            self.remember(&r.seen());
         }
-        self.remember(&r.seen());
+        self.last_seen_at_ms = self.last_seen_at_ms.max(r.at_ms);
         for f in &r.flags {
             remember_value(&mut self.flags, Some(f));
         }
@@ -382,6 +384,11 @@ mod tests {
     #[test]
     fn a_record_adds_what_its_step_saw_and_decided() {
         let mut s = SessionState::open("alice", &[], 1000);
+        let service_counted = StepRecord { step: 1, at_ms: 1500, subject: "alice".into(), credential: Some("fp9".into()), flags: vec!["f".into()], ..Default::default() };
+        s.apply_record(&service_counted, false);
+        assert!(s.credentials.is_empty(), "a service-counted step's begin merged what it saw; its record adds none");
+        assert_eq!((s.flags.clone(), s.last_seen_at_ms), (vec!["f".to_string()], 1500));
+        let mut s = SessionState::open("alice", &[], 1000);
         let r = StepRecord {
             session_id: "s1".into(),
             step: 3,
@@ -395,12 +402,15 @@ mod tests {
             risk: 42.0,
             ..Default::default()
         };
-        s.apply_record(&r);
+        s.apply_record(&r, true);
         assert_eq!((s.steps, s.last_seen_at_ms, s.risk, s.last_step_up_ms), (3, 5000, 42.0, Some(5000)));
         assert_eq!((s.credentials.clone(), s.regions.clone(), s.tools.clone(), s.flags.clone()), (vec!["fp1".to_string()], vec!["eu".to_string()], vec!["ticket.create".to_string()], vec!["review".to_string()]));
         // An older step's record arriving late keeps the latest risk and time.
-        s.apply_record(&StepRecord { step: 2, at_ms: 4000, risk: 7.0, subject: "alice".into(), ..Default::default() });
+        s.apply_record(&StepRecord { step: 2, at_ms: 4000, risk: 7.0, subject: "alice".into(), ..Default::default() }, true);
         assert_eq!((s.steps, s.last_seen_at_ms, s.risk), (3, 5000, 42.0));
+        // A step a proxy counted before the session reached the service moves its start back.
+        s.apply_record(&StepRecord { step: 1, at_ms: 400, subject: "alice".into(), ..Default::default() }, true);
+        assert_eq!(s.started_at_ms, 400);
     }
 
     #[test]

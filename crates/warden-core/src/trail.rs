@@ -12,7 +12,7 @@ use std::borrow::Cow;
 
 use crate::canonical;
 use crate::hash::{hex, sha256};
-use crate::wire::{StepRecord, TrailEntry};
+use crate::wire::{SessionHead, StepRecord, TrailEntry};
 
 /// The `prev_hash` of a session's first record.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -91,6 +91,27 @@ pub fn verify(entries: &[TrailEntry]) -> Result<(), Broken> {
         prev = e.hash.clone();
     }
     Ok(())
+}
+
+/// Check a trail against its session's head (`whose` says which: the store's, or a signed
+/// one): a trail shorter than its head lost its tail, a longer one gained records, a different
+/// last hash was rewritten.
+pub fn verify_head(entries: &[TrailEntry], head: &SessionHead, whose: &str) -> Result<(), String> {
+    let n = entries.len() as u64;
+    if n < head.records {
+        let missing = head.records - n;
+        return Err(format!("the last {missing} record(s) are missing: {whose} says {} records, the trail has {n} (truncated)", head.records));
+    }
+    if n > head.records {
+        return Err(format!("record {} and after are beyond {whose}: it says {} records, the trail has {n} (inserted)", head.records + 1, head.records));
+    }
+    match entries.last() {
+        Some(last) if last.hash != head.hash => {
+            Err(format!("the last record's hash is not {whose}'s (the session was rewritten up to record {})", last.seq))
+        }
+        None if head.hash != GENESIS => Err(format!("the trail is empty, but {whose} names a last record")),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]

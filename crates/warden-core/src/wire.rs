@@ -263,10 +263,39 @@ pub struct StepRecord {
     pub trace_id: Option<String>,
     /// True when the step was decided without the state service (degraded mode).
     pub degraded: bool,
+    /// Who counted the step: the state service (`service`, through begin-step), or the proxy
+    /// alone (`cached` on its shared snapshot, `proxy` in degraded mode or for an MCP
+    /// `initialize`). A store checks a service-counted step against its own count.
+    pub begun: Begun,
     /// The exact policy input of this step (credentials only as fingerprints): what replay re-runs.
     pub input: Option<RecordedInput>,
     /// What the candidate (shadow) policy decided, when one is configured.
     pub candidate: Option<CandidateOutcome>,
+}
+
+/// Who counted a step (`StepRecord::begun`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Begun {
+    /// Counted by the state service's begin-step: the store knows the step and its subject.
+    /// Records written before this field existed read as this, the strict reading.
+    #[default]
+    Service,
+    /// Counted on the proxy's cached snapshot of a session the service had bound.
+    Cached,
+    /// Counted by the proxy alone: degraded mode, or an MCP `initialize` (whose session id the
+    /// upstream assigns only in its answer).
+    Proxy,
+}
+
+impl Begun {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Service => "service",
+            Self::Cached => "cached",
+            Self::Proxy => "proxy",
+        }
+    }
 }
 
 /// What the proxy knows of a step when its decision is taken: the record's facts apart from
@@ -285,7 +314,9 @@ pub struct StepFacts<'a> {
     pub policy_version: &'a str,
     /// `enforce` or `shadow`.
     pub mode: &'a str,
+    /// Decided without the state service (it was unreachable).
     pub degraded: bool,
+    pub begun: Begun,
 }
 
 impl StepRecord {
@@ -333,6 +364,7 @@ impl StepRecord {
             duration_ms: None,
             trace_id: trace_id(f.traceparent).map(str::to_string),
             degraded: f.degraded,
+            begun: f.begun,
             input,
             candidate,
         }
@@ -408,11 +440,26 @@ pub struct RecordBatch {
     pub records: Vec<StepRecord>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// The answer to `POST /v1/records`: 200 when every record was appended or already stored,
+/// 409 when some were refused (those are listed, and kept in their sessions' audit events);
+/// the others are appended either way.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct AppendResult {
     pub appended: u64,
     /// Records already stored (same session, step and decision id): retries are harmless.
     pub duplicates: u64,
+    /// Records the trail's invariants refuse (`warden_core::admission`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<RefusedRecord>,
+}
+
+/// A record refused by the trail's invariants: which one, and why (`admission::Refusal::code`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RefusedRecord {
+    pub session_id: String,
+    pub step: u64,
+    pub decision_id: String,
+    pub code: String,
 }
 
 /// One stored record with its place in the session's hash chain.
@@ -438,6 +485,17 @@ pub struct AuditEvent {
     pub subject: String,
     pub credential: Option<String>,
     pub detail: String,
+    /// A refused record, whole (its canonical JSON): refused is not lost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<String>,
+}
+
+/// A session's head as its store keeps it: how many records its trail has and the last one's
+/// hash. A trail shorter than its head lost its tail.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionHead {
+    pub records: u64,
+    pub hash: String,
 }
 
 /// `GET /v1/sessions/{id}` (admin).
@@ -447,6 +505,9 @@ pub struct SessionView {
     pub state: SessionState,
     pub revoked_at_ms: Option<u64>,
     pub revoke_reason: Option<String>,
+    /// Absent in exports written before heads were kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head: Option<SessionHead>,
     pub timeline: Vec<TrailEntry>,
     pub audit: Vec<AuditEvent>,
 }

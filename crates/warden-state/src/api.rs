@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use warden_core::hash::sha256;
 use warden_core::wire::limits;
 use warden_core::wire::{
@@ -41,6 +41,7 @@ pub struct Counters {
     pub steps_refused: AtomicU64,
     pub records_appended: AtomicU64,
     pub records_duplicate: AtomicU64,
+    pub records_refused: AtomicU64,
     pub revocations: AtomicU64,
     pub rejected_requests: AtomicU64,
     pub store_errors: AtomicU64,
@@ -277,12 +278,29 @@ async fn begin_step(_: Caller<Proxies>, State(st): Shared, Body(req): Body<Begin
     Ok(Json(resp))
 }
 
-async fn append_records(_: Caller<Proxies>, State(st): Shared, Body(batch): Body<RecordBatch>) -> Result<Json<AppendResult>, ApiError> {
+/// 409's body: the error shape and what happened to the batch's records.
+#[derive(Serialize)]
+struct RecordsRefused {
+    error: &'static str,
+    message: String,
+    #[serde(flatten)]
+    result: AppendResult,
+}
+
+async fn append_records(_: Caller<Proxies>, State(st): Shared, Body(batch): Body<RecordBatch>) -> Result<Response, ApiError> {
     validate::batch(&batch.records)?;
     let res = st.store.append(batch.records, now_ms()).await?;
     st.counters.records_appended.fetch_add(res.appended, Ordering::Relaxed);
     st.counters.records_duplicate.fetch_add(res.duplicates, Ordering::Relaxed);
-    Ok(Json(res))
+    if res.refused.is_empty() {
+        return Ok(Json(res).into_response());
+    }
+    st.counters.records_refused.fetch_add(res.refused.len() as u64, Ordering::Relaxed);
+    let message = format!(
+        "{} record(s) contradict what the service knows of their sessions and were refused (kept in their sessions' audit events); the others were appended",
+        res.refused.len()
+    );
+    Ok((StatusCode::CONFLICT, Json(RecordsRefused { error: "records_refused", message, result: res })).into_response())
 }
 
 #[derive(Deserialize)]
@@ -434,6 +452,7 @@ async fn metrics(State(st): Shared) -> impl IntoResponse {
         ("warden_state_steps_refused_total", "Steps refused (subject mismatch or revoked session)", &c.steps_refused),
         ("warden_state_records_appended_total", "Attribution records appended", &c.records_appended),
         ("warden_state_records_duplicate_total", "Attribution records already stored (retries)", &c.records_duplicate),
+        ("warden_state_records_refused_total", "Attribution records refused by the trail's invariants (kept in audit events)", &c.records_refused),
         ("warden_state_revocations_total", "Sessions revoked", &c.revocations),
         ("warden_state_rejected_requests_total", "Requests refused with a 4xx", &c.rejected_requests),
         ("warden_state_store_errors_total", "Requests that failed in the store", &c.store_errors),

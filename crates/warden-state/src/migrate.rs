@@ -85,7 +85,7 @@ pub async fn copy(from: &str, to: &str) -> Result<Copied, String> {
     let mut records = tx
         .prepare("SELECT seq, step, decision_id, credential, workload, body, prev_hash, hash, hash_version FROM records WHERE session_id = ?1 ORDER BY seq")
         .map_err(sql)?;
-    let mut audit = tx.prepare("SELECT at_ms, kind, subject, credential, detail FROM audit WHERE session_id = ?1 ORDER BY id").map_err(sql)?;
+    let mut audit = tx.prepare("SELECT at_ms, kind, subject, credential, detail, record FROM audit WHERE session_id = ?1 ORDER BY id").map_err(sql)?;
     for (id, state, revoked_at_ms, revoke_reason) in ids {
         let mut state: warden_core::session::SessionState = serde_json::from_str(&state).map_err(|e| format!("session {id}: its state does not parse: {e}"))?;
         state.revoked = revoked_at_ms.is_some();
@@ -104,7 +104,7 @@ pub async fn copy(from: &str, to: &str) -> Result<Copied, String> {
             .map_err(sql)?;
         let events = audit
             .query_map(params![id], |r| {
-                Ok(AuditEvent { at_ms: r.get::<_, i64>(0)? as u64, kind: r.get(1)?, subject: r.get(2)?, credential: r.get(3)?, detail: r.get(4)? })
+                Ok(AuditEvent { at_ms: r.get::<_, i64>(0)? as u64, kind: r.get(1)?, subject: r.get(2)?, credential: r.get(3)?, detail: r.get(4)?, record: r.get(5)? })
             })
             .map_err(sql)?
             .collect::<Result<Vec<_>, _>>()

@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use support::{RedisCluster, RedisServer};
 use tower::ServiceExt;
 use warden_core::trail;
-use warden_core::wire::{BeginOutcome, BeginStep, SessionView, StepRecord};
+use warden_core::wire::{BeginOutcome, BeginStep, Begun, SessionView, StepRecord};
 use warden_state::redis::RedisStore;
 use warden_state::sqlite::SqliteStore;
 use warden_state::store::{Store, StoreError};
@@ -132,14 +132,22 @@ on_each_store!(
     a_credential_shared_between_subjects_is_reported_and_scopes_are_kept,
     the_service_accepts_exactly_what_the_filter_bounds_to,
     an_oversized_body_is_413_with_the_error_shape_and_counted,
+    impossible_history_is_refused_audited_and_changes_nothing,
 );
 
+/// A minute ago, in ms: records of steps a proxy counted alone must be recent.
+fn recently() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64 - 60_000
+}
+
+/// The record of a step a proxy counted alone (cached mode): it may open and advance its session.
 fn record(sid: &str, step: u64, action: &str) -> StepRecord {
     StepRecord {
         session_id: sid.into(),
         step,
         decision_id: format!("dec_{step}"),
-        at_ms: 1_000 + step,
+        at_ms: recently() + step,
+        begun: Begun::Cached,
         subject: "agent-7".into(),
         identity_kind: "jwt".into(),
         credential: Some("sha256:aaaa".into()),
@@ -366,6 +374,9 @@ warden_state_records_appended_total 0
 # HELP warden_state_records_duplicate_total Attribution records already stored (retries)
 # TYPE warden_state_records_duplicate_total counter
 warden_state_records_duplicate_total 0
+# HELP warden_state_records_refused_total Attribution records refused by the trail's invariants (kept in audit events)
+# TYPE warden_state_records_refused_total counter
+warden_state_records_refused_total 0
 # HELP warden_state_revocations_total Sessions revoked
 # TYPE warden_state_revocations_total counter
 warden_state_revocations_total 0
@@ -400,6 +411,89 @@ async fn a_credential_shared_between_subjects_is_reported_and_scopes_are_kept(b:
         .call("POST", "/v1/steps/begin", Some(PROXY), Some(json!({"session_id": "x1", "subject": "alice", "credential": "sha256:same", "scopes": ["read", "admin"]})))
         .await;
     assert_eq!(v["session"]["scopes"], json!(["read"]), "a session keeps the scopes it started with");
+}
+
+// ---------------------------------------------------------------- the trail's invariants
+
+/// The record of a step the service counted (`begun: service`), by `subject`, now.
+fn counted(sid: &str, step: u64, decision: &str, subject: &str) -> StepRecord {
+    StepRecord { subject: subject.into(), decision_id: decision.into(), begun: Begun::Service, at_ms: recently() + 60_000, ..record(sid, step, "allow") }
+}
+
+async fn impossible_history_is_refused_audited_and_changes_nothing(b: Backend) {
+    let api = Api::new(b).await;
+    api.begin("h1", "alice", "sha256:alice").await;
+    let (s, v) = api.call("POST", "/v1/records", Some(PROXY), Some(json!({"records": [counted("h1", 1, "d1", "alice")]}))).await;
+    assert_eq!((s, v["appended"].as_u64()), (StatusCode::OK, Some(1)), "{v}");
+    let before = api.view("h1").await;
+
+    let forged = [
+        (counted("h1", 1, "other", "alice"), "step_already_recorded"),
+        (counted("h1", 5, "d5", "alice"), "step_not_begun"),
+        (counted("h1", 1, "d1-by-mallory", "mallory"), "step_already_recorded"),
+        // Another subject on a step the proxy says it counted alone, with alice's credential.
+        (StepRecord { credential: Some("sha256:alice".into()), begun: Begun::Cached, ..counted("h1", 2, "d2", "mallory") }, "record_subject_mismatch"),
+        (StepRecord { at_ms: recently() + 3_600_000, ..counted("h1", 1, "d1", "alice") }, "duplicate"),
+    ];
+    for (r, code) in &forged {
+        let (s, v) = api.call("POST", "/v1/records", Some(PROXY), Some(json!({"records": [r]}))).await;
+        if *code == "duplicate" {
+            // Same session, step and decision id: a retry, whatever else it says.
+            assert_eq!((s, v["duplicates"].as_u64()), (StatusCode::OK, Some(1)), "{v}");
+            continue;
+        }
+        assert_eq!(s, StatusCode::CONFLICT, "{code}: {v}");
+        assert_eq!((v["error"].as_str(), v["refused"][0]["code"].as_str(), v["appended"].as_u64()), (Some("records_refused"), Some(*code), Some(0)), "{v}");
+    }
+    let after = api.view("h1").await;
+    assert_eq!((after.state, after.timeline, after.head), (before.state, before.timeline, before.head), "a refused record changes nothing");
+    let kinds: Vec<&str> = after.audit.iter().map(|a| a.kind.as_str()).collect();
+    assert_eq!(kinds, vec!["step_already_recorded", "step_not_begun", "step_already_recorded", "record_subject_mismatch"]);
+    // Refused is not lost: each audit event keeps the whole record.
+    let kept: StepRecord = serde_json::from_str(after.audit[0].record.as_deref().unwrap()).unwrap();
+    assert_eq!((kept.step, kept.decision_id.as_str()), (1, "other"));
+    assert!(after.audit[1].detail.contains("the service counted 1 step(s)"), "{}", after.audit[1].detail);
+
+    // Alice's credential did not become shared through the forged record by mallory.
+    let v = api.begin("h1", "alice", "sha256:alice").await;
+    assert_eq!(v["session"]["credential_subjects"], json!(["alice"]));
+
+    // Sessions nobody began: not through a service-counted record, nor one from 1970.
+    let opened_1970 = StepRecord { at_ms: 0, begun: Begun::Proxy, ..counted("h2", 1, "d1", "alice") };
+    for (r, code) in [(counted("h2", 1, "d1", "alice"), "session_not_begun"), (opened_1970, "record_time_implausible")] {
+        let (s, v) = api.call("POST", "/v1/records", Some(PROXY), Some(json!({"records": [r]}))).await;
+        assert_eq!((s, v["refused"][0]["code"].as_str()), (StatusCode::CONFLICT, Some(code)), "{v}");
+    }
+    assert_eq!(api.call("GET", "/v1/sessions/h2", Some(ADMIN), None).await.0, StatusCode::NOT_FOUND);
+
+    // A batch mixing both: the valid records are appended, the refused one is named.
+    let (s, v) = api
+        .call("POST", "/v1/records", Some(PROXY), Some(json!({"records": [counted("h1", 2, "d2", "alice"), counted("h1", 9, "d9", "alice"), record("h3", 1, "allow")]})))
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    assert_eq!((v["appended"].as_u64(), v["refused"].as_array().map(Vec::len), v["refused"][0]["step"].as_u64()), (Some(2), Some(1), Some(9)), "{v}");
+    let (_, m) = api.call("GET", "/metrics", None, None).await;
+    assert_eq!(store_counter(&m, "warden_state_records_refused_total"), 7);
+}
+
+#[tokio::test]
+async fn a_session_s_head_names_a_removed_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state.db");
+    let api = Api::with(SqliteStore::open(&db).unwrap());
+    let batch = json!({"records": (1..=4).map(|i| record("t1", i, "allow")).collect::<Vec<_>>()});
+    assert_eq!(api.call("POST", "/v1/records", Some(PROXY), Some(batch)).await.0, StatusCode::OK);
+    let view = api.view("t1").await;
+    let head = view.head.clone().unwrap();
+    assert_eq!((head.records, head.hash.as_str()), (4, view.timeline[3].hash.as_str()));
+    assert_eq!(trail::verify_head(&view.timeline, &head, "the session's head"), Ok(()));
+    // Someone with the database file deletes the last two records: the chain still verifies,
+    // the head does not.
+    rusqlite::Connection::open(&db).unwrap().execute("DELETE FROM records WHERE session_id = 't1' AND seq > 2", []).unwrap();
+    let cut = api.view("t1").await;
+    assert_eq!(trail::verify(&cut.timeline), Ok(()));
+    let why = trail::verify_head(&cut.timeline, cut.head.as_ref().unwrap(), "the session's head").unwrap_err();
+    assert!(why.starts_with("the last 2 record(s) are missing"), "{why}");
 }
 
 // ---------------------------------------------------------------- group commit
@@ -520,16 +614,17 @@ async fn a_failing_operation_does_not_affect_the_others_in_its_group() {
     let (_, m) = api.call("GET", "/metrics", None, None).await;
     let (commits0, writes0) = (store_counter(&m, "warden_state_store_commits_total"), store_counter(&m, "warden_state_store_writes_total"));
 
+    let now = recently() + 60_000;
     let locker = lock_writes(&db);
     // A session whose stored state no longer parses: appending to it fails in the store.
     locker.execute("UPDATE sessions SET state = 'not json' WHERE id = 'broken'", []).unwrap();
     let store = api.state.store.clone();
     // Queued in this order while the writer waits for the lock.
-    let ok1 = store.begin_step(begin_req("good", "alice"), 5);
-    let mismatch = store.begin_step(begin_req("bound", "mallory"), 5);
-    let revoked = store.begin_step(begin_req("revoked", "alice"), 5);
+    let ok1 = store.begin_step(begin_req("good", "alice"), now);
+    let mismatch = store.begin_step(begin_req("bound", "mallory"), now);
+    let revoked = store.begin_step(begin_req("revoked", "alice"), now);
     // The batch's first record (session "fresh") is written, then "broken" fails: all of it goes.
-    let failing = store.append(vec![record("fresh", 1, "allow"), record("broken", 1, "allow")], 5);
+    let failing = store.append(vec![record("fresh", 1, "allow"), record("broken", 1, "allow")], now);
     // An invalid batch is refused at the API edge: answered while the writer still waits, it
     // never reaches the store.
     let mut invalid = record("good", 1, "explode");
@@ -538,8 +633,9 @@ async fn a_failing_operation_does_not_affect_the_others_in_its_group() {
     let (s, v) = tokio::time::timeout(std::time::Duration::from_secs(5), refused).await.expect("answered without the writer");
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     assert!(v["message"].as_str().unwrap().contains("unknown action"), "{v}");
-    let batch = store.append(vec![record("good", 1, "allow"), record("other", 1, "allow")], 5);
-    let mut ok2 = store.begin_step(begin_req("good", "alice"), 5);
+    let alice = |sid: &str| StepRecord { subject: "alice".into(), ..record(sid, 1, "allow") };
+    let batch = store.append(vec![alice("good"), record("other", 1, "allow")], now);
+    let mut ok2 = store.begin_step(begin_req("good", "alice"), now);
     // Nothing is answered before its transaction has committed.
     assert!(tokio::time::timeout(std::time::Duration::from_millis(100), &mut ok2).await.is_err());
     // Reads are not queued behind the writer: they see the last commit.
@@ -843,4 +939,21 @@ async fn redis_a_session_state_that_does_not_parse_is_a_store_error_not_a_panic(
     assert_eq!((s, v["error"].as_str()), (StatusCode::INTERNAL_SERVER_ERROR, Some("internal")));
     let (s, _) = api.call("GET", "/v1/sessions/m1", Some(ADMIN), None).await;
     assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR);
+}
+
+#[tokio::test]
+async fn redis_a_session_s_head_names_a_removed_tail() {
+    let api = Api::new(Backend::Redis).await;
+    let batch = json!({"records": (1..=4).map(|i| record("t1", i, "allow")).collect::<Vec<_>>()});
+    assert_eq!(api.call("POST", "/v1/records", Some(PROXY), Some(batch)).await.0, StatusCode::OK);
+    let view = api.view("t1").await;
+    let head = view.head.clone().unwrap();
+    assert_eq!((head.records, head.hash.as_str()), (4, view.timeline[3].hash.as_str()));
+    assert_eq!(trail::verify_head(&view.timeline, &head, "the session's head"), Ok(()));
+    // Someone with access to Redis cuts the last two records: the chain verifies, the head does not.
+    assert_eq!(api.redis.as_ref().unwrap().cmd(&["LTRIM", "warden:{s:t1}:r", "0", "1"]).unwrap(), "OK");
+    let cut = api.view("t1").await;
+    assert_eq!(trail::verify(&cut.timeline), Ok(()));
+    let why = trail::verify_head(&cut.timeline, cut.head.as_ref().unwrap(), "the session's head").unwrap_err();
+    assert!(why.starts_with("the last 2 record(s) are missing"), "{why}");
 }

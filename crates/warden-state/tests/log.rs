@@ -66,7 +66,8 @@ impl Api {
         for step in from..from + n {
             let (s, t) = self.call("POST", "/v1/steps/begin", Some(PROXY), Some(json!({"session_id": sid, "subject": "agent-7"}))).await;
             assert_eq!(s, StatusCode::OK, "{t}");
-            let r = StepRecord { session_id: sid.into(), step, decision_id: format!("d{step}"), subject: "agent-7".into(), action: "allow".into(), risk: 0.5, ..Default::default() };
+            let at_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+            let r = StepRecord { session_id: sid.into(), step, decision_id: format!("d{step}"), at_ms, subject: "agent-7".into(), action: "allow".into(), risk: 0.5, ..Default::default() };
             let (s, t) = self.call("POST", "/v1/records", Some(PROXY), Some(json!({"records": [r]}))).await;
             assert_eq!(s, StatusCode::OK, "{t}");
         }

@@ -58,7 +58,7 @@ impl Log {
                 e
             })
             .collect();
-        SessionView { id: id.into(), state: SessionState::default(), revoked_at_ms: None, revoke_reason: None, timeline, audit: vec![] }
+        SessionView { id: id.into(), state: SessionState::default(), revoked_at_ms: None, revoke_reason: None, head: None, timeline, audit: vec![] }
     }
 
     fn append(&mut self, id: &str, seq: u64, hash: &str) {
@@ -185,7 +185,7 @@ fn each_tampering_of_an_export_is_named() {
         t.push(serde_json::to_value(TrailEntry { seq: 6, record, body, prev_hash: last.hash, hash, hash_version: 2 }).unwrap());
     });
     let e = why(&forged);
-    assert!(e.contains("record 6 and after are not in the log") && e.contains("inserted"), "{e}");
+    assert!(e.contains("record 6 and after are beyond the signed head") && e.contains("inserted"), "{e}");
     // The whole session rewritten with recomputed hashes: the chain verifies, the log does not.
     let rewritten = edit(&text, |v| {
         let mut prev = GENESIS.to_string();

@@ -249,16 +249,36 @@ impl StateClient {
             return;
         }
         for record in batch {
-            counters.increment(names::RECORDS_REJECTED);
-            error!(
-                "session-warden: the state service refused the attribution record of session {} step {} (decision {}): HTTP {status}: {reason}; set aside",
-                record.session_id, record.step, record.decision_id
-            );
-            if self.rejected.len() >= REJECTED_KEPT {
-                self.rejected.pop_front();
-            }
-            self.rejected.push_back(Rejected { record, reason: reason.clone() });
+            self.set_aside(record, format!("HTTP {status}: {reason}"), counters);
         }
+    }
+
+    fn set_aside(&mut self, record: Queued, reason: String, counters: &mut dyn Counters) {
+        counters.increment(names::RECORDS_REJECTED);
+        error!(
+            "session-warden: the state service refused the attribution record of session {} step {} (decision {}): {reason}; set aside",
+            record.session_id, record.step, record.decision_id
+        );
+        if self.rejected.len() >= REJECTED_KEPT {
+            self.rejected.pop_front();
+        }
+        self.rejected.push_back(Rejected { record, reason });
+    }
+
+    /// 409: the service appended the batch's records but those that contradict what it knows of
+    /// their sessions (it keeps them in their audit events). Sending those again cannot help.
+    fn partly_refused(&mut self, batch: Vec<Queued>, result: AppendResult, counters: &mut dyn Counters) {
+        for record in batch {
+            let refusal = result.refused.iter().find(|r| r.session_id == record.session_id && r.step == record.step && r.decision_id == record.decision_id);
+            match refusal {
+                Some(r) => {
+                    let reason = format!("HTTP 409: {} (kept in the session's audit events)", r.code);
+                    self.set_aside(record, reason, counters);
+                }
+                None => counters.increment(names::RECORDS_SENT),
+            }
+        }
+        self.failures = 0;
     }
 
     /// The answer to a call of ours; false if the token was not one of ours.
@@ -267,26 +287,33 @@ impl StateClient {
             return false;
         };
         match self.in_flight.swap_remove(i) {
-            InFlight::Records(_, batch) => match answer {
-                Some((status, body)) if status == "200" && serde_json::from_slice::<AppendResult>(&body).is_ok() => {
-                    for _ in 0..batch.len() {
-                        counters.increment(names::RECORDS_SENT);
+            InFlight::Records(_, batch) => {
+                let answer = answer.map(|(status, body)| {
+                    let result = serde_json::from_slice::<AppendResult>(&body).ok();
+                    (status, body, result)
+                });
+                match answer {
+                    Some((status, _, Some(_))) if status == "200" => {
+                        for _ in 0..batch.len() {
+                            counters.increment(names::RECORDS_SENT);
+                        }
+                        self.failures = 0;
                     }
-                    self.failures = 0;
-                }
-                Some((status, body)) if status == "400" || status == "413" => self.refused(batch, &status, &body, counters),
-                other => {
-                    let why = match other {
-                        Some((status, _)) => format!("HTTP {status}"),
-                        None => "no answer".into(),
-                    };
-                    warn!("session-warden: attribution records not accepted ({why}); {} will be retried", batch.len());
-                    for _ in 0..batch.len() {
-                        counters.increment(names::RECORDS_RETRIED);
+                    Some((status, body, _)) if status == "400" || status == "413" => self.refused(batch, &status, &body, counters),
+                    Some((status, _, Some(result))) if status == "409" && !result.refused.is_empty() => self.partly_refused(batch, result, counters),
+                    other => {
+                        let why = match other {
+                            Some((status, _, _)) => format!("HTTP {status}"),
+                            None => "no answer".into(),
+                        };
+                        warn!("session-warden: attribution records not accepted ({why}); {} will be retried", batch.len());
+                        for _ in 0..batch.len() {
+                            counters.increment(names::RECORDS_RETRIED);
+                        }
+                        self.requeue(batch, host.now_ms());
                     }
-                    self.requeue(batch, host.now_ms());
                 }
-            },
+            }
             InFlight::Revocations(_) => {
                 if let Some(feed) = answer.filter(|(s, _)| s == "200").and_then(|(_, b)| serde_json::from_slice::<RevocationFeed>(&b).ok()) {
                     for r in &feed.revocations {

@@ -10,11 +10,41 @@ use crate::host::Host;
 use crate::input;
 use crate::metrics;
 use crate::session::SessionState;
-use crate::wire::{self, StepRecord};
+use crate::wire::{self, Begun, StepRecord};
+
+/// Who counted the step being decided, which the record says (`StepRecord::begun`).
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Counted {
+    /// The state service, through begin-step (`new`: this step opened the session).
+    Service { new: bool },
+    /// This proxy's shared snapshot (cached mode).
+    Cached,
+    /// This proxy alone: no state service, an MCP `initialize`, or the service unavailable.
+    Proxy { new: bool, unavailable: bool },
+}
+
+impl Counted {
+    fn is_new(self) -> bool {
+        matches!(self, Self::Service { new: true } | Self::Proxy { new: true, .. })
+    }
+
+    fn unavailable(self) -> bool {
+        matches!(self, Self::Proxy { unavailable: true, .. })
+    }
+
+    fn begun(self) -> Begun {
+        match self {
+            Self::Service { .. } => Begun::Service,
+            Self::Cached => Begun::Cached,
+            Self::Proxy { .. } => Begun::Proxy,
+        }
+    }
+}
 
 impl Warden {
     /// Decide, enforce, correlate, and prepare the step's attribution record.
-    pub(super) fn decide(&mut self, ctx: Pending, before: SessionState, step: u64, is_new: bool, unavailable: bool, host: &mut dyn Host) -> RequestOutcome {
+    pub(super) fn decide(&mut self, ctx: Pending, before: SessionState, step: u64, counted: Counted, host: &mut dyn Host) -> RequestOutcome {
+        let (is_new, unavailable) = (counted.is_new(), counted.unavailable());
         let shadow = self.config.mode == Mode::Shadow;
         let Pending { mut out, headers, identity, session, traceparent, now_ms, mcp, tools, context, path } = ctx;
         let target = path.as_ref().map(|p| p.target());
@@ -76,6 +106,7 @@ impl Warden {
             policy_version: &self.policy.version,
             mode,
             degraded: unavailable,
+            begun: counted.begun(),
         };
         let mut record = recording.then(|| StepRecord::new(&step_facts, &decision, recorded_input, candidate));
 

@@ -4,6 +4,7 @@
 //! every path ends in, a decision, is `decide.rs`.
 
 use super::reply::unauthenticated;
+use super::decide::Counted;
 use super::snapshot::Cached;
 use super::{Body, Context, Early, Pending, RequestOutcome, StateCall, StateFailure, Step, Warden};
 use crate::config::{self, Mode, MAX_CONTEXT_VALUE};
@@ -235,7 +236,7 @@ impl Warden {
         }
         if state.mode == config::StateMode::Cached {
             match self.begin_cached(&ctx, host) {
-                Cached::Hit(before, step) => return Step::Done(self.decide(ctx, *before, step, false, false, host)),
+                Cached::Hit(before, step) => return Step::Done(self.decide(ctx, *before, step, Counted::Cached, host)),
                 Cached::Refused(why) => return Step::Done(self.refused_session(ctx, why)),
                 Cached::Miss => {}
             }
@@ -277,7 +278,7 @@ impl Warden {
                     after.last_seen_at_ms = ctx.now_ms;
                     after.remember(&ctx.seen());
                     self.remember_step(&ctx.session.id, after, host);
-                    self.decide(ctx, before, resp.step, resp.new, false, host)
+                    self.decide(ctx, before, resp.step, Counted::Service { new: resp.new }, host)
                 }
                 BeginOutcome::SubjectMismatch => self.refused_session(ctx, BeginError::SubjectMismatch),
                 BeginOutcome::Revoked => {
@@ -308,7 +309,7 @@ impl Warden {
         match self.sessions.begin_step(&ctx.session.id, &ctx.identity.subject, &seen, ctx.now_ms) {
             Ok((before, is_new)) => {
                 let step = before.steps + 1;
-                self.decide(ctx, before, step, is_new, unavailable, host)
+                self.decide(ctx, before, step, Counted::Proxy { new: is_new, unavailable }, host)
             }
             Err(e) => self.refused_session(ctx, e),
         }

@@ -199,9 +199,58 @@ fn a_batch_with_one_invalid_record_is_split_until_only_that_record_is_set_aside(
     let kept: Vec<_> = client.rejected().collect();
     assert_eq!(kept.len(), 1, "set aside, not dropped");
     assert_eq!((kept[0].record.session_id.as_str(), kept[0].record.step, kept[0].record.decision_id.as_str()), ("s3", 23, "dec_23"));
-    assert_eq!(kept[0].reason, "record for session s3 step 23: unknown action");
+    assert_eq!(kept[0].reason, "HTTP 400: record for session s3 step 23: unknown action");
     let rec: StepRecord = serde_json::from_slice(kept[0].record.json()).unwrap();
     assert_eq!(rec.step, 23, "the whole record is kept");
+}
+
+#[test]
+fn records_the_trail_refuses_are_set_aside_at_once_and_the_rest_counted_sent() {
+    let k = keys();
+    let mut w = with_state(&k, "sync");
+    let mut h = live_host();
+    let mut client = StateClient::new(state_config(json!({"max_batch": 16})));
+    let mut counts: Vec<String> = Vec::new();
+    for step in 1..=10 {
+        client.enqueue(record("s1", step), &mut counts);
+    }
+    let calls = std::cell::Cell::new(0);
+    serve(&mut client, &mut w, &mut h, &mut counts, |records, _| {
+        calls.set(calls.get() + 1);
+        // The service appended all but steps 4 and 7, which contradict what it knows (409).
+        let refused: Vec<_> = records
+            .iter()
+            .filter(|r| r.step == 4 || r.step == 7)
+            .map(|r| json!({"session_id": r.session_id, "step": r.step, "decision_id": r.decision_id, "code": "step_already_recorded"}))
+            .collect();
+        let body = json!({"error": "records_refused", "message": "2 record(s) ...", "appended": records.len() - refused.len(), "duplicates": 0, "refused": refused});
+        Some(("409".into(), body.to_string().into_bytes()))
+    });
+    assert_eq!(calls.get(), 1, "a 409 is not retried nor split: the service kept what it refused");
+    let n = |name: &str| counts.iter().filter(|c| c.as_str() == name).count();
+    assert_eq!((n(metrics::RECORDS_SENT), n(metrics::RECORDS_REJECTED), n(metrics::RECORDS_RETRIED)), (8, 2, 0));
+    let kept: Vec<_> = client.rejected().map(|r| (r.record.step, r.reason.clone())).collect();
+    assert_eq!(kept, vec![(4, "HTTP 409: step_already_recorded (kept in the session's audit events)".to_string()), (7, "HTTP 409: step_already_recorded (kept in the session's audit events)".to_string())]);
+}
+
+#[test]
+fn a_409_that_lists_no_refusal_is_retried() {
+    let k = keys();
+    let mut w = with_state(&k, "sync");
+    let mut h = live_host();
+    let mut client = StateClient::new(state_config(json!({})));
+    let mut counts: Vec<String> = Vec::new();
+    client.enqueue(record("s1", 1), &mut counts);
+    let calls = std::cell::Cell::new(0);
+    serve(&mut client, &mut w, &mut h, &mut counts, |records, _| {
+        calls.set(calls.get() + 1);
+        if calls.get() == 1 {
+            return Some(("409".into(), b"{\"error\":\"conflict\",\"message\":\"another 409\"}".to_vec()));
+        }
+        ok_append(records.len())
+    });
+    assert_eq!(calls.get(), 2);
+    assert_eq!(client.rejected().count(), 0);
 }
 
 #[test]

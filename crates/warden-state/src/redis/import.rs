@@ -71,6 +71,10 @@ impl Importer {
             let _: () = c.rpush(keys::records(id), entries).await.map_err(backend)?;
             let dedupe: Vec<(String, u64)> = chunk.iter().map(|r| (keys::dedupe_field(r.0, &r.1), r.4.seq)).collect();
             let _: () = c.hset_multiple(keys::dedupe(id), &dedupe).await.map_err(backend)?;
+            // Each step's first decision (records from before the invariants may hold two).
+            for r in chunk {
+                let _: bool = c.hset_nx(keys::dedupe(id), r.0.to_string(), &r.1).await.map_err(backend)?;
+            }
         }
         for chunk in s.audit.chunks(500) {
             let events = chunk.iter().map(|a| serde_json::to_string(a).map_err(backend)).collect::<Result<Vec<_>, _>>()?;

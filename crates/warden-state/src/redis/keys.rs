@@ -23,7 +23,8 @@ pub fn records(id: &str) -> String {
     format!("{PREFIX}:{{s:{id}}}:r")
 }
 
-/// Which records are stored: field `<step>\n<decision id>` → seq (what makes retries duplicates).
+/// Which records are stored: field `<step>\n<decision id>` → seq (what makes retries
+/// duplicates), and field `<step>` → the decision id first stored for that step.
 pub fn dedupe(id: &str) -> String {
     format!("{PREFIX}:{{s:{id}}}:d")
 }

@@ -29,7 +29,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use redis::AsyncCommands;
-use warden_core::wire::{AppendResult, BeginResponse, BeginStep, Revocation, RevocationFeed, SessionSummary, SessionView, StepRecord};
+use warden_core::wire::{
+    AppendResult, BeginResponse, BeginStep, RefusedRecord, Revocation, RevocationFeed, SessionHead, SessionSummary, SessionView, StepRecord,
+};
 use warden_log::{InclusionProof, LeafProof, LogSigner};
 
 pub use conn::{cluster_nodes, is_redis_url, redacted};
@@ -110,6 +112,7 @@ impl RedisStore {
         // 2. Their leaves into the log, in batch order; a duplicate's leaf only if it is missing.
         let mut c = conn.clone();
         let mut leaves = Vec::new();
+        let mut refused = Vec::new();
         let dups: Vec<(String, u64)> =
             results.iter().flat_map(|(sid, a)| a.leaves.iter().filter(|(_, h)| h.is_none()).map(|(seq, _)| (sid.to_string(), *seq))).collect();
         let in_log = log::present(&mut c, &dups).await?;
@@ -131,20 +134,24 @@ impl RedisStore {
         let t = self.metrics.start(Op::LogAppend);
         t.done(self.log.enter(leaves).await)?;
         // 3. Revocations into the feed, and the search indexes (idempotent, after the sessions).
-        for (sid, a) in &results {
-            self.feed(c.clone(), sid, a.unfed_revocation.clone()).await?;
-            if let Some(new) = &a.new {
-                self.index_new(c.clone(), new).await?;
-            }
-        }
         let mut pipe = redis::pipe();
         let mut subjects = HashSet::new();
-        for r in &batch {
+        for (sid, a) in &results {
+            self.feed(c.clone(), sid, a.unfed_revocation.clone()).await?;
+            if let Some(new) = &a.index {
+                self.index_new(c.clone(), new).await?;
+            }
+            for (cred, subject) in &a.credentials {
+                if subjects.insert((cred.clone(), subject.clone())) {
+                    pipe.cmd("ZADD").arg(keys::credential_subjects(cred)).arg("NX").arg(now_ms).arg(subject).ignore();
+                }
+            }
+            refused.extend(a.refused.iter().cloned());
+        }
+        let refused_ids: HashSet<(&str, u64, &str)> = refused.iter().map(|r: &RefusedRecord| (r.session_id.as_str(), r.step, r.decision_id.as_str())).collect();
+        for r in batch.iter().filter(|r| !refused_ids.contains(&(r.session_id.as_str(), r.step, r.decision_id.as_str()))) {
             if let Some(cred) = &r.credential {
                 pipe.sadd(keys::index::credential(cred), &r.session_id).ignore();
-                if subjects.insert((cred.as_str(), r.subject.as_str())) {
-                    pipe.cmd("ZADD").arg(keys::credential_subjects(cred)).arg("NX").arg(r.at_ms).arg(&r.subject).ignore();
-                }
             }
             if let Some(w) = &r.workload {
                 pipe.sadd(keys::index::workload(w), &r.session_id).ignore();
@@ -156,7 +163,7 @@ impl RedisStore {
         }
         let appended = results.iter().map(|(_, a)| a.appended).sum();
         let duplicates = results.iter().map(|(_, a)| a.duplicates).sum();
-        Ok(AppendResult { appended, duplicates })
+        Ok(AppendResult { appended, duplicates, refused })
     }
 
     async fn search_in(&self, mut conn: Conn, q: Search) -> Result<Vec<SessionSummary>, StoreError> {
@@ -242,7 +249,8 @@ impl Store for RedisStore {
         self.run(Op::Session, move |mut c, _| async move {
             let Some((l, timeline, audit)) = session::view(&mut c, &id).await? else { return Ok(None) };
             let state = l.state.unwrap_or_default();
-            Ok(Some(SessionView { id, state, revoked_at_ms: l.revoked_at_ms, revoke_reason: l.revoke_reason, timeline, audit }))
+            let head = SessionHead { records: l.records, hash: l.head };
+            Ok(Some(SessionView { id, state, revoked_at_ms: l.revoked_at_ms, revoke_reason: l.revoke_reason, head: Some(head), timeline, audit }))
         })
     }
 

@@ -10,7 +10,8 @@ use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use warden_core::session::SessionState;
 use warden_core::trail::{self, GENESIS};
-use warden_core::wire::{AuditEvent, BeginOutcome, BeginResponse, BeginStep, StepRecord, TrailEntry};
+use warden_core::admission::{self, Admitted};
+use warden_core::wire::{AuditEvent, BeginOutcome, BeginResponse, BeginStep, RefusedRecord, StepRecord, TrailEntry};
 
 use super::conn::Conn;
 use super::metrics::Metrics;
@@ -79,7 +80,7 @@ impl StoredRecord {
 pub struct Write {
     pub fields: Vec<(&'static str, String)>,
     pub records: Vec<String>,
-    pub dedupe: Vec<(String, u64)>,
+    pub dedupe: Vec<(String, String)>,
     pub audit: Vec<String>,
 }
 
@@ -94,13 +95,13 @@ fn json<T: Serialize>(v: &T) -> Result<String, StoreError> {
     serde_json::to_string(v).map_err(backend)
 }
 
-pub async fn load(conn: &mut Conn, id: &str, dedupe: &[String]) -> Result<(Loaded, Vec<Option<u64>>), StoreError> {
+pub async fn load(conn: &mut Conn, id: &str, dedupe: &[String]) -> Result<(Loaded, Vec<Option<String>>), StoreError> {
     let mut inv = scripts::SESSION_READ.prepare_invoke();
     inv.key(keys::session(id)).key(keys::dedupe(id));
     for f in dedupe {
         inv.arg(f);
     }
-    let (fields, seqs): (Vec<Option<String>>, Vec<Option<u64>>) = inv.invoke_async(conn).await.map_err(backend)?;
+    let (fields, seqs): (Vec<Option<String>>, Vec<Option<String>>) = inv.invoke_async(conn).await.map_err(backend)?;
     Ok((parse(fields)?, seqs))
 }
 
@@ -117,8 +118,8 @@ pub async fn cas(conn: &mut Conn, id: &str, ver: u64, w: &Write) -> Result<bool,
         inv.arg(r);
     }
     inv.arg(w.dedupe.len());
-    for (f, seq) in &w.dedupe {
-        inv.arg(f).arg(*seq);
+    for (f, v) in &w.dedupe {
+        inv.arg(f).arg(v);
     }
     inv.arg(w.audit.len());
     for a in &w.audit {
@@ -159,7 +160,7 @@ pub async fn begin(conn: &mut Conn, m: &Metrics, req: &BeginStep, now_ms: u64) -
         match state.begin_step_after(&req.subject, &req.seen(), now_ms, req.known_steps.unwrap_or(0)) {
             Err(why) => {
                 let (outcome, kind, detail) = refusal(why, &state.subject, &req.subject);
-                let ev = AuditEvent { at_ms: now_ms, kind: kind.into(), subject: req.subject.clone(), credential: req.credential.clone(), detail };
+                let ev = AuditEvent { at_ms: now_ms, kind: kind.into(), subject: req.subject.clone(), credential: req.credential.clone(), detail, record: None };
                 w.audit.push(json(&ev)?);
                 if cas(conn, sid, cur.ver, &w).await? {
                     return Ok((BeginResponse { outcome, step: 0, new: false, session: state }, None));
@@ -191,69 +192,96 @@ pub async fn credential_subjects(conn: &mut Conn, credential: Option<&str>, subj
     scripts::CREDENTIAL_SUBJECTS.key(keys::credential_subjects(cred)).arg(now_ms).arg(subject).invoke_async(conn).await.map_err(backend)
 }
 
-/// What the store does with one record of a batch. The one decision per record: swap it for
-/// warden-core's admission rule when there is one.
-enum Admission {
-    /// Already stored as this seq: a retry.
-    Duplicate(u64),
-    Append,
-}
-
-fn admit(stored: Option<u64>) -> Admission {
-    match stored {
-        Some(seq) => Admission::Duplicate(seq),
-        None => Admission::Append,
-    }
-}
-
 /// A batch's records of one session, after its write.
 pub struct Appended {
     pub appended: u64,
     pub duplicates: u64,
-    /// Every record of the batch as (seq, chain hash): the hash is `None` for a duplicate (read
-    /// it from the store if its leaf is missing from the log).
+    pub refused: Vec<RefusedRecord>,
+    /// Every appended or duplicate record as (seq, chain hash): the hash is `None` for a
+    /// duplicate (read it from the store if its leaf is missing from the log).
     pub leaves: Vec<(u64, Option<String>)>,
     /// A revocation this write made (enforced `terminate`), or one made before that is not in the
     /// feed yet: (at_ms, reason).
     pub unfed_revocation: Option<(u64, String)>,
-    pub new: Option<NewSession>,
+    /// The session's search entry, when this write opened it or moved its subject or start.
+    pub index: Option<NewSession>,
+    /// (credential, subject) pairs to remember (steps a proxy counted alone).
+    pub credentials: Vec<(String, String)>,
 }
 
-/// Append a batch's records of one session (`recs`, in batch order) atomically.
+/// The fields `append` reads per record: its own (`<step>\n<decision>` → seq) and its step's
+/// (`<step>` → the first decision id stored for it).
+fn record_fields(r: &StepRecord) -> [String; 2] {
+    [keys::dedupe_field(r.step, &r.decision_id), r.step.to_string()]
+}
+
+/// Append a batch's records of one session (`recs`, in batch order) atomically: each record is
+/// admitted, counted a duplicate or refused by `warden_core::admission::admit`, the one rule
+/// every store calls; refusals are written to the session's audit events in the same write.
 pub async fn append(conn: &mut Conn, m: &Metrics, sid: &str, recs: &[&StepRecord], now_ms: u64) -> Result<Appended, StoreError> {
-    let fields: Vec<String> = recs.iter().map(|r| keys::dedupe_field(r.step, &r.decision_id)).collect();
+    let fields: Vec<String> = recs.iter().flat_map(|r| record_fields(r)).collect();
     for attempt in 0.. {
         let (cur, stored) = load(conn, sid, &fields).await?;
-        let is_new = cur.state.is_none();
-        let first = recs.first().map(|r| (r.subject.as_str(), r.at_ms)).unwrap_or(("", now_ms));
-        // In cached or degraded mode the trail may be the first the service hears of a session.
-        let mut state = cur.state.unwrap_or_else(|| SessionState::open(first.0, &[], first.1));
+        let mut stored = stored.into_iter().chain(std::iter::repeat(None));
+        let before = cur.state.as_ref().map(|s| (s.subject.clone(), s.started_at_ms));
+        let mut state = cur.state;
         let (mut records, mut head) = (cur.records, cur.head);
         let mut w = Write::default();
-        let mut in_batch: HashMap<&str, u64> = HashMap::new();
-        let mut out = Appended { appended: 0, duplicates: 0, leaves: Vec::new(), unfed_revocation: None, new: None };
+        // What this batch adds, as the store will hold it: own field → seq, step → decision.
+        let mut own: HashMap<String, u64> = HashMap::new();
+        let mut steps: HashMap<u64, String> = HashMap::new();
+        let mut out = Appended { appended: 0, duplicates: 0, refused: Vec::new(), leaves: Vec::new(), unfed_revocation: None, index: None, credentials: Vec::new() };
         let mut revoked_at = cur.revoked_at_ms.map(|at| (at, cur.revoke_reason.clone().unwrap_or_default()));
-        for ((r, field), stored) in recs.iter().zip(&fields).zip(stored.iter().copied().chain(std::iter::repeat(None))) {
-            match admit(stored.or_else(|| in_batch.get(field.as_str()).copied())) {
-                Admission::Duplicate(seq) => {
+        for r in recs {
+            let [own_field, _] = record_fields(r);
+            let (own_seq, step_decision) = (stored.next().flatten(), stored.next().flatten());
+            let own_seq: Option<u64> = own_seq.and_then(|v| v.parse().ok()).or_else(|| own.get(&own_field).copied());
+            let recorded = match own_seq {
+                Some(_) => Some(r.decision_id.clone()),
+                None => step_decision.or_else(|| steps.get(&r.step).cloned()),
+            };
+            match admission::admit(&mut state, recorded.as_deref(), r, now_ms) {
+                Ok(Admitted::Duplicate) => {
                     out.duplicates += 1;
-                    out.leaves.push((seq, None));
+                    if let Some(seq) = own_seq {
+                        out.leaves.push((seq, None));
+                    }
                     continue;
                 }
-                Admission::Append => {}
+                Err(why) => {
+                    let body = trail::canonical_body(r).map_err(backend)?;
+                    let ev = AuditEvent {
+                        at_ms: now_ms,
+                        kind: why.code().into(),
+                        subject: r.subject.clone(),
+                        credential: r.credential.clone(),
+                        detail: why.detail(r),
+                        record: Some(body),
+                    };
+                    w.audit.push(json(&ev)?);
+                    out.refused.push(RefusedRecord { session_id: r.session_id.clone(), step: r.step, decision_id: r.decision_id.clone(), code: why.code().into() });
+                    continue;
+                }
+                Ok(Admitted::Append { seen_credential, .. }) => {
+                    if let (true, Some(c)) = (seen_credential, &r.credential) {
+                        out.credentials.push((c.clone(), r.subject.clone()));
+                    }
+                }
             }
             let body = trail::canonical_body(r).map_err(backend)?;
             let seq = records + 1;
             let hash = crate::sqlite::chain_hash(&head, &body);
             w.records.push(json(&StoredRecord { seq, body, prev_hash: head.clone(), hash: hash.clone(), hash_version: trail::HASH_V2 })?);
-            w.dedupe.push((field.clone(), seq));
-            in_batch.insert(field, seq);
-            state.apply_record(r);
+            w.dedupe.push((own_field.clone(), seq.to_string()));
+            own.insert(own_field, seq);
+            if let std::collections::hash_map::Entry::Vacant(e) = steps.entry(r.step) {
+                e.insert(r.decision_id.clone());
+                w.dedupe.push((r.step.to_string(), r.decision_id.clone()));
+            }
             out.leaves.push((seq, Some(hash.clone())));
             (records, head) = (seq, hash);
             if r.action == "terminate" && r.enforced && revoked_at.is_none() {
                 revoked_at = Some((now_ms, terminate_reason(r)));
-                state.revoked = true;
                 w.fields.push(("revoked_at_ms", now_ms.to_string()));
                 w.fields.push(("revoke_reason", terminate_reason(r)));
             }
@@ -262,14 +290,19 @@ pub async fn append(conn: &mut Conn, m: &Metrics, sid: &str, recs: &[&StepRecord
         if cur.fed.is_none() {
             out.unfed_revocation = revoked_at;
         }
-        if out.appended == 0 {
+        if out.appended == 0 && w.audit.is_empty() {
             return Ok(out);
         }
-        w.state(&state)?;
-        w.fields.push(("records", records.to_string()));
-        w.fields.push(("head", head));
+        if out.appended > 0 {
+            let Some(s) = &state else { return Err(StoreError::Backend("an admitted record left no session".into())) };
+            w.state(s)?;
+            w.fields.push(("records", records.to_string()));
+            w.fields.push(("head", head));
+        }
         if cas(conn, sid, cur.ver, &w).await? {
-            out.new = is_new.then(|| NewSession { id: sid.to_string(), subject: state.subject.clone(), started_at_ms: state.started_at_ms });
+            if let Some(s) = state.as_ref().filter(|s| out.appended > 0 && before.as_ref() != Some(&(s.subject.clone(), s.started_at_ms))) {
+                out.index = Some(NewSession { id: sid.to_string(), subject: s.subject.clone(), started_at_ms: s.started_at_ms });
+            }
             return Ok(out);
         }
         backoff(m, attempt).await?;

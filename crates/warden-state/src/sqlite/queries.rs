@@ -4,11 +4,12 @@
 //! arguments and the database: the writer may run a write twice (see `writer`).
 
 use rusqlite::{params, Connection, OptionalExtension};
+use warden_core::admission::{self, Admitted};
 use warden_core::session::SessionState;
 use warden_core::trail::{self, GENESIS};
 use warden_core::wire::{
-    AppendResult, AuditEvent, BeginOutcome, BeginResponse, BeginStep, Revocation, RevocationFeed, SessionSummary, SessionView, StepRecord,
-    TrailEntry,
+    AppendResult, AuditEvent, BeginOutcome, BeginResponse, BeginStep, RefusedRecord, Revocation, RevocationFeed, SessionHead, SessionSummary,
+    SessionView, StepRecord, TrailEntry,
 };
 
 use super::backend;
@@ -51,7 +52,7 @@ fn save(conn: &Connection, id: &str, s: &SessionState, records: u64, head: &str)
     conn.prepare_cached(
         "INSERT INTO sessions (id, subject, started_at_ms, last_seen_at_ms, steps, state, records, head_hash)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-         ON CONFLICT(id) DO UPDATE SET last_seen_at_ms = ?4, steps = ?5, state = ?6, records = ?7, head_hash = ?8",
+         ON CONFLICT(id) DO UPDATE SET subject = ?2, started_at_ms = ?3, last_seen_at_ms = ?4, steps = ?5, state = ?6, records = ?7, head_hash = ?8",
     )
     .map_err(backend)?
     .execute(params![id, s.subject, s.started_at_ms as i64, s.last_seen_at_ms as i64, s.steps as i64, state, records as i64, head])
@@ -60,9 +61,23 @@ fn save(conn: &Connection, id: &str, s: &SessionState, records: u64, head: &str)
 }
 
 fn audit(conn: &Connection, id: &str, now_ms: u64, kind: &str, subject: &str, credential: Option<&str>, detail: &str) -> Result<(), StoreError> {
-    conn.prepare_cached("INSERT INTO audit (session_id, at_ms, kind, subject, credential, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
+    audit_record(conn, id, now_ms, kind, subject, credential, detail, None)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn audit_record(
+    conn: &Connection,
+    id: &str,
+    now_ms: u64,
+    kind: &str,
+    subject: &str,
+    credential: Option<&str>,
+    detail: &str,
+    record: Option<&str>,
+) -> Result<(), StoreError> {
+    conn.prepare_cached("INSERT INTO audit (session_id, at_ms, kind, subject, credential, detail, record) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")
         .map_err(backend)?
-        .execute(params![id, now_ms as i64, kind, subject, credential, detail])
+        .execute(params![id, now_ms as i64, kind, subject, credential, detail, record])
         .map_err(backend)?;
     Ok(())
 }
@@ -133,41 +148,60 @@ pub(super) fn begin_in(conn: &Connection, req: &BeginStep, now_ms: u64) -> Resul
     Ok(BeginResponse { outcome: BeginOutcome::Ok, step: state.steps, new: is_new, session: before })
 }
 
+/// The decision id stored for a record's step: the record's own if it is stored, else another's.
+fn recorded_decision(conn: &Connection, r: &StepRecord) -> Result<Option<String>, StoreError> {
+    conn.prepare_cached("SELECT decision_id FROM records WHERE session_id = ?1 AND step = ?2 ORDER BY decision_id = ?3 DESC LIMIT 1")
+        .map_err(backend)?
+        .query_row(params![r.session_id, r.step as i64, r.decision_id], |row| row.get(0))
+        .optional()
+        .map_err(backend)
+}
+
+/// Append a batch record by record, each admitted or refused by `warden_core::admission`.
 pub(super) fn append_in(conn: &Connection, batch: &[StepRecord], now_ms: u64) -> Result<AppendResult, StoreError> {
-    let (mut appended, mut duplicates) = (0, 0);
-    // The session being appended to, saved when the batch moves to another session, before a
-    // revocation and at the end: a batch's records of one session load and save its row once.
-    let mut open: Option<(&str, Row)> = None;
+    let mut res = AppendResult::default();
+    // The session being appended to (`None` inside: the store has no such session yet), saved
+    // when the batch moves to another session, before a revocation and at the end: a batch's
+    // records of one session load and save its row once.
+    let mut open: Option<(&str, Option<Row>)> = None;
     // The last (credential, subject) pair remembered, so a batch's records do not repeat it.
     let mut seen: Option<(&str, &str)> = None;
     for r in batch {
-        let exists: Option<i64> = conn
-            .prepare_cached("SELECT seq FROM records WHERE session_id = ?1 AND step = ?2 AND decision_id = ?3")
-            .map_err(backend)?
-            .query_row(params![r.session_id, r.step as i64, r.decision_id], |row| row.get(0))
-            .optional()
-            .map_err(backend)?;
-        if exists.is_some() {
-            duplicates += 1;
-            continue;
-        }
         let mut row = match open.take() {
             Some((id, row)) if id == r.session_id => row,
             other => {
-                if let Some((id, row)) = other {
+                if let Some((id, Some(row))) = other {
                     save(conn, id, &row.state, row.records, &row.head)?;
                 }
-                // In cached or degraded mode the trail may be the first the service hears of a session.
-                load(conn, &r.session_id)?.unwrap_or_else(|| Row {
-                    state: SessionState::open(&r.subject, &[], r.at_ms),
-                    records: 0,
-                    head: GENESIS.to_string(),
-                })
+                load(conn, &r.session_id)?
             }
         };
+        let recorded = recorded_decision(conn, r)?;
+        // The session's state is lent to the rule and put back; a refusal leaves it unchanged.
+        let (mut state, records, head) = match row {
+            Some(row) => (Some(row.state), row.records, row.head),
+            None => (None, 0, GENESIS.to_string()),
+        };
+        let admitted = admission::admit(&mut state, recorded.as_deref(), r, now_ms);
+        let seen_credential = match admitted {
+            Ok(Admitted::Append { seen_credential, .. }) => seen_credential,
+            other => {
+                match other {
+                    Err(why) => {
+                        let body = trail::canonical_body(r).map_err(backend)?;
+                        audit_record(conn, &r.session_id, now_ms, why.code(), &r.subject, r.credential.as_deref(), &why.detail(r), Some(&body))?;
+                        res.refused.push(RefusedRecord { session_id: r.session_id.clone(), step: r.step, decision_id: r.decision_id.clone(), code: why.code().into() });
+                    }
+                    _ => res.duplicates += 1,
+                }
+                open = Some((&r.session_id, state.map(|state| Row { state, records, head })));
+                continue;
+            }
+        };
+        let Some(state) = state else { return Err(StoreError::Backend("an admitted record left no session".into())) };
         let body = trail::canonical_body(r).map_err(backend)?;
-        let seq = row.records + 1;
-        let hash = chain_hash(&row.head, &body);
+        let seq = records + 1;
+        let hash = chain_hash(&head, &body);
         conn.prepare_cached(
             "INSERT INTO records (session_id, seq, step, decision_id, at_ms, credential, workload, body, prev_hash, hash, hash_version)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
@@ -182,37 +216,38 @@ pub(super) fn append_in(conn: &Connection, batch: &[StepRecord], now_ms: u64) ->
             r.credential,
             r.workload,
             body,
-            row.head,
+            head,
             hash,
             trail::HASH_V2
         ])
         .map_err(backend)?;
         super::log::append_leaf(conn, &r.session_id, seq, &hash)?;
-        row.state.apply_record(r);
-        row.records = seq;
-        row.head = hash;
-        if let Some(cred) = r.credential.as_deref() {
+        row = Some(Row { state, records: seq, head: hash });
+        if let (true, Some(cred)) = (seen_credential, r.credential.as_deref()) {
             if seen != Some((cred, r.subject.as_str())) {
                 credential_seen(conn, cred, &r.subject, r.at_ms)?;
                 seen = Some((cred, r.subject.as_str()));
             }
         }
         if r.action == "terminate" && r.enforced {
-            save(conn, &r.session_id, &row.state, row.records, &row.head)?;
+            if let Some(row) = &row {
+                save(conn, &r.session_id, &row.state, row.records, &row.head)?;
+            }
             revoke_in(conn, &r.session_id, &terminate_reason(r), now_ms)?;
         } else {
             open = Some((&r.session_id, row));
         }
-        appended += 1;
+        res.appended += 1;
     }
-    if let Some((id, row)) = open {
+    if let Some((id, Some(row))) = open {
         save(conn, id, &row.state, row.records, &row.head)?;
     }
-    Ok(AppendResult { appended, duplicates })
+    Ok(res)
 }
 
 pub(super) fn session_in(conn: &Connection, id: &str) -> Result<Option<SessionView>, StoreError> {
     let Some(row) = load(conn, id)? else { return Ok(None) };
+    let head = SessionHead { records: row.records, hash: row.head.clone() };
     let (revoked_at_ms, revoke_reason): (Option<i64>, Option<String>) = conn
         .prepare_cached("SELECT revoked_at_ms, revoke_reason FROM sessions WHERE id = ?1")
         .map_err(backend)?
@@ -238,11 +273,18 @@ pub(super) fn session_in(conn: &Connection, id: &str) -> Result<Option<SessionVi
     let mut audit = Vec::new();
     {
         let mut stmt = conn
-            .prepare_cached("SELECT at_ms, kind, subject, credential, detail FROM audit WHERE session_id = ?1 ORDER BY id")
+            .prepare_cached("SELECT at_ms, kind, subject, credential, detail, record FROM audit WHERE session_id = ?1 ORDER BY id")
             .map_err(backend)?;
         let rows = stmt
             .query_map(params![id], |r| {
-                Ok(AuditEvent { at_ms: r.get::<_, i64>(0)? as u64, kind: r.get(1)?, subject: r.get(2)?, credential: r.get(3)?, detail: r.get(4)? })
+                Ok(AuditEvent {
+                    at_ms: r.get::<_, i64>(0)? as u64,
+                    kind: r.get(1)?,
+                    subject: r.get(2)?,
+                    credential: r.get(3)?,
+                    detail: r.get(4)?,
+                    record: r.get(5)?,
+                })
             })
             .map_err(backend)?;
         for row in rows {
@@ -254,6 +296,7 @@ pub(super) fn session_in(conn: &Connection, id: &str) -> Result<Option<SessionVi
         state: row.state,
         revoked_at_ms: revoked_at_ms.map(|v| v as u64),
         revoke_reason,
+        head: Some(head),
         timeline,
         audit,
     }))

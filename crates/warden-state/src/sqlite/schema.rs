@@ -88,6 +88,8 @@ pub(super) const MIGRATIONS: &[&str] = &[
         note TEXT NOT NULL,
         at_ms INTEGER NOT NULL
      );",
+    // 5: a record refused by the trail's invariants is kept whole in its session's audit event.
+    "ALTER TABLE audit ADD COLUMN record TEXT;",
 ];
 
 /// The migration that creates the log: after its SQL, the records already stored are entered
