@@ -76,10 +76,14 @@ impl RedisStore {
 
     /// The search indexes of a session's first write, then a mark that they are written (a
     /// replica that dies in between leaves the mark unset: the next write indexes again).
-    async fn index_new(&self, mut conn: Conn, s: &NewSession) -> Result<(), StoreError> {
-        let _: () = conn.zadd(keys::index::started(), &s.id, s.started_at_ms).await.map_err(backend)?;
-        let _: () = conn.zadd(keys::index::subject(&s.subject), &s.id, s.started_at_ms).await.map_err(backend)?;
-        Ok(())
+    async fn index_new(&self, conn: Conn, s: &NewSession) -> Result<(), StoreError> {
+        let (mut a, mut b) = (conn.clone(), conn);
+        let (x, y): (Result<(), _>, Result<(), _>) = tokio::join!(
+            a.zadd(keys::index::started(), &s.id, s.started_at_ms),
+            b.zadd(keys::index::subject(&s.subject), &s.id, s.started_at_ms)
+        );
+        x.map_err(backend)?;
+        y.map_err(backend)
     }
 
     async fn feed(&self, mut conn: Conn, sid: &str, unfed: Option<(u64, String)>) -> Result<(), StoreError> {
@@ -134,6 +138,9 @@ impl RedisStore {
         let t = self.metrics.start(Op::LogAppend);
         t.done(self.log.enter(leaves).await)?;
         // 3. Revocations into the feed, and the search indexes (idempotent, after the sessions).
+        // Index and credential writes: each its own key (a Cluster routes each to its node), each
+        // once per batch, sent together on the multiplexed connection.
+        let mut cmds: HashSet<(&'static str, String, String)> = HashSet::new();
         let mut pipe = redis::pipe();
         let mut subjects = HashSet::new();
         for (sid, a) in &results {
@@ -151,16 +158,20 @@ impl RedisStore {
         let refused_ids: HashSet<(&str, u64, &str)> = refused.iter().map(|r: &RefusedRecord| (r.session_id.as_str(), r.step, r.decision_id.as_str())).collect();
         for r in batch.iter().filter(|r| !refused_ids.contains(&(r.session_id.as_str(), r.step, r.decision_id.as_str()))) {
             if let Some(cred) = &r.credential {
-                pipe.sadd(keys::index::credential(cred), &r.session_id).ignore();
+                cmds.insert(("SADD", keys::index::credential(cred), r.session_id.clone()));
             }
             if let Some(w) = &r.workload {
-                pipe.sadd(keys::index::workload(w), &r.session_id).ignore();
+                cmds.insert(("SADD", keys::index::workload(w), r.session_id.clone()));
             }
         }
-        // One key per command: a Cluster routes each to its slot's node.
-        for cmd in pipe.cmd_iter() {
-            let _: () = cmd.query_async(&mut c).await.map_err(backend)?;
+        for (cmd, key, member) in cmds {
+            pipe.cmd(cmd).arg(key).arg(member).ignore();
         }
+        let writes = pipe.cmd_iter().map(|cmd| {
+            let mut c = c.clone();
+            async move { cmd.query_async::<()>(&mut c).await.map_err(backend) }
+        });
+        futures_util::future::try_join_all(writes).await?;
         let appended = results.iter().map(|(_, a)| a.appended).sum();
         let duplicates = results.iter().map(|(_, a)| a.duplicates).sum();
         Ok(AppendResult { appended, duplicates, refused })
