@@ -935,6 +935,8 @@ async fn redis_a_session_state_that_does_not_parse_is_a_store_error_not_a_panic(
     api.begin("m1", "agent-7", "sha256:a").await;
     let server = api.redis.clone().unwrap();
     assert_eq!(server.cmd(&["HSET", "warden:{s:m1}:s", "state", "not json"]).unwrap(), "0");
+    // A change the replica did not make moves the version (its compare-and-swap then reads it).
+    assert_eq!(server.cmd(&["HINCRBY", "warden:{s:m1}:s", "ver", "1"]).unwrap(), "2");
     let (s, v) = api.call("POST", "/v1/steps/begin", Some(PROXY), Some(json!({"session_id": "m1", "subject": "agent-7"}))).await;
     assert_eq!((s, v["error"].as_str()), (StatusCode::INTERNAL_SERVER_ERROR, Some("internal")));
     let (s, _) = api.call("GET", "/v1/sessions/m1", Some(ADMIN), None).await;

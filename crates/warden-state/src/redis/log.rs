@@ -136,16 +136,19 @@ impl LogWriter {
     }
 }
 
-/// The hashes this replica has seen, for one epoch of the log (bounded).
+/// The hashes this replica has seen, for one epoch of the log (bounded), and the log's size and
+/// epoch as its last write left them (where the next write starts; a stale one only loses its
+/// compare-and-swap, which answers with the log's size).
 struct Cache {
     epoch: String,
     hashes: HashMap<u64, Hash>,
+    tip: Option<(u64, String)>,
 }
 
 const CACHE_MAX: usize = 200_000;
 
 async fn run(mut conn: Conn, metrics: Arc<Metrics>, mut rx: mpsc::UnboundedReceiver<Job>) {
-    let mut cache = Cache { epoch: String::new(), hashes: HashMap::new() };
+    let mut cache = Cache { epoch: String::new(), hashes: HashMap::new(), tip: None };
     while let Some(first) = rx.recv().await {
         let mut jobs = vec![first];
         while jobs.len() < 256 {
@@ -168,40 +171,69 @@ fn new_epoch() -> String {
 }
 
 async fn enter_all(conn: &mut Conn, metrics: &Metrics, cache: &mut Cache, leaves: Vec<Leaf>) -> Result<(), StoreError> {
+    let fields: Vec<String> = leaves.iter().map(|l| keys::log::index_field(&l.session_id, l.seq)).collect();
+    let mut seen = std::collections::HashSet::new();
+    let mut pending: Vec<(&Leaf, &String)> = leaves.iter().zip(&fields).filter(|(_, f)| seen.insert(f.as_str())).collect();
+    // Fresh records are not in the log: look only once a write says one is (another replica
+    // entered a retried batch's leaf meanwhile).
+    let mut look = false;
     for attempt in 0..1000u32 {
-        // Which are not in the log yet (a retried batch's, or another replica's, may be).
-        let fields: Vec<String> = leaves.iter().map(|l| keys::log::index_field(&l.session_id, l.seq)).collect();
-        let present: Vec<Option<u64>> = redis::cmd("HMGET").arg(keys::log::index()).arg(&fields).query_async(conn).await.map_err(backend)?;
-        let mut seen = std::collections::HashSet::new();
-        let pending: Vec<(&Leaf, &String)> =
-            leaves.iter().zip(&fields).zip(&present).filter(|(_, p)| p.is_none()).map(|(lf, _)| lf).filter(|(_, f)| seen.insert(f.as_str())).collect();
+        if look {
+            let fs: Vec<&String> = pending.iter().map(|(_, f)| *f).collect();
+            let present: Vec<Option<u64>> = redis::cmd("HMGET").arg(keys::log::index()).arg(&fs).query_async(conn).await.map_err(backend)?;
+            pending = pending.into_iter().zip(present).filter(|(_, p)| p.is_none()).map(|(l, _)| l).collect();
+        }
         if pending.is_empty() {
             return Ok(());
         }
-        let (size, epoch, _) = meta(conn).await?;
+        // The log's size and epoch as this replica last left them, or read.
+        let (size, epoch) = match cache.tip.take() {
+            Some(t) => t,
+            None => {
+                let (size, epoch, _) = meta(conn).await?;
+                (size, epoch)
+            }
+        };
         if epoch != cache.epoch || cache.hashes.len() > CACHE_MAX {
-            *cache = Cache { epoch: epoch.clone(), hashes: HashMap::new() };
+            *cache = Cache { epoch: epoch.clone(), hashes: HashMap::new(), tip: None };
         }
         let mut stored = Vec::new();
         let outcome = write_leaves(conn, cache, &pending, size, &epoch, &mut stored).await;
-        if !matches!(outcome, Ok(true)) {
+        if !matches!(outcome, Ok(Written::Yes { .. })) {
             // Not known to be written: nothing computed from this size may stay in the cache.
             for (i, _) in &stored {
                 cache.hashes.remove(i);
             }
         }
-        if outcome? {
-            metrics.log_leaves.fetch_add(pending.len() as u64, Ordering::Relaxed);
-            metrics.log_writes.fetch_add(1, Ordering::Relaxed);
-            return Ok(());
+        match outcome? {
+            Written::Yes { size, epoch } => {
+                cache.tip = Some((size, epoch));
+                metrics.log_leaves.fetch_add(pending.len() as u64, Ordering::Relaxed);
+                metrics.log_writes.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+            // Another replica extended the log first: what was computed from its size is void.
+            Written::Moved { size, epoch } => cache.tip = Some((size, epoch)),
+            Written::Present { size, epoch } => {
+                cache.tip = Some((size, epoch));
+                look = true;
+            }
         }
-        // Another replica extended the log first: what was computed from its size is void.
         metrics.log_retries.fetch_add(1, Ordering::Relaxed);
         if attempt >= 2 {
             tokio::time::sleep(std::time::Duration::from_micros(100 << attempt.min(6))).await;
         }
     }
     Err(tree("the log write lost 1000 compare-and-swaps in a row"))
+}
+
+/// What a log write did, with the log's size and epoch after it.
+enum Written {
+    Yes { size: u64, epoch: String },
+    /// The log was not at the size the write was computed from.
+    Moved { size: u64, epoch: String },
+    /// One of the leaves is in the log already.
+    Present { size: u64, epoch: String },
 }
 
 /// Compute the pending leaves' stored hashes from a log of `size` leaves (in `stored`, and in
@@ -213,7 +245,7 @@ async fn write_leaves(
     size: u64,
     epoch: &str,
     stored: &mut Vec<(u64, Hash)>,
-) -> Result<bool, StoreError> {
+) -> Result<Written, StoreError> {
     for (j, (leaf, _)) in pending.iter().enumerate() {
         let n = size + j as u64;
         let lh = warden_log::leaf_hash(&leaf.session_id, leaf.seq, &leaf.hash);
@@ -234,12 +266,19 @@ async fn write_leaves(
     for (i, h) in stored.iter() {
         inv.arg(*i).arg(h.0.as_slice());
     }
-    let (result, _, new_epoch): (i64, i64, String) = inv.invoke_async(conn).await.map_err(backend)?;
-    if result > 0 && new_epoch != cache.epoch {
-        // The log was created by this write: what was computed is its first hashes.
-        cache.epoch = new_epoch;
-    }
-    Ok(result > 0)
+    let (result, now, epoch_now): (i64, i64, String) = inv.invoke_async(conn).await.map_err(backend)?;
+    let size_now = now.max(0) as u64;
+    Ok(match result {
+        r if r > 0 => {
+            if epoch_now != cache.epoch {
+                // The log was created by this write: what was computed is its first hashes.
+                cache.epoch = epoch_now.clone();
+            }
+            Written::Yes { size: size_now, epoch: epoch_now }
+        }
+        -2 => Written::Present { size: size_now, epoch: epoch_now },
+        _ => Written::Moved { size: size_now, epoch: epoch_now },
+    })
 }
 
 /// Which of these records' leaves are in the log.

@@ -51,6 +51,8 @@ pub struct RedisStore {
     conn: Conn,
     log: LogWriter,
     metrics: Arc<Metrics>,
+    /// This replica's last view of the sessions it began steps of.
+    seen: session::Seen,
 }
 
 impl RedisStore {
@@ -59,7 +61,7 @@ impl RedisStore {
         let conn = conn::connect(url).await?;
         let metrics = Arc::new(Metrics::default());
         let log = LogWriter::start(conn.clone(), metrics.clone());
-        Ok(Self { conn, log, metrics })
+        Ok(Self { conn, log, metrics, seen: session::Seen::default() })
     }
 
     /// Run `f` on a connection, timed and counted as `op`.
@@ -74,16 +76,9 @@ impl RedisStore {
         })
     }
 
-    /// The search indexes of a session's first write, then a mark that they are written (a
-    /// replica that dies in between leaves the mark unset: the next write indexes again).
-    async fn index_new(&self, conn: Conn, s: &NewSession) -> Result<(), StoreError> {
-        let (mut a, mut b) = (conn.clone(), conn);
-        let (x, y): (Result<(), _>, Result<(), _>) = tokio::join!(
-            a.zadd(keys::index::started(), &s.id, s.started_at_ms),
-            b.zadd(keys::index::subject(&s.subject), &s.id, s.started_at_ms)
-        );
-        x.map_err(backend)?;
-        y.map_err(backend)
+    /// A session's search entries (after its first write, or a write that moved its subject or start).
+    async fn index_new(&self, mut conn: Conn, s: &NewSession) -> Result<(), StoreError> {
+        session::index(&mut conn, s).await
     }
 
     async fn feed(&self, mut conn: Conn, sid: &str, unfed: Option<(u64, String)>) -> Result<(), StoreError> {
@@ -110,7 +105,7 @@ impl RedisStore {
         let results = futures_util::future::try_join_all(order.iter().map(|sid| {
             let mut c = conn.clone();
             let recs = groups.get(sid).cloned().unwrap_or_default();
-            async move { session::append(&mut c, &self.metrics, sid, &recs, now_ms).await.map(|a| (*sid, a)) }
+            async move { session::append(&mut c, &self.metrics, &self.seen, sid, &recs, now_ms).await.map(|a| (*sid, a)) }
         }))
         .await?;
         // 2. Their leaves into the log, in batch order; a duplicate's leaf only if it is missing.
@@ -243,13 +238,7 @@ impl RedisStore {
 
 impl Store for RedisStore {
     fn begin_step(&self, req: BeginStep, now_ms: u64) -> StoreFuture<'_, BeginResponse> {
-        self.run(Op::BeginStep, move |mut c, st| async move {
-            let (resp, new) = session::begin(&mut c, &st.metrics, &req, now_ms).await?;
-            if let Some(new) = new {
-                st.index_new(c, &new).await?;
-            }
-            Ok(resp)
-        })
+        self.run(Op::BeginStep, move |mut c, st| async move { session::begin(&mut c, &st.metrics, &st.seen, &req, now_ms).await })
     }
 
     fn append(&self, records: Vec<StepRecord>, now_ms: u64) -> StoreFuture<'_, AppendResult> {

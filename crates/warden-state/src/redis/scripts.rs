@@ -9,8 +9,9 @@ use std::sync::LazyLock;
 use redis::Script;
 
 /// Write a session (its hash, records, dedupe index and audit events; all `{s:<id>}`) only if
-/// its version is still `ARGV[1]`; bump the version. Returns the new version, or 0 when the
-/// session changed since it was read (the caller re-reads and recomputes).
+/// its version is still `ARGV[1]`; bump the version. Returns {new version, {}}, or {0, the
+/// session's fields as they are} when it changed since it was read (the caller recomputes from
+/// them: a lost race costs no extra read).
 ///
 /// KEYS: session hash, records list, dedupe hash, audit list.
 /// ARGV: expected version, then four length-prefixed groups: hash field/value pairs, records to
@@ -19,7 +20,9 @@ pub static SESSION_CAS: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local ver = tonumber(redis.call('HGET', KEYS[1], 'ver') or '0')
-if ver ~= tonumber(ARGV[1]) then return 0 end
+if ver ~= tonumber(ARGV[1]) then
+  return {0, redis.call('HMGET', KEYS[1], 'ver', 'state', 'records', 'head', 'revoked_at_ms', 'revoke_reason', 'fed')}
+end
 local i = 2
 local n = tonumber(ARGV[i]); i = i + 1
 if n > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, i, i + 2 * n - 1)); i = i + 2 * n end
@@ -30,7 +33,7 @@ n = tonumber(ARGV[i]); i = i + 1
 if n > 0 then redis.call('HSET', KEYS[3], unpack(ARGV, i, i + 2 * n - 1)); i = i + 2 * n end
 n = tonumber(ARGV[i]); i = i + 1
 if n > 0 then redis.call('RPUSH', KEYS[4], unpack(ARGV, i, i + n - 1)) end
-return ver + 1
+return {ver + 1, {}}
 ",
     )
 });

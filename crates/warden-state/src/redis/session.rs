@@ -22,6 +22,7 @@ use crate::store::{refusal, terminate_reason, StoreError};
 const MAX_ATTEMPTS: u32 = 200;
 
 /// A session's hash as read.
+#[derive(Clone)]
 pub struct Loaded {
     pub ver: u64,
     /// `None`: no such session. Its `revoked` comes from `revoked_at_ms`, which is what says it.
@@ -105,8 +106,21 @@ pub async fn load(conn: &mut Conn, id: &str, dedupe: &[String]) -> Result<(Loade
     Ok((parse(fields)?, seqs))
 }
 
+/// What a compare-and-swap did.
+pub enum Cas {
+    /// Written; the session's new version.
+    Written(u64),
+    /// The session had changed: here it is as it is now.
+    Changed(Box<Loaded>),
+}
+
 /// Write `w` if the session is still at version `ver`. False: it changed; read it again.
 pub async fn cas(conn: &mut Conn, id: &str, ver: u64, w: &Write) -> Result<bool, StoreError> {
+    Ok(matches!(cas_or_current(conn, id, ver, w).await?, Cas::Written(_)))
+}
+
+/// Write `w` if the session is still at version `ver`; otherwise the session as it is now.
+pub async fn cas_or_current(conn: &mut Conn, id: &str, ver: u64, w: &Write) -> Result<Cas, StoreError> {
     let mut inv = scripts::SESSION_CAS.prepare_invoke();
     inv.key(keys::session(id)).key(keys::records(id)).key(keys::dedupe(id)).key(keys::audit(id));
     inv.arg(ver).arg(w.fields.len());
@@ -125,8 +139,12 @@ pub async fn cas(conn: &mut Conn, id: &str, ver: u64, w: &Write) -> Result<bool,
     for a in &w.audit {
         inv.arg(a);
     }
-    let v: u64 = inv.invoke_async(conn).await.map_err(backend)?;
-    Ok(v > 0)
+    let (v, fields): (u64, Vec<Option<String>>) = inv.invoke_async(conn).await.map_err(backend)?;
+    if v > 0 {
+        Ok(Cas::Written(v))
+    } else {
+        Ok(Cas::Changed(Box::new(parse(fields)?)))
+    }
 }
 
 /// A short, growing pause between attempts of a contended write.
@@ -150,21 +168,56 @@ pub struct NewSession {
     pub started_at_ms: u64,
 }
 
-pub async fn begin(conn: &mut Conn, m: &Metrics, req: &BeginStep, now_ms: u64) -> Result<(BeginResponse, Option<NewSession>), StoreError> {
+/// A replica's last view of the sessions it served: where a begin-step starts, so a session
+/// this replica served last costs one compare-and-swap and no read. Never trusted: a stale entry
+/// only loses its compare-and-swap, which answers with the session as it is. Bounded.
+#[derive(Default)]
+pub struct Seen {
+    sessions: std::sync::Mutex<HashMap<String, Loaded>>,
+}
+
+const SEEN_MAX: usize = 20_000;
+
+impl Seen {
+    fn get(&self, id: &str) -> Option<Loaded> {
+        self.sessions.lock().ok()?.get(id).cloned()
+    }
+
+    fn put(&self, id: &str, l: Loaded) {
+        if let Ok(mut m) = self.sessions.lock() {
+            if m.len() >= SEEN_MAX {
+                m.clear();
+            }
+            m.insert(id.to_string(), l);
+        }
+    }
+
+    fn forget(&self, id: &str) {
+        if let Ok(mut m) = self.sessions.lock() {
+            m.remove(id);
+        }
+    }
+}
+
+/// No session yet: what a first begin-step assumes (its compare-and-swap on version 0 fails
+/// if the session exists, and answers with it).
+fn absent() -> Loaded {
+    Loaded { ver: 0, state: None, records: 0, head: GENESIS.to_string(), revoked_at_ms: None, revoke_reason: None, fed: None }
+}
+
+pub async fn begin(conn: &mut Conn, m: &Metrics, seen: &Seen, req: &BeginStep, now_ms: u64) -> Result<BeginResponse, StoreError> {
     let sid = &req.session_id;
+    let mut cur = seen.get(sid).unwrap_or_else(absent);
     for attempt in 0.. {
-        let (cur, _) = load(conn, sid, &[]).await?;
         let is_new = cur.state.is_none();
-        let mut state = cur.state.unwrap_or_else(|| SessionState::open(&req.subject, &req.scopes, now_ms));
+        let mut state = cur.state.clone().unwrap_or_else(|| SessionState::open(&req.subject, &req.scopes, now_ms));
         let mut w = Write::default();
-        match state.begin_step_after(&req.subject, &req.seen(), now_ms, req.known_steps.unwrap_or(0)) {
+        let (outcome, response) = match state.begin_step_after(&req.subject, &req.seen(), now_ms, req.known_steps.unwrap_or(0)) {
             Err(why) => {
                 let (outcome, kind, detail) = refusal(why, &state.subject, &req.subject);
                 let ev = AuditEvent { at_ms: now_ms, kind: kind.into(), subject: req.subject.clone(), credential: req.credential.clone(), detail, record: None };
                 w.audit.push(json(&ev)?);
-                if cas(conn, sid, cur.ver, &w).await? {
-                    return Ok((BeginResponse { outcome, step: 0, new: false, session: state }, None));
-                }
+                (cas_or_current(conn, sid, cur.ver, &w).await?, BeginResponse { outcome, step: 0, new: false, session: state.clone() })
             }
             Ok(mut before) => {
                 w.state(&state)?;
@@ -172,18 +225,53 @@ pub async fn begin(conn: &mut Conn, m: &Metrics, req: &BeginStep, now_ms: u64) -
                     w.fields.push(("records", "0".into()));
                     w.fields.push(("head", GENESIS.into()));
                 }
-                let mut c2 = conn.clone();
-                let (written, subjects) = tokio::join!(cas(conn, sid, cur.ver, &w), credential_subjects(&mut c2, req.credential.as_deref(), &req.subject, now_ms));
-                if written? {
+                // The credential's subjects and (for a new session) its search entries are their
+                // own keys, written idempotently beside the session's compare-and-swap.
+                let (mut c2, mut c3) = (conn.clone(), conn.clone());
+                let index = async {
+                    match is_new {
+                        true => index(&mut c3, &NewSession { id: sid.clone(), subject: state.subject.clone(), started_at_ms: state.started_at_ms }).await,
+                        false => Ok(()),
+                    }
+                };
+                let (written, subjects, indexed) =
+                    tokio::join!(cas_or_current(conn, sid, cur.ver, &w), credential_subjects(&mut c2, req.credential.as_deref(), &req.subject, now_ms), index);
+                let written = written?;
+                if matches!(written, Cas::Written(_)) {
                     before.credential_subjects = subjects?;
-                    let new = is_new.then(|| NewSession { id: sid.clone(), subject: state.subject.clone(), started_at_ms: state.started_at_ms });
-                    return Ok((BeginResponse { outcome: BeginOutcome::Ok, step: state.steps, new: is_new, session: before }, new));
+                    indexed?;
                 }
+                (written, BeginResponse { outcome: BeginOutcome::Ok, step: state.steps, new: is_new, session: before })
+            }
+        };
+        match outcome {
+            Cas::Written(ver) => {
+                // As stored now: the new state, or on a refusal the state as it was.
+                let stored = if response.outcome == BeginOutcome::Ok { Some(state) } else { cur.state.clone() };
+                seen.put(sid, Loaded { ver, state: stored, ..cur });
+                return Ok(response);
+            }
+            Cas::Changed(now) => {
+                if now.state.is_none() {
+                    seen.forget(sid);
+                }
+                cur = *now;
             }
         }
         backoff(m, attempt).await?;
     }
     Err(StoreError::Backend("unreachable".into()))
+}
+
+/// A session's search entries (idempotent).
+pub async fn index(conn: &mut Conn, s: &NewSession) -> Result<(), StoreError> {
+    let (mut a, mut b) = (conn.clone(), conn.clone());
+    let (x, y): (Result<(), _>, Result<(), _>) = tokio::join!(
+        a.zadd(keys::index::started(), &s.id, s.started_at_ms),
+        b.zadd(keys::index::subject(&s.subject), &s.id, s.started_at_ms)
+    );
+    x.map_err(backend)?;
+    y.map_err(backend)
 }
 
 /// Remember that `subject` presented `credential`; every subject that has (the first 16).
@@ -218,7 +306,7 @@ fn record_fields(r: &StepRecord) -> [String; 2] {
 /// Append a batch's records of one session (`recs`, in batch order) atomically: each record is
 /// admitted, counted a duplicate or refused by `warden_core::admission::admit`, the one rule
 /// every store calls; refusals are written to the session's audit events in the same write.
-pub async fn append(conn: &mut Conn, m: &Metrics, sid: &str, recs: &[&StepRecord], now_ms: u64) -> Result<Appended, StoreError> {
+pub async fn append(conn: &mut Conn, m: &Metrics, seen: &Seen, sid: &str, recs: &[&StepRecord], now_ms: u64) -> Result<Appended, StoreError> {
     let fields: Vec<String> = recs.iter().flat_map(|r| record_fields(r)).collect();
     for attempt in 0.. {
         let (cur, stored) = load(conn, sid, &fields).await?;
@@ -288,21 +376,27 @@ pub async fn append(conn: &mut Conn, m: &Metrics, sid: &str, recs: &[&StepRecord
             out.appended += 1;
         }
         if cur.fed.is_none() {
-            out.unfed_revocation = revoked_at;
+            out.unfed_revocation = revoked_at.clone();
         }
         if out.appended == 0 && w.audit.is_empty() {
             return Ok(out);
         }
+        let head_after = head.clone();
         if out.appended > 0 {
             let Some(s) = &state else { return Err(StoreError::Backend("an admitted record left no session".into())) };
             w.state(s)?;
             w.fields.push(("records", records.to_string()));
             w.fields.push(("head", head));
         }
-        if cas(conn, sid, cur.ver, &w).await? {
+        if let Cas::Written(ver) = cas_or_current(conn, sid, cur.ver, &w).await? {
             if let Some(s) = state.as_ref().filter(|s| out.appended > 0 && before.as_ref() != Some(&(s.subject.clone(), s.started_at_ms))) {
                 out.index = Some(NewSession { id: sid.to_string(), subject: s.subject.clone(), started_at_ms: s.started_at_ms });
             }
+            let (revoked_at_ms, revoke_reason) = match revoked_at {
+                Some((at, reason)) => (Some(at), Some(reason)),
+                None => (None, None),
+            };
+            seen.put(sid, Loaded { ver, state, records, head: head_after, revoked_at_ms, revoke_reason, fed: cur.fed });
             return Ok(out);
         }
         backoff(m, attempt).await?;
