@@ -133,6 +133,7 @@ on_each_store!(
     the_service_accepts_exactly_what_the_filter_bounds_to,
     an_oversized_body_is_413_with_the_error_shape_and_counted,
     impossible_history_is_refused_audited_and_changes_nothing,
+    the_largest_batch_is_taken_whole,
 );
 
 /// A minute ago, in ms: records of steps a proxy counted alone must be recent.
@@ -958,4 +959,18 @@ async fn redis_a_session_s_head_names_a_removed_tail() {
     assert_eq!(trail::verify(&cut.timeline), Ok(()));
     let why = trail::verify_head(&cut.timeline, cut.head.as_ref().unwrap(), "the session's head").unwrap_err();
     assert!(why.starts_with("the last 2 record(s) are missing"), "{why}");
+}
+
+/// The largest batch the service takes (1000 records) in one write: within what one Redis
+/// script takes in (Lua unpacks at most 8000 values).
+async fn the_largest_batch_is_taken_whole(b: Backend) {
+    let api = Api::new(b).await;
+    let batch = json!({"records": (1..=1000).map(|i| record("big1", i, "allow")).collect::<Vec<_>>()});
+    let (s, v) = api.call("POST", "/v1/records", Some(PROXY), Some(batch.clone())).await;
+    assert_eq!((s, v["appended"].as_u64()), (StatusCode::OK, Some(1000)), "{v}");
+    let (s, v) = api.call("POST", "/v1/records", Some(PROXY), Some(batch)).await;
+    assert_eq!((s, v["duplicates"].as_u64()), (StatusCode::OK, Some(1000)), "{v}");
+    let view = api.view("big1").await;
+    assert_eq!(view.timeline.len(), 1000);
+    trail::verify(&view.timeline).unwrap();
 }

@@ -67,7 +67,7 @@ impl Importer {
         }
         let _: () = c.hset_multiple(keys::session(id), &fields).await.map_err(backend)?;
         for chunk in s.records.chunks(500) {
-            let entries = chunk.iter().map(|r| serde_json::to_string(&r.4).map_err(backend)).collect::<Result<Vec<_>, _>>()?;
+            let entries: Vec<String> = chunk.iter().map(|r| r.4.encode()).collect();
             let _: () = c.rpush(keys::records(id), entries).await.map_err(backend)?;
             let dedupe: Vec<(String, u64)> = chunk.iter().map(|r| (keys::dedupe_field(r.0, &r.1), r.4.seq)).collect();
             let _: () = c.hset_multiple(keys::dedupe(id), &dedupe).await.map_err(backend)?;

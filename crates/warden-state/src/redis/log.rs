@@ -146,19 +146,32 @@ struct Cache {
 }
 
 const CACHE_MAX: usize = 200_000;
+/// Leaves per log write (a record batch holds at most 1000).
+const MAX_LEAVES_PER_WRITE: usize = 1000;
 
 async fn run(mut conn: Conn, metrics: Arc<Metrics>, mut rx: mpsc::UnboundedReceiver<Job>) {
     let mut cache = Cache { epoch: String::new(), hashes: HashMap::new(), tip: None };
     while let Some(first) = rx.recv().await {
         let mut jobs = vec![first];
-        while jobs.len() < 256 {
+        let mut n = jobs[0].0.len();
+        // A group stays within what one script takes in (Lua unpacks at most 8000 values).
+        while n < MAX_LEAVES_PER_WRITE {
             match rx.try_recv() {
-                Ok(j) => jobs.push(j),
+                Ok(j) => {
+                    n += j.0.len();
+                    jobs.push(j);
+                }
                 Err(_) => break,
             }
         }
         let leaves: Vec<Leaf> = jobs.iter().flat_map(|(l, _)| l.iter().cloned()).collect();
-        let res = enter_all(&mut conn, &metrics, &mut cache, leaves).await.map_err(|e| e.to_string());
+        let mut res = Ok(());
+        for chunk in leaves.chunks(MAX_LEAVES_PER_WRITE) {
+            res = enter_all(&mut conn, &metrics, &mut cache, chunk.to_vec()).await.map_err(|e| e.to_string());
+            if res.is_err() {
+                break;
+            }
+        }
         for (_, reply) in jobs {
             let _ = reply.send(res.clone());
         }
@@ -255,12 +268,30 @@ async fn write_leaves(
     }
     let mut inv = scripts::LOG_APPEND.prepare_invoke();
     inv.key(keys::log::meta()).key(keys::log::leaves()).key(keys::log::hashes()).key(keys::log::index());
+    // Runs of consecutive leaves of one session: one sorted-set write each.
+    let mut groups: Vec<(&str, Vec<u64>)> = Vec::new();
     for (leaf, _) in pending {
-        inv.key(keys::log::session(&leaf.session_id));
+        match groups.last_mut() {
+            Some((sid, seqs)) if *sid == leaf.session_id => seqs.push(leaf.seq),
+            _ => groups.push((&leaf.session_id, vec![leaf.seq])),
+        }
+    }
+    for (sid, _) in &groups {
+        inv.key(keys::log::session(sid));
     }
     inv.arg(size).arg(epoch).arg(new_epoch()).arg(pending.len());
-    for (leaf, field) in pending {
-        inv.arg(field.as_str()).arg(warden_log::leaf_data(&leaf.session_id, leaf.seq, &leaf.hash)).arg(leaf.seq);
+    for (_, field) in pending {
+        inv.arg(field.as_str());
+    }
+    for (leaf, _) in pending {
+        inv.arg(warden_log::leaf_data(&leaf.session_id, leaf.seq, &leaf.hash));
+    }
+    inv.arg(groups.len());
+    for (_, seqs) in &groups {
+        inv.arg(seqs.len());
+        for seq in seqs {
+            inv.arg(*seq);
+        }
     }
     inv.arg(stored.len());
     for (i, h) in stored.iter() {

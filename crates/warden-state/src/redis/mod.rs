@@ -123,7 +123,7 @@ impl RedisStore {
                     None if missing.contains(&(sid.to_string(), *seq)) => {
                         let entry: Option<String> = c.lindex(keys::records(sid), (*seq as isize) - 1).await.map_err(backend)?;
                         let entry = entry.ok_or_else(|| StoreError::Backend(format!("redis: record {seq} of {sid} is indexed but not stored")))?;
-                        serde_json::from_str::<session::StoredRecord>(&entry).map_err(backend)?.hash
+                        session::StoredRecord::decode(&entry)?.hash
                     }
                     None => continue,
                 };

@@ -55,9 +55,11 @@ return {s, redis.call('HMGET', KEYS[2], unpack(ARGV))}
 /// of the leaves is in it yet. Returns {new size, size, epoch} or {-1, size, epoch} when the log
 /// moved on, {-2, size, epoch} when a leaf is already in it (another replica entered it).
 ///
-/// KEYS: meta, leaves, hashes, index, then each leaf's session sorted set.
-/// ARGV: size, epoch, a new epoch (used when the log is created), the number of leaves, per leaf
-/// (index field, leaf data, seq), the number of stored hashes, (index, hash) pairs.
+/// KEYS: meta, leaves, hashes, index, then the session sorted set of each group of leaves.
+/// ARGV: size, epoch, a new epoch (used when the log is created), the number of leaves k, their
+/// k index fields, their k leaf data, the number of groups, per group (its leaf count, then per
+/// leaf its seq), the number of stored hashes, (index, hash) pairs. Leaves are in log order and
+/// each group is a run of consecutive leaves of one session.
 pub static LOG_APPEND: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -66,18 +68,34 @@ local size = tonumber(m[1] or '0')
 local epoch = m[2] or ''
 if size ~= tonumber(ARGV[1]) or epoch ~= ARGV[2] then return {-1, size, epoch} end
 local k = tonumber(ARGV[4])
-local p = 5
+local fields = 5
+local data = 5 + k
+local present = redis.call('HMGET', KEYS[4], unpack(ARGV, fields, fields + k - 1))
 for j = 1, k do
-  if redis.call('HEXISTS', KEYS[4], ARGV[p]) == 1 then return {-2, size, epoch} end
-  p = p + 3
+  if present[j] then return {-2, size, epoch} end
 end
-p = 5
+local leaves, index = {}, {}
 for j = 1, k do
-  local idx = size + j - 1
-  redis.call('HSET', KEYS[2], idx, ARGV[p + 1])
-  redis.call('HSET', KEYS[4], ARGV[p], idx)
-  redis.call('ZADD', KEYS[4 + j], ARGV[p + 2], idx)
-  p = p + 3
+  leaves[2 * j - 1] = size + j - 1
+  leaves[2 * j] = ARGV[data + j - 1]
+  index[2 * j - 1] = ARGV[fields + j - 1]
+  index[2 * j] = size + j - 1
+end
+redis.call('HSET', KEYS[2], unpack(leaves))
+redis.call('HSET', KEYS[4], unpack(index))
+local p = 5 + 2 * k
+local groups = tonumber(ARGV[p]); p = p + 1
+local idx = size
+for g = 1, groups do
+  local n = tonumber(ARGV[p]); p = p + 1
+  local z = {}
+  for j = 1, n do
+    z[2 * j - 1] = ARGV[p + j - 1]
+    z[2 * j] = idx
+    idx = idx + 1
+  end
+  p = p + n
+  redis.call('ZADD', KEYS[4 + g], unpack(z))
 end
 local n = tonumber(ARGV[p]); p = p + 1
 if n > 0 then redis.call('HSET', KEYS[3], unpack(ARGV, p, p + 2 * n - 1)) end

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use redis::AsyncCommands;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use warden_core::session::SessionState;
 use warden_core::trail::{self, GENESIS};
 use warden_core::admission::{self, Admitted};
@@ -58,8 +58,9 @@ fn parse(fields: Vec<Option<String>>) -> Result<Loaded, StoreError> {
     })
 }
 
-/// A record as kept in the session's list.
-#[derive(Serialize, Deserialize)]
+/// A record as kept in the session's list: `<seq> <hash version> <prev hash> <hash>\n<body>`
+/// (the hashes are hex, the body its stored text as it is: nothing escaped, nothing re-encoded).
+#[derive(Debug, Clone, PartialEq)]
 pub struct StoredRecord {
     pub seq: u64,
     pub body: String,
@@ -69,6 +70,24 @@ pub struct StoredRecord {
 }
 
 impl StoredRecord {
+    pub fn encode(&self) -> String {
+        format!("{} {} {} {}\n{}", self.seq, self.hash_version, self.prev_hash, self.hash, self.body)
+    }
+
+    pub fn decode(text: &str) -> Result<Self, StoreError> {
+        let bad = || StoreError::Backend("redis: a stored record is not `<seq> <version> <prev> <hash>\\n<body>`".into());
+        let (head, body) = text.split_once('\n').ok_or_else(bad)?;
+        let mut f = head.split(' ');
+        let (Some(seq), Some(v), Some(prev), Some(hash), None) = (f.next(), f.next(), f.next(), f.next(), f.next()) else { return Err(bad()) };
+        Ok(Self {
+            seq: seq.parse().map_err(|_| bad())?,
+            hash_version: v.parse().map_err(|_| bad())?,
+            prev_hash: prev.to_string(),
+            hash: hash.to_string(),
+            body: body.to_string(),
+        })
+    }
+
     pub fn entry(self) -> TrailEntry {
         // A body that no longer parses is still shown (and fails verification), not hidden.
         let record = serde_json::from_str(&self.body).unwrap_or_default();
@@ -359,7 +378,7 @@ pub async fn append(conn: &mut Conn, m: &Metrics, seen: &Seen, sid: &str, recs: 
             let body = trail::canonical_body(r).map_err(backend)?;
             let seq = records + 1;
             let hash = crate::sqlite::chain_hash(&head, &body);
-            w.records.push(json(&StoredRecord { seq, body, prev_hash: head.clone(), hash: hash.clone(), hash_version: trail::HASH_V2 })?);
+            w.records.push(StoredRecord { seq, body, prev_hash: head.clone(), hash: hash.clone(), hash_version: trail::HASH_V2 }.encode());
             w.dedupe.push((own_field.clone(), seq.to_string()));
             own.insert(own_field, seq);
             if let std::collections::hash_map::Entry::Vacant(e) = steps.entry(r.step) {
@@ -467,7 +486,7 @@ pub async fn view(conn: &mut Conn, sid: &str) -> Result<Option<(Loaded, Vec<Trai
     }
     let timeline = records
         .iter()
-        .map(|r| serde_json::from_str::<StoredRecord>(r).map(StoredRecord::entry).map_err(backend))
+        .map(|r| StoredRecord::decode(r).map(StoredRecord::entry))
         .collect::<Result<Vec<_>, _>>()?;
     let audit = audit.iter().map(|a| serde_json::from_str(a).map_err(backend)).collect::<Result<Vec<_>, _>>()?;
     Ok(Some((loaded, timeline, audit)))
