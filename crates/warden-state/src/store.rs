@@ -55,7 +55,9 @@ pub trait Store: Send + Sync + 'static {
     /// or a revoked session (recording an audit event), count the step, merge what was seen.
     /// Resolves once the step is durably stored.
     fn begin_step(&self, req: BeginStep, now_ms: u64) -> StoreFuture<'_, BeginResponse>;
-    /// Append attribution records to their sessions' hash chains, all or nothing; a record
+    /// Append attribution records to their sessions' hash chains, atomically per session (SQLite:
+    /// the whole batch at once; Redis: each session's records at once, so a failed batch may
+    /// leave some sessions' records stored, which its retry counts as duplicates); a record
     /// already stored (same session, step and decision id) is counted as a duplicate.
     fn append(&self, records: Vec<StepRecord>, now_ms: u64) -> StoreFuture<'_, AppendResult>;
     fn session(&self, id: String) -> StoreFuture<'_, Option<SessionView>>;
