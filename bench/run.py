@@ -690,6 +690,7 @@ them (Envoy CPU per request with `bench/quick.py`, or natively with callgrind).
 | the recorded input serialized once, as JSON text, straight from the policy value, not built as a JSON tree and serialized again at the flush (f752c06) | cached mode −22 µs (recording the input costs about 50 µs in all: `policy.record_input: false` saves it, at the cost of replay) |
 | regorus's RVM patched (`vendor/regorus/WARDEN.md`: no error value built per executed instruction, no `RuleInfo` cloned per rule call) (63e625c) | −50 µs (proxy-local sessions); natively 295k → 227k instructions |
 | `make build` runs `wasm-opt -Oz` without inlining (954dd0b) | 2.57 → 2.25 MB; with binaryen's inlining V8 took 20 MiB more RSS and longer to compile, for no speed |
+| the library's `baseline` module (unusual region, tool and hour for the identity, tenant spread, data volume, repeated refusals: 7 more signal rules) (319582d; measured 2026-12-02 with callgrind, the binary unchanged and only `policies/` swapped) | **+43k instructions** per evaluation of the ordinary step (228k → 271k, +19%; no profile in the input): a cost, not yet won back (issue 15) |
 
 Already in place from the start: the RVM (compiled once, one `RegoVM` per VM), the input built
 as regorus values, verified tokens served from the cache, session snapshots in shared data,

@@ -33,7 +33,7 @@ base contains "sensitive_path" if {
 	startswith(input.request.path, p)
 }
 
-signals := ((((base | data.warden.limits.signals) | data.warden.drift.signals) | data.warden.credentials.signals) | data.warden.tools.signals)
+signals := (((((base | data.warden.limits.signals) | data.warden.drift.signals) | data.warden.credentials.signals) | data.warden.tools.signals) | data.warden.baseline.signals)
 
 acting(action) := {s | some s in signals; cfg.actions[s] == action}
 

@@ -335,15 +335,21 @@ impl HttpContext for WardenHttp {
         // The step is complete: its record gets the final status and duration and is queued.
         let (Some(mut record), Some(client)) = (self.record.take(), self.state.as_ref()) else { return };
         if record.status.is_none() {
-            record.status = hostcalls::get_property(vec!["response", "code"])
-                .ok()
-                .flatten()
-                .filter(|b| b.len() == 8)
-                .map(|b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as u32);
+            record.status = u64_property(&["response", "code"]).map(|c| c as u32);
         }
         record.duration_ms = Some(now_ms().saturating_sub(self.started_ms));
+        // The response body's size as Envoy counted it: the step's data volume (never the data).
+        record.response_bytes = u64_property(&["response", "size"]);
+        if let Some(bytes) = record.response_bytes {
+            self.warden.borrow_mut().after_response(&record.session_id, bytes, &mut ProxyHost);
+        }
         client.borrow_mut().enqueue(record, &mut *self.metrics.borrow_mut());
     }
+}
+
+/// An integer property of the stream (Envoy encodes them as 8 little-endian bytes).
+fn u64_property(path: &[&str]) -> Option<u64> {
+    hostcalls::get_property(path.to_vec()).ok().flatten().and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok()).map(u64::from_le_bytes)
 }
 
 impl WardenHttp {

@@ -104,6 +104,9 @@ class _Echo(_Quiet):
         seen = getattr(self.server, "requests", None)
         if seen is not None:
             seen.append(doc)
+        # `/bytes/N`: a response of N bytes (data-volume scenarios), at most 64 MiB.
+        if self.path.startswith("/bytes/") and self.path[7:].isdigit():
+            return self._send(200, b"x" * min(int(self.path[7:]), 64 << 20), "application/octet-stream")
         self._send(200, json.dumps(doc).encode())
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _echo
@@ -573,10 +576,12 @@ class StateService:
     service share the log's signing key (`key`: the path it is made at, by default beside `db`).
     `kill()` is a crash (SIGKILL); `start()` again comes back on the same port and store."""
 
-    def __init__(self, db: Path, port: int = 0, store: str | None = None, key: Path | None = None):
+    def __init__(self, db: Path, port: int = 0, store: str | None = None, key: Path | None = None, env: dict | None = None):
         self.db = Path(db)
         self.port = port
         self.store = store
+        # More of the service's settings, as its environment variables (e.g. WARDEN_SSF_*).
+        self.env = env or {}
         self.proc: subprocess.Popen | None = None
         self.log_path = self.db.with_suffix(".log")
         # The log's signing key, made once per database (kept across restarts, like a real one);
@@ -595,7 +600,7 @@ class StateService:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout=15.0) -> "StateService":
-        env = dict(os.environ, WARDEN_PROXY_TOKEN=PROXY_TOKEN, WARDEN_ADMIN_TOKEN=ADMIN_TOKEN, WARDEN_LOG_TOKEN=LOG_TOKEN)
+        env = dict(os.environ, WARDEN_PROXY_TOKEN=PROXY_TOKEN, WARDEN_ADMIN_TOKEN=ADMIN_TOKEN, WARDEN_LOG_TOKEN=LOG_TOKEN, **self.env)
         log = open(self.log_path, "a")
         where = ["--store", self.store] if self.store else ["--db", str(self.db)]
         self.proc = subprocess.Popen(

@@ -36,6 +36,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("request", request),
     ("state", state),
     ("path", path),
+    ("ssf", ssf),
 ];
 
 /// The issuer of the fuzzed provider.
@@ -443,5 +444,64 @@ pub fn path(data: &[u8]) {
             }
         }
         Err(e) => assert!(!e.code().is_empty()),
+    }
+}
+
+/// The fuzzed SSF transmitter's key: fixed, so seeds stay valid.
+fn ssf_key() -> &'static ES256KeyPair {
+    static KEY: OnceLock<ES256KeyPair> = OnceLock::new();
+    KEY.get_or_init(|| match ES256KeyPair::from_bytes(&[7u8; 32]) {
+        Ok(k) => k.with_key_id("tx1"),
+        Err(e) => unreachable!("a fixed P-256 scalar is a key: {e}"),
+    })
+}
+
+/// Security Event Tokens (the state service's SSF receiver): arbitrary tokens, and arbitrary
+/// claims (a JSON object line) signed with the transmitter's key as a SET. Whatever the events
+/// say, every target the receiver acts on names something (a session, subject or credential).
+pub fn ssf(data: &[u8]) {
+    use warden_core::ssf::{Receiver, Target, SET_TYP};
+    let token = if data.first() == Some(&b'{') {
+        let Ok(custom) = serde_json::from_slice::<Value>(data) else { return };
+        let claims = JWTClaims {
+            issued_at: Some(Duration::from_secs(NOW_S)),
+            expires_at: None,
+            invalid_before: None,
+            issuer: Some("https://tx.fuzz".into()),
+            subject: None,
+            audiences: Some(Audiences::AsString("https://rx.fuzz".into())),
+            jwt_id: Some("j1".into()),
+            nonce: None,
+            custom,
+        };
+        let opts = HeaderOptions { signature_type: Some(SET_TYP.into()), ..Default::default() };
+        match ssf_key().sign_with_options(claims, &opts) {
+            Ok(t) => t,
+            Err(_) => return,
+        }
+    } else {
+        String::from_utf8_lossy(data).into_owned()
+    };
+    let pk = ssf_key().public_key().public_key().to_bytes_uncompressed();
+    let enc = |b: &[u8]| Base64UrlSafeNoPadding::encode_to_string(b).unwrap_or_default();
+    let jwks = json!({"keys": [{"kty": "EC", "crv": "P-256", "x": enc(&pk[1..33]), "y": enc(&pk[33..65]), "kid": "tx1", "alg": "ES256"}]});
+    let keys = match warden_core::identity::jwks::parse_jwks(&jwks, &["ES256".to_string()]) {
+        Ok((k, _)) => k,
+        Err(e) => unreachable!("the fuzz transmitter's JWKS is valid: {e}"),
+    };
+    let r = Receiver { issuer: "https://tx.fuzz".into(), audience: "https://rx.fuzz".into(), keys, max_age_seconds: 3600 };
+    match r.verify(&token, NOW_S) {
+        Ok((jti, events)) => {
+            assert!(!jti.is_empty());
+            for e in events {
+                let named = match &e.target {
+                    Target::Session(v) | Target::Subject(v) | Target::Credential(v) => v,
+                };
+                assert!(!named.is_empty(), "an event that names nothing: {e:?}");
+            }
+        }
+        Err(refusal) => assert!(
+            ["invalid_request", "invalid_key", "invalid_issuer", "invalid_audience"].contains(&refusal.err) && !refusal.description.is_empty()
+        ),
     }
 }

@@ -83,6 +83,10 @@ def witness(state, state_file, *extra):
     return h.warden_cli("log", "witness", "--state", str(state_file), "--key", state.vkey, "--log-token", env_token, *extra, url=state.url)
 
 
+def consistency(state, export, out):
+    return h.warden_cli("log", "consistency", "--file", str(export), "--key", state.vkey, "--log-token", h.LOG_TOKEN, "--out", str(out), url=state.url)
+
+
 def test_a_witness_accepts_a_growing_log_and_refuses_a_rollback_and_a_fork(stack, keys, tmpdir_session):
     envoy, state = stack
     wkey = tmpdir_session / f"w-{uuid.uuid4().hex[:6]}.key"
@@ -111,6 +115,18 @@ def test_a_witness_accepts_a_growing_log_and_refuses_a_rollback_and_a_fork(stack
     grown = witness(state, seen)
     assert grown.returncode == 0 and "consistent with" in grown.stderr, grown.stderr
 
+    # An export taken now, checked offline against a later checkpoint of the honest log.
+    export = tmpdir_session / f"later-{uuid.uuid4().hex[:6]}.jsonl"
+    assert h.warden_cli("session", "export", sid, "--out", str(export), url=state.url).returncode == 0
+    state.wait_complete_timeline(workflow(envoy, keys, "witnessed", 2), 2)
+    assert state.admin("/v1/log/checkpoint", method="POST").status_code == 200
+    later = tmpdir_session / f"later-{uuid.uuid4().hex[:6]}.json"
+    c = consistency(state, export, later)
+    assert c.returncode == 0, c.stderr
+    assert json.loads(later.read_text())["proofs"], later.read_text()
+    v = cli("session", "verify", "--file", str(export), "--key", state.vkey, "--later", str(later))
+    assert v.returncode == 0 and "trail intact" in v.stdout, v.stdout + v.stderr
+
     # Rolled back: the database file replaced by the earlier copy.
     state.kill()
     for f in state.db.parent.glob(state.db.name + "*"):
@@ -130,6 +146,11 @@ def test_a_witness_accepts_a_growing_log_and_refuses_a_rollback_and_a_fork(stack
     fork = witness(state, seen)
     assert fork.returncode == 1 and "forked" in fork.stderr, fork.stderr
     assert "REFUSED" in fork.stderr
+    # The export taken before the rollback, against the forked log's checkpoint: named offline.
+    forked_later = tmpdir_session / f"forked-{uuid.uuid4().hex[:6]}.json"
+    assert consistency(state, export, forked_later).returncode == 0
+    v = cli("session", "verify", "--file", str(export), "--key", state.vkey, "--later", str(forked_later))
+    assert v.returncode == 1 and "inconsistent with the later one" in v.stdout, v.stdout + v.stderr
     # The refusals left the state at the last accepted checkpoint.
     again = witness(state, seen)
     assert again.returncode == 1

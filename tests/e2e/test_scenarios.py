@@ -25,6 +25,8 @@ def stack(runtime, keys, echo, tmpdir_session):
     cfg = h.deep_merge(cfg, {"policy": {"input_headers": ["user-agent"], "data": {"warden": {"config": {
         "limits": {"max_steps": 1000, "rate_burst": 10, "max_steps_per_minute": 120, "schedules": {"night-batch": OFF_HOURS}},
         "tools": {"allow": {"scoped-agent": ["search", "ticket.*"]}},
+        # Profiles speak after five recorded steps here (the shipped library waits for 50 and 3 days).
+        "baseline": {"learning": {"min_steps": 5, "min_seconds": 0}},
     }}}}})
     # The test client plays the trusted front proxy that sends x-forwarded-client-cert; Envoy only
     # passes that header on from a plaintext downstream when told to (it sanitizes it by default).
@@ -49,8 +51,11 @@ class Agent:
             hs["x-device-id"] = self.device
         return hs
 
-    def get(self, path="/tickets", token=None):
-        return requests.get(self.envoy.url("s", path), headers=self.headers(token), timeout=5)
+    def get(self, path="/tickets", token=None, host=None):
+        hs = self.headers(token)
+        if host:
+            hs["host"] = host
+        return requests.get(self.envoy.url("s", path), headers=hs, timeout=5)
 
     def tool(self, name, args=None, token=None):
         body = {"jsonrpc": "2.0", "id": uuid.uuid4().hex[:6], "method": "tools/call", "params": {"name": name, "arguments": args or {}}}
@@ -119,6 +124,31 @@ def test_001_service_account_moving_region_mid_session_is_throttled_and_flagged(
     assert "region_changed" in view["state"]["flags"]
 
 
+def learn(stack, token, n=6, path="/tickets"):
+    """A first session of ordinary steps, recorded: what the subject's profile learns from."""
+    a = Agent(stack, token)
+    for _ in range(n):
+        assert a.get(path).status_code == 200
+    a.trail(n)
+    return a
+
+
+def test_001_an_admin_api_called_from_a_region_unusual_for_this_identity_is_throttled_and_flagged(stack, keys):
+    token = keys.token(sub="svc-admin-ops", scope="admin")
+    learn(stack, token, path="/api/admin/users")
+    profile = json.loads(h.warden_cli("profile", "show", "svc-admin-ops", "--json", url=stack[1].url).stdout)
+    assert profile["regions"]["eu-west"]["count"] >= 5.9, profile
+    # A new session, from its first step in a region this account never uses: nothing changed
+    # within the session, yet it is unusual for the identity.
+    b = Agent(stack, token, region="sa-east")
+    r = b.get("/api/admin/users")
+    assert r.status_code == 429 and reasons(r) == ["region_unusual"], r.text
+    view, recs = b.trail(1)
+    assert recs[0]["signals"] == ["region_unusual"] and "region_unusual" in view["state"]["flags"]
+    # The habitual region is still fine for the same account.
+    assert Agent(stack, token).get("/api/admin/users").status_code == 200
+
+
 def test_001_agent_outside_its_approved_workflow_is_refused(stack, keys):
     a = Agent(stack, keys.token(sub="scoped-agent"))
     assert a.tool("ticket.create", {"title": "x"}).status_code == 200
@@ -148,6 +178,32 @@ def test_001_step_up_clears_the_challenge_for_the_session_and_is_in_the_trail(st
 
 
 # ---------------------------------------------------------------- 002 session security
+
+
+def test_002_unusual_data_extraction_terminates_the_session(stack, keys):
+    token = keys.token(sub="report-exporter")
+    learn(stack, token)
+    a = Agent(stack, token)
+    assert a.get("/bytes/3000000").status_code == 200
+    # Far above what this identity's steps return: its next step ends the session.
+    r = a.get()
+    assert r.status_code == 403 and reasons(r) == ["data_volume"], r.text
+    view, recs = a.trail(2)
+    assert recs[0]["response_bytes"] == 3_000_000 and recs[1]["signals"] == ["data_volume"]
+    assert view["state"]["bytes_out"] >= 3_000_000 and view["revoked_at_ms"], view["state"]
+    assert a.get().json()["reasons"] == ["session_revoked"]
+
+
+def test_002_repeated_failed_step_ups_terminate_the_session(stack, keys):
+    a = Agent(stack, keys.token(sub="approval-bot"))
+    for _ in range(3):
+        r = a.get("/secrets/db")
+        assert r.status_code == 401 and reasons(r) == ["sensitive_path"], r.text
+    r = a.get("/tickets")
+    assert r.status_code == 403 and reasons(r) == ["refusals_repeated"], r.text
+    view, recs = a.trail(4)
+    assert [x["action"] for x in recs] == ["step_up", "step_up", "step_up", "terminate"]
+    assert view["revoked_at_ms"] and "refusals_repeated" in view["state"]["flags"]
 
 
 def test_002_privileged_sessions_are_shorter(stack, keys):
@@ -200,6 +256,19 @@ def test_003_high_volume_calls_raise_risk_are_throttled_then_terminated(stack, k
     risks = [rec["risk"] for rec in recs]
     assert risks[first] > 0 and risks == sorted(risks) and risks[-1] >= 95
     assert a.get().json()["reasons"] == ["session_revoked"]
+
+
+def test_003_calls_across_unfamiliar_tenants_raise_the_risk_then_require_a_step_up(stack, keys):
+    a = Agent(stack, keys.token(sub="fanout-agent"))
+    tenants = [f"tenant-{i}.example" for i in range(1, 7)]
+    codes = [a.get(host=t).status_code for t in tenants]
+    # Three tenants are fine; each further one it has never called adds risk, until step-up.
+    assert codes == [200] * 5 + [401], codes
+    _, recs = a.trail(6)
+    assert [r["signals"] for r in recs] == [[]] * 3 + [["tenant_spread"]] * 3
+    risks = [r["risk"] for r in recs]
+    assert risks[:3] == [0, 0, 0] and risks[3] < risks[4] < risks[5] and risks[5] >= 59, risks
+    assert recs[5]["reasons"] == ["risk_high"] and "tenant_spread" in recs[5]["flags"]
 
 
 def test_003_a_delegated_session_that_touched_secrets_is_shortened(stack, keys):

@@ -47,6 +47,11 @@ impl Client {
         self.read(resp)
     }
 
+    pub fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, String> {
+        let resp = self.agent.delete(&format!("{}{path}", self.base)).header("authorization", &self.auth).call();
+        self.read(resp)
+    }
+
     fn read<T: DeserializeOwned>(&self, resp: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Result<T, String> {
         self.read_with(resp, |text| serde_json::from_str(text).map_err(|e| format!("unexpected answer from the service: {e}")))
     }

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use serde_json::Value;
 use warden_core::trail;
 use warden_core::wire::{SessionHead, SessionView, StepRecord};
-use warden_log::{KeyRing, SessionEvidence};
+use warden_log::{KeyRing, LaterCheckpoint, SessionEvidence};
 
 /// What checked out: the checkpoint's size and who signed it.
 pub struct Proven {
@@ -102,6 +102,32 @@ pub fn check(view: &SessionView, evidence: &SessionEvidence, keys: &KeyRing) -> 
             .map_err(|err| format!("record {} (step {}): {err}", e.seq, e.record.step))?;
     }
     Ok(Proven { tree_size: cp.size, signed_by: cp.signed_by })
+}
+
+/// A `--later` file: a `LaterCheckpoint` (JSON), or a bare checkpoint note (a witness's state
+/// file), which can only show a fork at its own size or a log gone backwards.
+pub fn read_later(text: &str) -> Result<LaterCheckpoint, String> {
+    if text.trim_start().starts_with('{') {
+        return serde_json::from_str(text).map_err(|e| format!("--later: not a later checkpoint ({e}); make one with `warden log consistency`"));
+    }
+    Ok(LaterCheckpoint { checkpoint: text.to_string(), proofs: Vec::new() })
+}
+
+/// Check the checkpoint a session's evidence was proven against (`evidence_note`) against a
+/// later checkpoint of the same log: the later one must extend it, by its consistency proof.
+pub fn check_later(evidence_note: &str, later: &LaterCheckpoint, keys: &KeyRing) -> Result<(), String> {
+    let cp = keys.verify_checkpoint(evidence_note).map_err(|e| e.0)?;
+    let new = keys.verify_checkpoint(&later.checkpoint).map_err(|e| format!("the later checkpoint: {}", e.0))?;
+    if new.origin != cp.origin {
+        return Err(format!("the later checkpoint is of the log {:?}, the evidence of {:?}", new.origin, cp.origin));
+    }
+    let inconsistent = |why: String| format!("the evidence's checkpoint ({} leaves) is inconsistent with the later one ({} leaves): {why}", cp.size, new.size);
+    let proof = match later.proofs.iter().find(|p| p.from == cp.size && p.to == new.size) {
+        Some(p) => warden_log::decode(&p.proof).map_err(|e| e.0)?,
+        None if new.size <= cp.size => Vec::new(),
+        None => return Err(format!("the later checkpoint has no consistency proof from {} leaves: make it with `warden log consistency --file EXPORT`", cp.size)),
+    };
+    warden_log::check_consistency(&proof, cp.size, cp.root, new.size, new.root).map_err(|e| inconsistent(e.0))
 }
 
 #[cfg(test)]

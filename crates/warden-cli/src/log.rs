@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Subcommand;
-use warden_log::{ConsistencyProof, Cosigner, KeyRing, VerifiedCheckpoint};
+use warden_log::{ConsistencyProof, Cosigner, KeyRing, LaterCheckpoint, VerifiedCheckpoint};
 
 use crate::client::Client;
 
@@ -34,6 +34,22 @@ pub enum LogCommand {
         #[arg(long, env = "WARDEN_LOG_TOKEN", hide_env_values = true)]
         log_token: Option<String>,
     },
+    /// Fetch the log's latest checkpoint with consistency proofs from the checkpoints an
+    /// export's evidence was proven against, for `warden session verify --file EXPORT --later`.
+    Consistency {
+        /// The export (`warden session export`).
+        #[arg(long)]
+        file: PathBuf,
+        /// The log's verifier key; repeat for rotated keys.
+        #[arg(long, required = true)]
+        key: Vec<String>,
+        /// Write it here (default: standard output).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The service's log token (the admin token works too).
+        #[arg(long, env = "WARDEN_LOG_TOKEN", hide_env_values = true)]
+        log_token: Option<String>,
+    },
     /// Make a witness key: the private key to --out (mode 0600, never overwritten), the public
     /// verifier key (type 0x04, tlog-cosignature) printed.
     Keygen {
@@ -51,6 +67,18 @@ pub fn run(command: LogCommand, url: &str, admin_token: Option<&str>, json: bool
             let (skey, vkey) = warden_log::generate_cosigner_key(&name).map_err(|e| e.0)?;
             write_new_secret(&out, &skey)?;
             println!("{vkey}");
+            Ok(ExitCode::SUCCESS)
+        }
+        LogCommand::Consistency { file, key, out, log_token } => {
+            let token = log_token.as_deref().or(admin_token).ok_or("no token: set WARDEN_LOG_TOKEN (or the admin token)")?;
+            let ring = crate::session::key_ring(&key)?;
+            let later = consistency(&Client::new(url, token), &ring, &file)?;
+            let text = serde_json::to_string_pretty(&later).map_err(|e| e.to_string())? + "\n";
+            match &out {
+                Some(p) => std::fs::write(p, &text).map_err(|e| format!("cannot write {}: {e}", p.display()))?,
+                None => print!("{text}"),
+            }
+            eprintln!("later checkpoint: {} proof(s) to it", later.proofs.len());
             Ok(ExitCode::SUCCESS)
         }
         LogCommand::Witness { state, key, cosign_key, out, log_token } => {
@@ -124,6 +152,25 @@ fn witness(client: &Client, ring: &KeyRing, state: &Path) -> Result<Result<(Veri
     let tmp = state.with_extension("tmp");
     std::fs::write(&tmp, &note).and_then(|()| std::fs::rename(&tmp, state)).map_err(|e| format!("cannot write {}: {e}", state.display()))?;
     Ok(Ok((new, what)))
+}
+
+/// The latest checkpoint and a consistency proof to it from each checkpoint size the export's
+/// evidence was proven at (each verified with the keys first: a forged one is not extended).
+fn consistency(client: &Client, ring: &KeyRing, export: &Path) -> Result<LaterCheckpoint, String> {
+    let text = std::fs::read_to_string(export).map_err(|e| format!("cannot read {}: {e}", export.display()))?;
+    let mut sizes = std::collections::BTreeSet::new();
+    for (view, raw) in crate::evidence::read(&text)? {
+        let Some(ev) = raw.get("evidence").and_then(|e| serde_json::from_value::<warden_log::SessionEvidence>(e.clone()).ok()) else { continue };
+        let cp = ring.verify_checkpoint(&ev.checkpoint).map_err(|e| format!("session {}: its checkpoint does not verify: {e}", view.id))?;
+        sizes.insert(cp.size);
+    }
+    let note = client.get_text("/v1/log/checkpoint")?;
+    let latest = ring.verify_checkpoint(&note).map_err(|e| format!("the log's checkpoint does not verify: {e}"))?;
+    let mut proofs = Vec::new();
+    for from in sizes.into_iter().filter(|s| *s < latest.size) {
+        proofs.push(client.get::<ConsistencyProof>(&format!("/v1/log/proof/consistency?from={from}&to={}", latest.size))?);
+    }
+    Ok(LaterCheckpoint { checkpoint: note, proofs })
 }
 
 /// A secret key file: created, never overwritten, readable by its owner only.

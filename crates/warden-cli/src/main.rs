@@ -5,6 +5,7 @@ mod client;
 mod evidence;
 mod log;
 mod policy;
+mod profile;
 mod replay;
 mod session;
 mod time;
@@ -42,6 +43,11 @@ enum Command {
     Sessions {
         #[command(flatten)]
         select: session::Selection,
+    },
+    /// A subject's behavioural profile across its sessions: show it, reset it.
+    Profile {
+        #[command(subcommand)]
+        command: profile::ProfileCommand,
     },
     /// Re-decide recorded sessions with a candidate policy and show what would change.
     Replay(replay::ReplayArgs),
@@ -81,6 +87,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
     match cli.command {
         Command::Session { command } => session::run(command, &connect, cli.json),
         Command::Sessions { select } => session::list(&connect()?, &select, cli.json),
+        Command::Profile { command } => profile::run(command, &connect()?, cli.json),
         Command::Replay(args) => replay::run(args, &connect, cli.json),
         Command::Log { command } => log::run(command, &cli.url, cli.token.as_deref(), cli.json),
         Command::Policy { command } => Ok(policy::run(command)),

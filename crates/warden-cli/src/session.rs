@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use clap::Subcommand;
 use warden_core::wire::{SessionHead, SessionList, SessionSummary, SessionView};
-use warden_log::{KeyRing, SessionEvidence};
+use warden_log::{KeyRing, LaterCheckpoint, SessionEvidence};
 
 use crate::client::{self, Client};
 use crate::{evidence, time};
@@ -51,6 +51,11 @@ pub enum SessionCommand {
         /// head. Repeat for rotated keys.
         #[arg(long)]
         key: Vec<String>,
+        /// A later checkpoint of the log (`warden log consistency`, or a witness's state
+        /// file): also check that it extends the checkpoint each session was proven against,
+        /// so a log rewritten since the export is named. Needs --key.
+        #[arg(long, requires = "key")]
+        later: Option<PathBuf>,
     },
     /// Write sessions with their trails as JSON Lines (for replay and offline verify).
     Export {
@@ -82,8 +87,12 @@ pub fn run(command: SessionCommand, connect: &dyn Fn() -> Result<Client, String>
             }
             Ok(ExitCode::SUCCESS)
         }
-        SessionCommand::Verify { id, file, key } => {
+        SessionCommand::Verify { id, file, key, later } => {
             let keys = if key.is_empty() { None } else { Some(key_ring(&key)?) };
+            let later = match &later {
+                Some(p) => Some(evidence::read_later(&std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?)?),
+                None => None,
+            };
             // Each session with its raw JSON and evidence, from the file or from the service.
             let sessions: Vec<(SessionView, Option<serde_json::Value>, Option<SessionEvidence>)> = match (&file, &id) {
                 (Some(f), _) => {
@@ -114,7 +123,7 @@ pub fn run(command: SessionCommand, connect: &dyn Fn() -> Result<Client, String>
             }
             let mut code = ExitCode::SUCCESS;
             for (view, raw, ev) in &sessions {
-                if !verify_one(view, raw.as_ref(), ev.as_ref(), keys.as_ref(), json) {
+                if !verify_one(view, raw.as_ref(), ev.as_ref(), keys.as_ref(), later.as_ref(), json) {
                     code = ExitCode::from(1);
                 }
             }
@@ -251,13 +260,23 @@ pub fn key_ring(keys: &[String]) -> Result<KeyRing, String> {
 }
 
 /// Print the verdict on one trail; true if intact. With keys, the evidence is required and checked.
-fn verify_one(view: &SessionView, raw: Option<&serde_json::Value>, ev: Option<&SessionEvidence>, keys: Option<&KeyRing>, json: bool) -> bool {
+fn verify_one(
+    view: &SessionView,
+    raw: Option<&serde_json::Value>,
+    ev: Option<&SessionEvidence>,
+    keys: Option<&KeyRing>,
+    later: Option<&LaterCheckpoint>,
+    json: bool,
+) -> bool {
     let id = &view.id;
     let chain = evidence::check_chain(view, raw);
     let proven = match (&chain, keys) {
         (Err(_), _) | (_, None) => None,
         (Ok(()), Some(keys)) => Some(match ev {
-            Some(ev) => evidence::check(view, ev, keys),
+            Some(ev) => evidence::check(view, ev, keys).and_then(|p| match later {
+                Some(later) => evidence::check_later(&ev.checkpoint, later, keys).map(|()| p),
+                None => Ok(p),
+            }),
             None => Err("no evidence to check against the key (exported from a service without a log key, or edited out)".to_string()),
         }),
     };

@@ -59,6 +59,7 @@ pub fn build(now_ms: u64, mode: &str, req: &RequestFacts<'_>, id: &Identity, ses
         .set("claims", tok.map(|t| t.claims.clone()).unwrap_or_else(Value::new_object))
         .set("delegation", strings(tok.map(|t| t.delegation.as_slice()).unwrap_or_default()))
         .set("workload", opt_s(id.workload.as_deref()))
+        .set("profile", sess.before.profile.as_ref().map(|p| p.to_value()).unwrap_or(Value::Null))
         .build();
 
     let credential = Obj::new()
@@ -91,6 +92,7 @@ pub fn build(now_ms: u64, mode: &str, req: &RequestFacts<'_>, id: &Identity, ses
         .set("workloads", strings(&b.workloads))
         .set("regions", strings(&b.regions))
         .set("devices", strings(&b.devices))
+        .set("authorities", strings(&b.authorities))
         .set("tools", strings(&b.tools))
         .set("scopes", strings(&b.scopes))
         .set("credential_subjects", strings(&b.credential_subjects))
@@ -98,6 +100,8 @@ pub fn build(now_ms: u64, mode: &str, req: &RequestFacts<'_>, id: &Identity, ses
         .set("flags", strings(&b.flags))
         .set("revoked", Value::from(b.revoked))
         .set("last_step_up", opt_n(b.last_step_up_ms.map(|ms| ms / 1000)))
+        .set("bytes_out", Value::from(b.bytes_out))
+        .set("refusals", Value::from(b.refusals.iter().map(|ms| Value::from(ms / 1000)).collect::<Vec<_>>()))
         .set("unavailable", Value::from(sess.unavailable))
         .build();
 

@@ -100,6 +100,8 @@ pub struct SessionState {
     pub workloads: Vec<String>,
     pub regions: Vec<String>,
     pub devices: Vec<String>,
+    /// The hosts called (`:authority`): tenants, for multi-tenant APIs.
+    pub authorities: Vec<String>,
     pub tools: Vec<String>,
     /// Scopes the session started with (escalation is judged against them).
     pub scopes: Vec<String>,
@@ -109,6 +111,14 @@ pub struct SessionState {
     pub flags: Vec<String>,
     pub revoked: bool,
     pub last_step_up_ms: Option<u64>,
+    /// Response bytes of the session's steps (data volume).
+    pub bytes_out: u64,
+    /// When the session's latest steps were refused (denied or sent to step-up), oldest first.
+    pub refusals: Vec<u64>,
+    /// The subject's behavioural profile across its sessions, from the state service with the
+    /// step's snapshot (never stored with the session).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<Box<crate::profile::Profile>>,
 }
 
 impl SessionState {
@@ -158,6 +168,7 @@ impl SessionState {
         remember_value(&mut self.workloads, seen.workload);
         remember_value(&mut self.regions, seen.region);
         remember_value(&mut self.devices, seen.device);
+        remember_value(&mut self.authorities, seen.authority);
         for t in seen.tools {
             remember_value(&mut self.tools, Some(t));
         }
@@ -184,11 +195,30 @@ impl SessionState {
         if r.step >= self.steps {
             self.risk = r.risk;
         }
+        self.bytes_out = self.bytes_out.saturating_add(r.response_bytes.unwrap_or(0));
+        if r.enforced && (r.action == "deny" || r.action == "step_up") {
+            self.refused_at(r.at_ms);
+        }
+    }
+
+    /// Remember a refused step (bounded: the latest `MAX_SEEN`, oldest first).
+    pub fn refused_at(&mut self, at_ms: u64) {
+        if self.refusals.contains(&at_ms) {
+            return;
+        }
+        let i = self.refusals.partition_point(|t| *t < at_ms);
+        self.refusals.insert(i, at_ms);
+        if self.refusals.len() > MAX_SEEN {
+            self.refusals.remove(0);
+        }
     }
 
     /// What a decision leaves behind: the new risk, flags, and a satisfied step-up.
-    pub fn after_decision(&mut self, risk: f64, flags: &[String], stepped_up_at_ms: Option<u64>) {
+    pub fn after_decision(&mut self, risk: f64, flags: &[String], stepped_up_at_ms: Option<u64>, refused_at_ms: Option<u64>) {
         self.risk = risk;
+        if let Some(t) = refused_at_ms {
+            self.refused_at(t);
+        }
         for f in flags {
             remember_value(&mut self.flags, Some(f));
         }
@@ -206,6 +236,11 @@ impl SessionState {
         for f in &mine.flags {
             remember_value(&mut self.flags, Some(f));
         }
+        // Responses and refusals the service has not heard of yet (their records are on the way).
+        self.bytes_out = self.bytes_out.max(mine.bytes_out);
+        for t in &mine.refusals {
+            self.refused_at(*t);
+        }
     }
 }
 
@@ -215,6 +250,7 @@ pub struct Seen<'a> {
     pub workload: Option<&'a str>,
     pub region: Option<&'a str>,
     pub device: Option<&'a str>,
+    pub authority: Option<&'a str>,
     pub tools: &'a [String],
     pub scopes: &'a [String],
 }
@@ -226,10 +262,19 @@ impl<'a> Seen<'a> {
         workload: &'a Option<String>,
         region: &'a Option<String>,
         device: &'a Option<String>,
+        authority: &'a Option<String>,
         tools: &'a [String],
         scopes: &'a [String],
     ) -> Self {
-        Self { credential: credential.as_deref(), workload: workload.as_deref(), region: region.as_deref(), device: device.as_deref(), tools, scopes }
+        Self {
+            credential: credential.as_deref(),
+            workload: workload.as_deref(),
+            region: region.as_deref(),
+            device: device.as_deref(),
+            authority: authority.as_deref(),
+            tools,
+            scopes,
+        }
     }
 }
 
@@ -335,7 +380,7 @@ mod tests {
     use super::*;
 
     fn seen<'a>(cred: &'a str) -> Seen<'a> {
-        Seen { credential: Some(cred), workload: None, region: Some("eu"), device: None, tools: &[], scopes: &[] }
+        Seen { credential: Some(cred), workload: None, region: Some("eu"), device: None, authority: None, tools: &[], scopes: &[] }
     }
 
     #[test]

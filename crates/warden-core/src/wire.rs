@@ -166,6 +166,9 @@ pub struct BeginStep {
     pub region: Option<String>,
     #[serde(default)]
     pub device: Option<String>,
+    /// The host called (`:authority`): a tenant, for multi-tenant APIs.
+    #[serde(default)]
+    pub authority: Option<String>,
     /// MCP tools this step calls.
     #[serde(default)]
     pub tools: Vec<String>,
@@ -187,6 +190,7 @@ impl BeginStep {
         c.opt("workload", &mut self.workload);
         c.opt("region", &mut self.region);
         c.opt("device", &mut self.device);
+        c.opt("authority", &mut self.authority);
         c.list("tools", &mut self.tools, MAX_TOOLS);
         c.list("scopes", &mut self.scopes, MAX_SCOPES);
         c.0
@@ -194,7 +198,7 @@ impl BeginStep {
 
     /// What this step adds to its session.
     pub fn seen(&self) -> Seen<'_> {
-        Seen::of(&self.credential, &self.workload, &self.region, &self.device, &self.tools, &self.scopes)
+        Seen::of(&self.credential, &self.workload, &self.region, &self.device, &self.authority, &self.tools, &self.scopes)
     }
 }
 
@@ -260,6 +264,8 @@ pub struct StepRecord {
     pub mode: String,
     pub status: Option<u32>,
     pub duration_ms: Option<u64>,
+    /// The response's body bytes as the proxy counted them (data volume, never the data).
+    pub response_bytes: Option<u64>,
     pub trace_id: Option<String>,
     /// True when the step was decided without the state service (degraded mode).
     pub degraded: bool,
@@ -363,6 +369,7 @@ impl StepRecord {
             status: None,
             duration_ms: None,
             trace_id: trace_id(f.traceparent).map(str::to_string),
+            response_bytes: None,
             degraded: f.degraded,
             begun: f.begun,
             input,
@@ -418,7 +425,7 @@ impl StepRecord {
 
     /// What this step added to its session (a record carries one tool, and no scopes).
     pub fn seen(&self) -> Seen<'_> {
-        Seen::of(&self.credential, &self.workload, &self.region, &self.device, self.tool.as_slice(), &[])
+        Seen::of(&self.credential, &self.workload, &self.region, &self.device, &self.authority, self.tool.as_slice(), &[])
     }
 }
 

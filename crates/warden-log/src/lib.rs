@@ -142,6 +142,16 @@ pub struct ConsistencyProof {
     pub proof: Vec<String>,
 }
 
+/// A later checkpoint of a log with the consistency proofs from the earlier sizes an export's
+/// evidence was proven at (`warden log consistency`): what `warden session verify --later`
+/// checks an export against, offline, to show its log was not rewritten since.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LaterCheckpoint {
+    /// The signed checkpoint note.
+    pub checkpoint: String,
+    pub proofs: Vec<ConsistencyProof>,
+}
+
 /// One record's place in the log, inside a session's evidence.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LeafProof {

@@ -16,6 +16,7 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use warden_core::hash::sha256;
+use warden_core::profile::Profile;
 use warden_core::wire::limits;
 use warden_core::wire::{
     AppendResult, BeginOutcome, BeginResponse, BeginStep, ErrorBody, RecordBatch, RevocationFeed, RevokeRequest, SessionList, SessionView,
@@ -55,6 +56,11 @@ pub struct AppState {
     /// The log's signing keys; without them the log is kept but no checkpoint is signed.
     log: Option<Arc<LogSigner>>,
     log_token: Option<[u8; 32]>,
+    /// Shared Signals: the receiver's trust (SETs pushed to `/v1/ssf/events`), the token a
+    /// transmitter pushes with, and the transmitter's public keys (`/v1/ssf/jwks`).
+    ssf_receiver: Option<Arc<warden_core::ssf::Receiver>>,
+    ssf_push_token: Option<[u8; 32]>,
+    ssf_jwks: Option<serde_json::Value>,
 }
 
 impl AppState {
@@ -67,7 +73,19 @@ impl AppState {
             counters: Counters::default(),
             log: None,
             log_token: None,
+            ssf_receiver: None,
+            ssf_push_token: None,
+            ssf_jwks: None,
         }
+    }
+
+    /// Receive SETs (with `push_token`, a transmitter must also present it) and publish the
+    /// transmitter's keys.
+    pub fn with_ssf(mut self, receiver: Option<Arc<warden_core::ssf::Receiver>>, push_token: Option<&str>, jwks: Option<serde_json::Value>) -> Self {
+        self.ssf_receiver = receiver;
+        self.ssf_push_token = push_token.map(|t| sha256(t.as_bytes()));
+        self.ssf_jwks = jwks;
+        self
     }
 
     /// Sign checkpoints and session heads with `signer`; let `log_token` (a witness's) read
@@ -371,6 +389,57 @@ async fn revoke(
     Ok(Json(serde_json::json!({"session_id": id, "revoked": true, "changed": changed})))
 }
 
+/// RFC 8935 push: a Security Event Token in the body (`application/secevent+jwt`); 202 once the
+/// sessions it names are revoked, 400 with RFC 8935's `{"err","description"}` if it is refused.
+async fn ssf_events(State(st): Shared, headers: HeaderMap, body: String) -> Result<Response, ApiError> {
+    let Some(receiver) = st.ssf_receiver.clone() else {
+        return Err(ApiError::NotFound("this service receives no Shared Signals (start it with --ssf-receiver-issuer, --ssf-receiver-audience and --ssf-receiver-jwks)".into()));
+    };
+    if let Some(want) = &st.ssf_push_token {
+        let presented = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).map(|t| sha256(t.trim().as_bytes()));
+        if !presented.is_some_and(|p| ct_eq(&p, want)) {
+            return Err(ApiError::Unauthenticated);
+        }
+    }
+    let (jti, events) = match receiver.verify(body.trim(), now_ms() / 1000) {
+        Ok(v) => v,
+        Err(r) => {
+            log::warn!("ssf: a SET was refused: {} ({})", r.err, r.description);
+            let mut resp = (StatusCode::BAD_REQUEST, Json(crate::ssf::error_body(&r))).into_response();
+            resp.extensions_mut().insert(Failure::Rejected);
+            return Ok(resp);
+        }
+    };
+    let n = crate::ssf::act(st.store.as_ref(), &events).await.map_err(|e| {
+        log::error!("ssf: SET {jti}: {e}");
+        ApiError::Internal
+    })?;
+    st.counters.revocations.fetch_add(n as u64, Ordering::Relaxed);
+    log::info!("ssf: SET {jti}: {} event(s), {n} session(s) revoked", events.len());
+    Ok(StatusCode::ACCEPTED.into_response())
+}
+
+/// The transmitter's public keys, for receivers to verify the SETs this service sends.
+async fn ssf_jwks(State(st): Shared) -> Result<Json<serde_json::Value>, ApiError> {
+    st.ssf_jwks.clone().map(Json).ok_or_else(|| ApiError::NotFound("this service transmits no Shared Signals (no --ssf-transmitter-key)".into()))
+}
+
+/// A subject's behavioural profile (admin): what its steps habitually look like.
+async fn profile(Path(subject): Path<String>, _: Caller<Admins>, State(st): Shared) -> Result<Json<Profile>, ApiError> {
+    validate::subject(&subject)?;
+    match st.store.profile(subject.clone()).await? {
+        Some(p) => Ok(Json(p)),
+        None => Err(ApiError::NotFound(format!("no profile of {subject:?}: none of its steps was recorded yet, or it was reset"))),
+    }
+}
+
+/// Forget a subject's profile (admin): it is learned again from its next steps.
+async fn reset_profile(Path(subject): Path<String>, _: Caller<Admins>, State(st): Shared) -> Result<Json<serde_json::Value>, ApiError> {
+    validate::subject(&subject)?;
+    let reset = st.store.reset_profile(subject.clone()).await?;
+    Ok(Json(serde_json::json!({"subject": subject, "reset": reset})))
+}
+
 fn log_signer(st: &AppState) -> Result<Arc<LogSigner>, ApiError> {
     st.log.clone().ok_or_else(|| ApiError::Unavailable("no log key is configured (--log-key): checkpoints are not signed".into()))
 }
@@ -497,6 +566,9 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/v1/sessions", get(search))
         .route("/v1/sessions/{id}", get(session))
         .route("/v1/sessions/{id}/revoke", post(revoke))
+        .route("/v1/profiles/{subject}", get(profile).delete(reset_profile))
+        .route("/v1/ssf/events", post(ssf_events))
+        .route("/v1/ssf/jwks", get(ssf_jwks))
         .route("/v1/log/checkpoint", get(log_checkpoint).post(log_checkpoint_now))
         .route("/v1/log/proof/consistency", get(log_consistency))
         .route("/v1/log/proof/inclusion", get(log_inclusion))

@@ -5,6 +5,7 @@ pub mod api;
 pub mod migrate;
 pub mod redis;
 pub mod sqlite;
+pub mod ssf;
 pub mod store;
 pub mod validate;
 

@@ -39,8 +39,86 @@ struct Args {
     /// Sign a checkpoint this often (seconds) when the log has grown.
     #[arg(long, env = "WARDEN_CHECKPOINT_INTERVAL", default_value_t = 10)]
     checkpoint_interval: u64,
+    #[command(flatten)]
+    ssf: SsfArgs,
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+/// Shared Signals (SSF 1.0 / CAEP 1.0): receive Security Event Tokens that revoke sessions,
+/// transmit one for every revocation.
+#[derive(clap::Args)]
+struct SsfArgs {
+    /// Receive SETs from this transmitter (its `iss`), pushed to POST /v1/ssf/events (RFC 8935).
+    #[arg(long, env = "WARDEN_SSF_RECEIVER_ISSUER", requires_all = ["ssf_receiver_audience", "ssf_receiver_jwks"])]
+    ssf_receiver_issuer: Option<String>,
+    /// The `aud` the transmitter's SETs must name: this receiver.
+    #[arg(long, env = "WARDEN_SSF_RECEIVER_AUDIENCE")]
+    ssf_receiver_audience: Option<String>,
+    /// The transmitter's public keys (a JWKS file).
+    #[arg(long, env = "WARDEN_SSF_RECEIVER_JWKS")]
+    ssf_receiver_jwks: Option<PathBuf>,
+    /// A pushing transmitter must also present this bearer token.
+    #[arg(long, env = "WARDEN_SSF_PUSH_TOKEN", hide_env_values = true)]
+    ssf_push_token: Option<String>,
+    /// Poll the transmitter for SETs (RFC 8936) at this URL, every 2 seconds.
+    #[arg(long, env = "WARDEN_SSF_POLL_URL", requires = "ssf_receiver_issuer")]
+    ssf_poll_url: Option<String>,
+    /// The bearer token for polling.
+    #[arg(long, env = "WARDEN_SSF_POLL_TOKEN", hide_env_values = true)]
+    ssf_poll_token: Option<String>,
+    /// Transmit a CAEP session-revoked SET for every revocation, signed with this P-256 key (PEM).
+    #[arg(long, env = "WARDEN_SSF_TRANSMITTER_KEY", requires = "ssf_transmitter_issuer")]
+    ssf_transmitter_key: Option<PathBuf>,
+    /// The transmitter's `iss`.
+    #[arg(long, env = "WARDEN_SSF_TRANSMITTER_ISSUER")]
+    ssf_transmitter_issuer: Option<String>,
+    /// A receiver's push endpoint; repeat for several. Its audience is --ssf-transmit-audience,
+    /// else the URL itself.
+    #[arg(long, env = "WARDEN_SSF_TRANSMIT_TO", value_delimiter = ',')]
+    ssf_transmit_to: Vec<String>,
+    #[arg(long, env = "WARDEN_SSF_TRANSMIT_AUDIENCE")]
+    ssf_transmit_audience: Option<String>,
+    /// The bearer token the receivers expect.
+    #[arg(long, env = "WARDEN_SSF_TRANSMIT_TOKEN", hide_env_values = true)]
+    ssf_transmit_token: Option<String>,
+}
+
+/// The receiver's trust and the transmitter, from the arguments; their background tasks started.
+fn shared_signals(a: &SsfArgs, store: &Arc<dyn warden_state::store::Store>) -> Result<(Option<Arc<warden_core::ssf::Receiver>>, Option<serde_json::Value>), String> {
+    use warden_state::ssf;
+    let receiver = match (&a.ssf_receiver_issuer, &a.ssf_receiver_audience, &a.ssf_receiver_jwks) {
+        (Some(issuer), Some(audience), Some(jwks)) => {
+            let text = std::fs::read_to_string(jwks).map_err(|e| format!("cannot read the SSF transmitter's JWKS {}: {e}", jwks.display()))?;
+            let doc: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("{}: not JSON: {e}", jwks.display()))?;
+            let algs = ["RS256", "ES256", "EdDSA"].map(String::from);
+            let (keys, _) = warden_core::identity::jwks::parse_jwks(&doc, &algs).map_err(|e| format!("{}: {e}", jwks.display()))?;
+            let r = Arc::new(warden_core::ssf::Receiver { issuer: issuer.clone(), audience: audience.clone(), keys, max_age_seconds: 3600 });
+            if let Some(url) = &a.ssf_poll_url {
+                tokio::spawn(ssf::poll(store.clone(), r.clone(), url.clone(), a.ssf_poll_token.clone(), std::time::Duration::from_secs(2)));
+            }
+            eprintln!("warden-state: receiving Shared Signals from {issuer} (POST /v1/ssf/events{})", if a.ssf_poll_url.is_some() { ", and polling" } else { "" });
+            Some(r)
+        }
+        _ => None,
+    };
+    let jwks = match (&a.ssf_transmitter_key, &a.ssf_transmitter_issuer) {
+        (Some(key), Some(issuer)) => {
+            let pem = std::fs::read_to_string(key).map_err(|e| format!("cannot read the SSF signing key {}: {e}", key.display()))?;
+            let tx = Arc::new(ssf::Transmitter::from_pem(issuer, &pem)?);
+            let jwks = tx.jwks();
+            let to: Vec<ssf::Destination> = a
+                .ssf_transmit_to
+                .iter()
+                .map(|url| ssf::Destination { url: url.clone(), audience: a.ssf_transmit_audience.clone().unwrap_or_else(|| url.clone()), token: a.ssf_transmit_token.clone() })
+                .collect();
+            eprintln!("warden-state: transmitting session-revoked SETs as {issuer} (key {}) to {} receiver(s)", tx.kid, to.len());
+            tokio::spawn(ssf::transmit(store.clone(), tx, to, std::time::Duration::from_millis(500)));
+            Some(jwks)
+        }
+        _ => None,
+    };
+    Ok((receiver, jwks))
 }
 
 #[derive(Subcommand)]
@@ -142,7 +220,10 @@ async fn run() -> Result<(), String> {
         }
         None => eprintln!("warden-state: no --log-key: the log is kept but no checkpoint is signed"),
     }
-    let state = Arc::new(AppState::new(store, &proxy, &admin).with_log(signer, args.log_token.as_deref()));
+    let (receiver, ssf_jwks) = shared_signals(&args.ssf, &store)?;
+    let state = Arc::new(
+        AppState::new(store, &proxy, &admin).with_log(signer, args.log_token.as_deref()).with_ssf(receiver, args.ssf.ssf_push_token.as_deref(), ssf_jwks),
+    );
     let listener = tokio::net::TcpListener::bind(args.listen).await.map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     println!("warden-state listening on {addr} ({described})");

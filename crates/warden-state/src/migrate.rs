@@ -1,6 +1,7 @@
 //! `warden-state migrate --from sqlite:PATH --to redis://…`: copy a SQLite store into an empty
 //! Redis. Sessions (state, revocation, records with their bodies and hashes unchanged, audit
-//! events), the revocation feed with its cursors, which subjects presented which credential and
+//! events), the revocation feed with its cursors, which subjects presented which credential, the
+//! subjects' behavioural profiles and
 //! the log (the same leaves in the same order, the same stored tree hashes, the signed
 //! checkpoints): a trail verifies after as before, and a checkpoint signed before the migration
 //! is consistent with every one signed after.
@@ -131,6 +132,14 @@ pub async fn copy(from: &str, to: &str) -> Result<Copied, String> {
         let rows: Vec<(String, String, i64)> = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).map_err(sql)?.collect::<Result<_, _>>().map_err(sql)?;
         for (cred, subject, at) in rows {
             target.credential_subject(&cred, &subject, at as u64).await.map_err(|e| e.to_string())?;
+        }
+    }
+
+    {
+        let mut stmt = tx.prepare("SELECT subject, profile FROM profiles").map_err(sql)?;
+        let rows: Vec<(String, String)> = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).map_err(sql)?.collect::<Result<_, _>>().map_err(sql)?;
+        for (subject, profile) in rows {
+            target.profile(&subject, &profile).await.map_err(|e| e.to_string())?;
         }
     }
 

@@ -6,6 +6,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use warden_core::profile::Profile;
 use warden_core::session::BeginError;
 use warden_core::wire::{AppendResult, BeginOutcome, BeginResponse, BeginStep, RevocationFeed, SessionSummary, SessionView, StepRecord};
 use warden_log::{InclusionProof, LeafProof, LogSigner};
@@ -65,6 +66,12 @@ pub trait Store: Send + Sync + 'static {
     /// Revoke a session (a session not seen yet is created revoked). True if it was not revoked before.
     fn revoke(&self, id: String, reason: String, now_ms: u64) -> StoreFuture<'_, bool>;
     fn revocations(&self, after: u64, limit: usize) -> StoreFuture<'_, RevocationFeed>;
+    /// A subject's behavioural profile (`warden_core::profile`): begin-step must hand it out with
+    /// the step's snapshot (`SessionState::profile`), and append must update it with
+    /// `Profile::observe` for every record it appends, in the record's transaction.
+    fn profile(&self, subject: String) -> StoreFuture<'_, Option<Profile>>;
+    /// Forget a subject's profile (it is learned again). True if there was one.
+    fn reset_profile(&self, subject: String) -> StoreFuture<'_, bool>;
     /// The append-only log over every record (`warden_log`). `append` must enter each new
     /// record into it as its next leaf, in the record's transaction.
     /// Sign a checkpoint of the log as it is now unless the latest covers it; refuse (an error)

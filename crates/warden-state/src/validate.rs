@@ -24,6 +24,14 @@ pub fn session_id(id: &str) -> Result<(), Invalid> {
     }
 }
 
+/// A subject named in a path (profiles): at most one text value's length, not empty.
+pub fn subject(s: &str) -> Result<(), Invalid> {
+    if s.is_empty() || s.len() > limits::MAX_TEXT_BYTES {
+        return Err(bad(format!("subject must be 1-{} bytes", limits::MAX_TEXT_BYTES)));
+    }
+    Ok(())
+}
+
 /// Refused if the filter's bounding would cut anything; names the fields it would cut.
 fn within_limits(what: &str, cut: Vec<&'static str>) -> Result<(), Invalid> {
     if cut.is_empty() {

@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod contract;
 mod support;
 
 use std::sync::Arc;
@@ -23,6 +24,7 @@ use warden_state::{app, AppState};
 
 const PROXY: &str = "proxy-token-0123456789";
 const ADMIN: &str = "admin-token-0123456789";
+const SSF_PUSH: &str = "ssf-push-token-0123456789";
 
 #[derive(Debug, Clone, Copy)]
 enum Backend {
@@ -90,17 +92,32 @@ impl Api {
 
     /// A JSON body as given, valid or not.
     async fn call_raw(&self, method: &str, path: &str, token: Option<&str>, body: Option<String>) -> (StatusCode, Value) {
+        self.send(method, path, token, body.map(|b| ("application/json", b))).await
+    }
+
+    /// A body of any content type. Every exchange is checked against openapi.yaml.
+    async fn send(&self, method: &str, path: &str, token: Option<&str>, body: Option<(&str, String)>) -> (StatusCode, Value) {
         let mut req = Request::builder().method(method).uri(path);
         if let Some(t) = token {
             req = req.header("authorization", format!("Bearer {t}"));
         }
-        let req = match body {
-            Some(b) => req.header("content-type", "application/json").body(Body::from(b)).unwrap(),
+        let req = match &body {
+            Some((content_type, b)) => req.header("content-type", *content_type).body(Body::from(b.clone())).unwrap(),
             None => req.body(Body::empty()).unwrap(),
         };
         let resp = app(self.state.clone()).oneshot(req).await.unwrap();
         let status = resp.status();
+        let content_type = resp.headers().get("content-type").map(|v| v.to_str().unwrap().to_string());
         let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        contract::check(&contract::Exchange {
+            method,
+            uri: path,
+            caller: caller(token),
+            request: body.as_ref().map(|(content_type, b)| (*content_type, b.as_bytes())),
+            status: status.as_u16(),
+            content_type: content_type.as_deref(),
+            body: &bytes,
+        });
         let v = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
         (status, v)
     }
@@ -134,7 +151,19 @@ on_each_store!(
     an_oversized_body_is_413_with_the_error_shape_and_counted,
     impossible_history_is_refused_audited_and_changes_nothing,
     the_largest_batch_is_taken_whole,
+    a_subject_s_profile_is_learned_from_its_records_handed_out_with_its_steps_and_reset,
 );
+
+/// The spec's name for a token's role.
+fn caller(token: Option<&str>) -> contract::Caller {
+    match token {
+        None => contract::Caller::Anonymous,
+        Some(PROXY) => contract::Caller::Role("proxy"),
+        Some(ADMIN) => contract::Caller::Role("admin"),
+        Some(SSF_PUSH) => contract::Caller::Role("ssf_push"),
+        Some(_) => contract::Caller::Unknown,
+    }
+}
 
 /// A minute ago, in ms: records of steps a proxy counted alone must be recent.
 fn recently() -> u64 {
@@ -497,6 +526,120 @@ async fn a_session_s_head_names_a_removed_tail() {
     assert!(why.starts_with("the last 2 record(s) are missing"), "{why}");
 }
 
+// ---------------------------------------------------------------- behavioural profiles
+
+async fn a_subject_s_profile_is_learned_from_its_records_handed_out_with_its_steps_and_reset(b: Backend) {
+    let api = Api::new(b).await;
+    let subject = "spiffe://example.org/ns/ops/sa/report-bot";
+    let path = format!("/v1/profiles/{}", subject.replace('/', "%2F").replace(':', "%3A"));
+    assert_eq!(api.call("GET", &path, Some(ADMIN), None).await.0, StatusCode::NOT_FOUND);
+    for (i, sid) in ["p1", "p2"].iter().enumerate() {
+        for step in 1..=3u64 {
+            let (s, v) = api
+                .call("POST", "/v1/steps/begin", Some(PROXY), Some(json!({"session_id": sid, "subject": subject, "region": "eu", "authority": "t1.example"})))
+                .await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+            let r = StepRecord {
+                region: Some("eu".into()),
+                authority: Some("t1.example".into()),
+                tool: Some("report.build".into()),
+                response_bytes: Some(1000 * (i as u64 + 1)),
+                action: if step == 3 { "deny".into() } else { "allow".into() },
+                ..counted(sid, step, &format!("d{step}"), subject)
+            };
+            let (s, v) = api.call("POST", "/v1/records", Some(PROXY), Some(json!({"records": [r]}))).await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+        }
+    }
+    let (s, p) = api.call("GET", &path, Some(ADMIN), None).await;
+    assert_eq!(s, StatusCode::OK, "{p}");
+    assert!((p["steps"].as_f64().unwrap() - 6.0).abs() < 1e-3, "{p}");
+    assert!((p["regions"]["eu"]["count"].as_f64().unwrap() - 6.0).abs() < 1e-3, "{p}");
+    assert!(p["authorities"]["t1.example"]["count"].as_f64().unwrap() > 5.9 && p["tools"]["report.build"]["count"].as_f64().unwrap() > 5.9, "{p}");
+    assert!(p["bytes_per_step"].as_f64().unwrap() > 1000.0, "{p}");
+    // The session keeps its data volume and its refusals; the next step carries the profile.
+    let view = api.view("p2").await;
+    assert_eq!((view.state.bytes_out, view.state.refusals.len(), view.state.authorities.clone()), (6000, 1, vec!["t1.example".to_string()]));
+    let (_, v) = api.call("POST", "/v1/steps/begin", Some(PROXY), Some(json!({"session_id": "p3", "subject": subject}))).await;
+    assert!((v["session"]["profile"]["steps"].as_f64().unwrap() - 6.0).abs() < 1e-3, "{v}");
+    assert!(api.view("p3").await.state.profile.is_none(), "the profile is handed out, never stored with a session");
+    // Admins only; a reset forgets it until the next records.
+    assert_eq!(api.call("GET", &path, Some(PROXY), None).await.0, StatusCode::FORBIDDEN);
+    let (s, v) = api.call("DELETE", &path, Some(ADMIN), None).await;
+    assert_eq!((s, v["reset"].as_bool()), (StatusCode::OK, Some(true)), "{v}");
+    assert_eq!(api.call("GET", &path, Some(ADMIN), None).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(api.call("DELETE", &path, Some(ADMIN), None).await.1["reset"], json!(false));
+    let (s, v) = api.call("GET", &format!("/v1/profiles/{}", "x".repeat(1025)), Some(ADMIN), None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+}
+
+// ---------------------------------------------------------------- shared signals
+
+/// A transmitter's key and a SET it signs (`typ: secevent+jwt`).
+fn signed_set(kp: &jwt_simple::prelude::ES256KeyPair, aud: &str, events: Value) -> String {
+    use jwt_simple::prelude::*;
+    let claims = JWTClaims {
+        issued_at: Some(Duration::from_secs(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs())),
+        expires_at: None,
+        invalid_before: None,
+        issuer: Some("https://idp.test".into()),
+        subject: None,
+        audiences: Some(Audiences::AsString(aud.into())),
+        jwt_id: Some("set-1".into()),
+        nonce: None,
+        custom: json!({"events": events}),
+    };
+    let opts = HeaderOptions { signature_type: Some("secevent+jwt".into()), ..Default::default() };
+    kp.sign_with_options(claims, &opts).unwrap()
+}
+
+#[tokio::test]
+async fn shared_signals_revoke_the_sessions_a_verified_set_names() {
+    use jwt_simple::prelude::*;
+    let kp = ES256KeyPair::generate();
+    let tx = warden_state::ssf::Transmitter::from_pem("https://idp.test", &kp.to_pem().unwrap()).unwrap();
+    let (keys, _) = warden_core::identity::jwks::parse_jwks(&tx.jwks(), &["ES256".to_string()]).unwrap();
+    let receiver = warden_core::ssf::Receiver { issuer: "https://idp.test".into(), audience: "https://warden.test".into(), keys, max_age_seconds: 300 };
+    let store = Arc::new(SqliteStore::in_memory().unwrap());
+    let state = AppState::new(store, PROXY, ADMIN).with_ssf(Some(Arc::new(receiver)), Some(SSF_PUSH), Some(tx.jwks()));
+    let api = Api { state: Arc::new(state), redis: None, cluster: None };
+    for sid in ["a1", "a2"] {
+        api.begin(sid, "alice", "sha256:alice").await;
+    }
+    api.begin("b1", "bob", "sha256:bob").await;
+    let push = |set: String, token: Option<&'static str>| {
+        let api = &api;
+        async move { api.send("POST", "/v1/ssf/events", token, Some(("application/secevent+jwt", set))).await }
+    };
+    let revoked = |e: Value| json!({"https://schemas.openid.net/secevent/caep/event-type/session-revoked": e});
+    // Refused: nothing changes.
+    let (s, v) = push(signed_set(&ES256KeyPair::generate(), "https://warden.test", revoked(json!({"subject": {"format": "opaque", "id": "a1"}}))), Some(SSF_PUSH)).await;
+    assert_eq!((s, v["err"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_key")), "{v}");
+    let (s, v) = push(signed_set(&kp, "https://other.test", revoked(json!({"subject": {"format": "opaque", "id": "a1"}}))), Some(SSF_PUSH)).await;
+    assert_eq!((s, v["err"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_audience")), "{v}");
+    assert_eq!(push(signed_set(&kp, "https://warden.test", revoked(json!({"subject": {"format": "opaque", "id": "a1"}}))), None).await.0, StatusCode::UNAUTHORIZED);
+    assert!(api.view("a1").await.revoked_at_ms.is_none());
+    // One session, then every session of a subject.
+    let (s, v) = push(signed_set(&kp, "https://warden.test", revoked(json!({"subject": {"format": "opaque", "id": "a1"}, "reason_admin": {"en": "lost device"}}))), Some(SSF_PUSH)).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let a1 = api.view("a1").await;
+    assert!(a1.revoke_reason.unwrap().contains("lost device") && api.view("a2").await.revoked_at_ms.is_none());
+    let (s, _) = push(signed_set(&kp, "https://warden.test", revoked(json!({"subject": {"format": "iss_sub", "iss": "https://idp.test", "sub": "alice"}}))), Some(SSF_PUSH)).await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    assert!(api.view("a2").await.revoked_at_ms.is_some() && api.view("b1").await.revoked_at_ms.is_none());
+    // The revocations reach the proxies' feed like any other.
+    let (_, feed) = api.call("GET", "/v1/revocations?after=0", Some(PROXY), None).await;
+    let ids: Vec<&str> = feed["revocations"].as_array().unwrap().iter().map(|r| r["session_id"].as_str().unwrap()).collect();
+    assert_eq!(ids, vec!["a1", "a2"]);
+    // The transmitter's public key is published, with no token.
+    let (s, jwks) = api.call("GET", "/v1/ssf/jwks", None, None).await;
+    assert_eq!((s, jwks["keys"][0]["kty"].as_str()), (StatusCode::OK, Some("EC")));
+    // Without a receiver or a transmitter configured: 404.
+    let plain = Api::new(Backend::Sqlite).await;
+    assert_eq!(plain.send("POST", "/v1/ssf/events", Some(SSF_PUSH), Some(("application/secevent+jwt", "x".into()))).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(plain.call("GET", "/v1/ssf/jwks", None, None).await.0, StatusCode::NOT_FOUND);
+}
+
 // ---------------------------------------------------------------- group commit
 
 fn store_counter(metrics: &Value, name: &str) -> u64 {
@@ -512,6 +655,7 @@ fn begin_req(sid: &str, subject: &str) -> BeginStep {
         workload: None,
         region: None,
         device: None,
+        authority: None,
         tools: Vec::new(),
         known_steps: None,
         scopes: Vec::new(),
@@ -973,4 +1117,34 @@ async fn the_largest_batch_is_taken_whole(b: Backend) {
     let view = api.view("big1").await;
     assert_eq!(view.timeline.len(), 1000);
     trail::verify(&view.timeline).unwrap();
+}
+
+#[tokio::test]
+async fn a_revocation_body_that_does_not_parse_is_refused_before_the_token_as_text() {
+    use warden_core::wire::limits;
+    let api = Api::new(Backend::Sqlite).await;
+    let big = format!(r#"{{"reason":"{}"}}"#, "x".repeat(limits::MAX_BODY_BYTES));
+    for token in [Some(ADMIN), None] {
+        for (content_type, body, status) in [
+            ("text/plain", "incident 42".to_string(), StatusCode::UNSUPPORTED_MEDIA_TYPE),
+            ("application/json", r#"{"reason": 42}"#.to_string(), StatusCode::UNPROCESSABLE_ENTITY),
+            ("application/json", big.clone(), StatusCode::PAYLOAD_TOO_LARGE),
+        ] {
+            let (s, v) = api.send("POST", "/v1/sessions/t1/revoke", token, Some((content_type, body))).await;
+            assert_eq!(s, status, "{content_type} with {token:?}: {v}");
+            assert!(v.is_string(), "axum's own rejection, not an API error body: {v}");
+        }
+    }
+    let (s, v) = api.call("POST", "/v1/sessions/t1/revoke", Some(ADMIN), Some(json!({"reason": "r".repeat(1025)}))).await;
+    assert_eq!((s, v["message"].as_str()), (StatusCode::BAD_REQUEST, Some("reason is longer than 1024 bytes")));
+    let (s, v) = api.call("GET", "/v1/sessions?limit=many", Some(ADMIN), None).await;
+    assert_eq!((s, v["error"].as_str()), (StatusCode::BAD_REQUEST, Some("bad_request")));
+    assert_eq!(api.call("GET", "/v1/sessions/t1", Some(ADMIN), None).await.0, StatusCode::NOT_FOUND, "nothing was revoked");
+}
+
+/// openapi.yaml cannot drift the other way either: every operation (but the log's, exercised by
+/// tests/log.rs) got a documented 2xx from the tests above, each exchange checked as it was made.
+#[test]
+fn every_operation_of_the_spec_is_exercised() {
+    contract::assert_exercised("every_operation_of_the_spec_is_exercised", |path| !path.starts_with("/v1/log/"), &[]);
 }

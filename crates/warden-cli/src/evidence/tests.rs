@@ -26,13 +26,19 @@ struct Log {
     tree: Mem,
     leaves: Vec<(String, u64, String)>,
     signer: LogSigner,
+    skey: String,
     vkey: String,
 }
 
 impl Log {
     fn new() -> Self {
         let (skey, vkey) = warden_log::generate_log_key("warden.test/log").unwrap();
-        Self { tree: Mem::default(), leaves: Vec::new(), signer: LogSigner::from_keys(&[skey]).unwrap(), vkey }
+        Self::with_key(skey, vkey)
+    }
+
+    /// An empty log signed with the given key.
+    fn with_key(skey: String, vkey: String) -> Self {
+        Self { tree: Mem::default(), leaves: Vec::new(), signer: LogSigner::from_keys(std::slice::from_ref(&skey)).unwrap(), skey, vkey }
     }
 
     fn session(&mut self, id: &str, n: u64) -> SessionView {
@@ -244,4 +250,71 @@ fn exports_are_read_as_json_lines_or_any_layout_naming_the_bad_line() {
     assert!(e.starts_with("line 2:"), "{e}");
     let e = read(&format!("{one}not json\n")).err().unwrap();
     assert!(e.starts_with("line 2:"), "{e}");
+}
+
+impl Log {
+    /// The log's checkpoint now, with a consistency proof from `from` leaves.
+    fn later(&self, from: u64) -> LaterCheckpoint {
+        let size = self.leaves.len() as u64;
+        let root = warden_log::root(size, &self.tree).unwrap();
+        let proof = warden_log::encode(&warden_log::prove_consistency(from, size, &self.tree).unwrap());
+        LaterCheckpoint { checkpoint: self.signer.checkpoint(size, root).unwrap(), proofs: vec![warden_log::ConsistencyProof { from, to: size, proof }] }
+    }
+
+    /// The same log with the record at `index` rewritten from there on: what a database
+    /// rewritten and re-signed with the log's own key would serve.
+    fn rewritten_from(&self, index: usize) -> Log {
+        let mut other = Log::with_key(self.skey.clone(), self.vkey.clone());
+        for (i, (id, seq, hash)) in self.leaves.iter().enumerate() {
+            let hash = if i == index { format!("{hash}-rewritten") } else { hash.clone() };
+            other.append(id, *seq, &hash);
+        }
+        other
+    }
+}
+
+#[test]
+fn an_export_is_checked_against_a_later_checkpoint_of_its_log() {
+    let mut log = Log::new();
+    log.session("other", 3);
+    let view = log.session("ses-1", 4);
+    let ev = log.evidence("ses-1");
+    let keys = log.keys();
+    let exported_at = log.leaves.len() as u64;
+    assert_eq!(check(&view, &ev, &keys).map(|p| p.tree_size), Ok(exported_at));
+    // The log grows honestly: the later checkpoint extends the export's.
+    log.session("later", 5);
+    assert_eq!(check_later(&ev.checkpoint, &log.later(exported_at), &keys), Ok(()));
+    // The same size, unchanged: nothing to prove.
+    let same = LaterCheckpoint { checkpoint: ev.checkpoint.clone(), proofs: vec![] };
+    assert_eq!(check_later(&ev.checkpoint, &same, &keys), Ok(()));
+    // Rewritten before the export's size and re-signed with the log's key: named.
+    let rewritten = log.rewritten_from(2);
+    let e = check_later(&ev.checkpoint, &rewritten.later(exported_at), &keys).unwrap_err();
+    assert!(e.contains("inconsistent with the later one") && e.contains("forked or was rewritten"), "{e}");
+    // A fork: another tree of the export's very size.
+    let mut fork = log.rewritten_from(1);
+    fork.leaves.truncate(exported_at as usize);
+    let mut forked = Log::with_key(log.skey.clone(), log.vkey.clone());
+    for (id, seq, hash) in fork.leaves.clone() {
+        forked.append(&id, seq, &hash);
+    }
+    let same_size = LaterCheckpoint { checkpoint: forked.later(exported_at).checkpoint, proofs: vec![] };
+    let e = check_later(&ev.checkpoint, &same_size, &keys).unwrap_err();
+    assert!(e.contains("the log forked"), "{e}");
+    // Backwards: a smaller later checkpoint.
+    let mut small = Log::with_key(log.skey.clone(), log.vkey.clone());
+    small.session("other", 3);
+    let backwards = LaterCheckpoint { checkpoint: small.later(3).checkpoint, proofs: vec![] };
+    let e = check_later(&ev.checkpoint, &backwards, &keys).unwrap_err();
+    assert!(e.contains("went backwards"), "{e}");
+    // No proof from the export's size, or a checkpoint of an unknown key: said so.
+    let unproven = LaterCheckpoint { checkpoint: log.later(exported_at).checkpoint, proofs: vec![] };
+    assert!(check_later(&ev.checkpoint, &unproven, &keys).unwrap_err().contains("warden log consistency"));
+    let stranger = Log::new();
+    let e = check_later(&ev.checkpoint, &LaterCheckpoint { checkpoint: stranger.later(0).checkpoint, proofs: vec![] }, &keys).unwrap_err();
+    assert!(e.starts_with("the later checkpoint:"), "{e}");
+    // A witness's state file (a bare note) is read as a later checkpoint without proofs.
+    assert_eq!(read_later(&ev.checkpoint).unwrap().checkpoint, ev.checkpoint);
+    assert!(read_later("{not json").unwrap_err().contains("warden log consistency"));
 }

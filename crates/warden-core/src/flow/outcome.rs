@@ -124,6 +124,8 @@ pub struct Context {
     pub source_address: Option<String>,
     pub region: Option<String>,
     pub device: Option<String>,
+    /// `:authority`, bounded (`wire::limits`).
+    pub authority: Option<String>,
 }
 
 impl Pending {
@@ -133,6 +135,7 @@ impl Pending {
             workload: self.identity.workload.as_deref(),
             region: self.context.region.as_deref(),
             device: self.context.device.as_deref(),
+            authority: self.context.authority.as_deref(),
             tools: &self.tools,
             scopes: &self.identity.scopes,
         }

@@ -249,6 +249,7 @@ impl Warden {
             workload: seen.workload.map(str::to_string),
             region: seen.region.map(str::to_string),
             device: seen.device.map(str::to_string),
+            authority: seen.authority.map(str::to_string),
             tools: ctx.tools.clone(),
             known_steps: self.sessions.steps(&ctx.session.id),
             scopes: ctx.identity.scopes.clone(),
@@ -346,7 +347,13 @@ impl Warden {
                 *slot = std::str::from_utf8(raw).ok().map(str::to_string);
             }
         }
-        Some(Context { source_address, region, device })
+        // The host called, cut as its record will be, so the session and the trail agree.
+        let authority = headers.get_str(":authority").map(|a| {
+            let mut a = a.to_string();
+            crate::wire::bound_text(&mut a, crate::wire::limits::MAX_TEXT_BYTES);
+            a
+        });
+        Some(Context { source_address, region, device, authority })
     }
 
     /// A credential refused: 401 (400 for an unreadable header) with its reason, or in shadow

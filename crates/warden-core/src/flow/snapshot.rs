@@ -5,7 +5,7 @@
 
 use super::{Pending, Warden};
 use crate::config::StateMode;
-use crate::decision::Decision;
+use crate::decision::{Action, Decision};
 use crate::host::Host;
 use crate::session::{self, BeginError, SessionState};
 use crate::wire::StepRecord;
@@ -89,10 +89,13 @@ impl Warden {
     }
 
     /// The state after a step the service counted: this VM's table, and the shared snapshot.
-    pub(super) fn remember_step(&mut self, id: &str, after: SessionState, host: &mut dyn Host) {
+    pub(super) fn remember_step(&mut self, id: &str, mut after: SessionState, host: &mut dyn Host) {
         if self.cached() {
             put(host, id, &after, None);
         }
+        // The profile travels in the shared snapshot (cached steps decide on it); this VM's
+        // table does not keep a copy per session.
+        after.profile = None;
         self.sessions.put(id, after);
     }
 
@@ -112,13 +115,34 @@ impl Warden {
     /// next step: in this VM's table and, in cached mode, in the shared snapshot.
     pub(super) fn after_decision(&mut self, id: &str, d: &Decision, now_ms: u64, host: &mut dyn Host) {
         let stepped = d.step_up_satisfied.then_some(now_ms);
+        let refused = matches!(d.action, Action::Deny | Action::StepUp).then_some(now_ms);
         if let Some(mine) = self.sessions.get_mut(id) {
-            mine.after_decision(d.risk, &d.flags, stepped);
+            mine.after_decision(d.risk, &d.flags, stepped, refused);
         }
         if self.cached() {
             edit(host, id, |state| match state {
                 Some(mut state) => {
-                    state.after_decision(d.risk, &d.flags, stepped);
+                    state.after_decision(d.risk, &d.flags, stepped, refused);
+                    Edit::Write(state, ())
+                }
+                None => Edit::Leave(()),
+            });
+        }
+    }
+
+    /// The response of a step went out with `bytes` of body: the session's data volume, for its
+    /// next step, before the record reaches the service.
+    pub fn after_response(&mut self, id: &str, bytes: u64, host: &mut dyn Host) {
+        if bytes == 0 {
+            return;
+        }
+        if let Some(mine) = self.sessions.get_mut(id) {
+            mine.bytes_out = mine.bytes_out.saturating_add(bytes);
+        }
+        if self.cached() {
+            edit(host, id, |state| match state {
+                Some(mut state) => {
+                    state.bytes_out = state.bytes_out.saturating_add(bytes);
                     Edit::Write(state, ())
                 }
                 None => Edit::Leave(()),

@@ -64,11 +64,12 @@ fn every_value_of_a_begin_step_is_bounded() {
         workload: Some(long.clone()),
         region: Some(long.clone()),
         device: Some(long.clone()),
+        authority: Some(long.clone()),
         tools: vec![long.clone(); 70],
         known_steps: Some(3),
         scopes: vec!["s".into(); 300],
     };
-    assert_eq!(b.bound(), vec!["subject", "credential", "workload", "region", "device", "tools", "scopes"]);
+    assert_eq!(b.bound(), vec!["subject", "credential", "workload", "region", "device", "authority", "tools", "scopes"]);
     assert!(is_marked(&b.subject) && is_marked(b.region.as_deref().unwrap()));
     assert_eq!((b.tools.len(), b.scopes.len(), b.session_id.as_str(), b.known_steps), (MAX_TOOLS, MAX_SCOPES, "wf-1", Some(3)));
     assert!(b.bound().is_empty());

@@ -699,3 +699,29 @@ fn recorded_input_is_carried_as_recorded() {
 mod bounds;
 mod callouts;
 mod paths;
+
+#[test]
+fn cached_steps_decide_on_the_profile_the_service_handed_out_without_another_call() {
+    let k = keys();
+    let mut w = with_state(&k, "cached");
+    let mut h = live_host();
+    let t = bearer(&sign_es(&k, claims("agent-7")));
+    let headers = || req("/", &[("authorization", &t), ("x-session-id", b"wf-13")]);
+    let (pending, _) = call(&mut w, headers(), &mut h);
+    let mut learned = crate::profile::Profile::default();
+    let seen = StepRecord { step: 1, at_ms: 1_000, region: Some("eu".into()), ..Default::default() };
+    learned.observe(&seen, &SessionState::default());
+    let mut a = answer(1, true, "agent-7");
+    a.session.profile = Some(Box::new(learned));
+    let first = w.resume(pending, Ok(a), &mut h);
+    let input = |out: &RequestOutcome| out.record.as_ref().and_then(|r| r.input.as_ref()).map(|i| i.to_json().unwrap()).unwrap();
+    assert_eq!(input(&first)["identity"]["profile"]["regions"]["eu"].as_f64(), Some(1.0));
+    // The next step is taken on the shared snapshot (no call), and decides on the same profile.
+    let out = done(&mut w, headers(), &mut h);
+    assert_eq!(header(&out.set_headers, "x-warden-step"), Some("2"));
+    assert_eq!(input(&out)["identity"]["profile"]["steps"].as_f64(), Some(1.0));
+    // A subject the service has no profile of: null.
+    let (pending, _) = call(&mut w, req("/", &[("authorization", &t), ("x-session-id", b"wf-14")]), &mut h);
+    let out = w.resume(pending, Ok(answer(1, true, "agent-7")), &mut h);
+    assert_eq!(input(&out)["identity"]["profile"], json!(null));
+}

@@ -98,6 +98,12 @@ impl Importer {
         Ok(())
     }
 
+    /// A subject's behavioural profile (its JSON as stored).
+    pub async fn profile(&mut self, subject: &str, profile: &str) -> Result<(), StoreError> {
+        let _: () = self.conn.hset_multiple(keys::profile(subject), &[("p", profile), ("ver", "1")]).await.map_err(backend)?;
+        Ok(())
+    }
+
     /// The feed with its cursors unchanged (proxies' cursors stay valid).
     pub async fn revocations(&mut self, feed: &[Revocation]) -> Result<(), StoreError> {
         let c = &mut self.conn;

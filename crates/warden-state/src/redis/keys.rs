@@ -99,6 +99,12 @@ pub fn credential_subjects(credential: &str) -> String {
     format!("{PREFIX}:cred:{{c:{credential}}}")
 }
 
+/// A subject's behavioural profile: hash `p` (the `Profile`, JSON), `ver` (its compare-and-swap
+/// version).
+pub fn profile(subject: &str) -> String {
+    format!("{PREFIX}:profile:{{p:{subject}}}")
+}
+
 /// Search indexes (each its own key, written after the session: search is eventually consistent).
 pub mod index {
     use super::PREFIX;

@@ -32,6 +32,7 @@ use redis::AsyncCommands;
 use warden_core::wire::{
     AppendResult, BeginResponse, BeginStep, RefusedRecord, Revocation, RevocationFeed, SessionHead, SessionSummary, SessionView, StepRecord,
 };
+use warden_core::profile::Profile;
 use warden_log::{InclusionProof, LeafProof, LogSigner};
 
 pub use conn::{cluster_nodes, is_redis_url, redacted};
@@ -167,6 +168,19 @@ impl RedisStore {
             async move { cmd.query_async::<()>(&mut c).await.map_err(backend) }
         });
         futures_util::future::try_join_all(writes).await?;
+        // Each subject's profile learns the records appended, after their sessions' writes.
+        let mut learning: std::collections::HashMap<&str, Vec<(&StepRecord, &warden_core::session::SessionState)>> = std::collections::HashMap::new();
+        for (sid, a) in &results {
+            let recs = groups.get(sid).map(Vec::as_slice).unwrap_or_default();
+            for (i, state) in &a.observed {
+                if let Some(r) = recs.get(*i) {
+                    learning.entry(r.subject.as_str()).or_default().push((r, state));
+                }
+            }
+        }
+        for (subject, observed) in learning {
+            session::learn(&mut c, &self.metrics, subject, &observed).await?;
+        }
         let appended = results.iter().map(|(_, a)| a.appended).sum();
         let duplicates = results.iter().map(|(_, a)| a.duplicates).sum();
         Ok(AppendResult { appended, duplicates, refused })
@@ -290,6 +304,17 @@ impl Store for RedisStore {
             }
             let cursor = revocations.last().map(|r| r.cursor).unwrap_or(after);
             Ok(RevocationFeed { revocations, cursor })
+        })
+    }
+
+    fn profile(&self, subject: String) -> StoreFuture<'_, Option<Profile>> {
+        self.run(Op::Session, move |mut c, _| async move { Ok(session::profile(&mut c, &subject).await?.map(|(_, p)| p)) })
+    }
+
+    fn reset_profile(&self, subject: String) -> StoreFuture<'_, bool> {
+        self.run(Op::Session, move |mut c, _| async move {
+            let n: u64 = c.del(keys::profile(&subject)).await.map_err(backend)?;
+            Ok(n > 0)
         })
     }
 

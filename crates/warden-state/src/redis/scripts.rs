@@ -155,3 +155,16 @@ return {s, redis.call('LRANGE', KEYS[2], 0, -1), redis.call('LRANGE', KEYS[3], 0
 ",
     )
 });
+
+/// Write a subject's profile only if its version is still `ARGV[1]`. KEYS: the profile hash.
+/// ARGV: version, profile JSON. Returns 1, or 0 when another write came first.
+pub static PROFILE_CAS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local ver = tonumber(redis.call('HGET', KEYS[1], 'ver') or '0')
+if ver ~= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'p', ARGV[2], 'ver', ver + 1)
+return 1
+",
+    )
+});

@@ -11,6 +11,7 @@ use serde::Serialize;
 use warden_core::session::SessionState;
 use warden_core::trail::{self, GENESIS};
 use warden_core::admission::{self, Admitted};
+use warden_core::profile::Profile;
 use warden_core::wire::{AuditEvent, BeginOutcome, BeginResponse, BeginStep, RefusedRecord, StepRecord, TrailEntry};
 
 use super::conn::Conn;
@@ -253,11 +254,17 @@ pub async fn begin(conn: &mut Conn, m: &Metrics, seen: &Seen, req: &BeginStep, n
                         false => Ok(()),
                     }
                 };
-                let (written, subjects, indexed) =
-                    tokio::join!(cas_or_current(conn, sid, cur.ver, &w), credential_subjects(&mut c2, req.credential.as_deref(), &req.subject, now_ms), index);
+                let mut c4 = conn.clone();
+                let (written, subjects, indexed, learned) = tokio::join!(
+                    cas_or_current(conn, sid, cur.ver, &w),
+                    credential_subjects(&mut c2, req.credential.as_deref(), &req.subject, now_ms),
+                    index,
+                    profile(&mut c4, &req.subject)
+                );
                 let written = written?;
                 if matches!(written, Cas::Written(_)) {
                     before.credential_subjects = subjects?;
+                    before.profile = learned?.map(|(_, p)| Box::new(p));
                     indexed?;
                 }
                 (written, BeginResponse { outcome: BeginOutcome::Ok, step: state.steps, new: is_new, session: before })
@@ -276,6 +283,35 @@ pub async fn begin(conn: &mut Conn, m: &Metrics, seen: &Seen, req: &BeginStep, n
                 }
                 cur = *now;
             }
+        }
+        backoff(m, attempt).await?;
+    }
+    Err(StoreError::Backend("unreachable".into()))
+}
+
+/// A subject's profile (one that no longer parses is relearned rather than failing its steps).
+pub async fn profile(conn: &mut Conn, subject: &str) -> Result<Option<(u64, Profile)>, StoreError> {
+    let (p, ver): (Option<String>, Option<u64>) = redis::cmd("HMGET").arg(keys::profile(subject)).arg("p").arg("ver").query_async(conn).await.map_err(backend)?;
+    Ok(p.and_then(|t| serde_json::from_str(&t).ok()).map(|p| (ver.unwrap_or(0), p)))
+}
+
+/// Teach a subject's profile a batch's records of it, by compare-and-swap on the profile.
+pub async fn learn(conn: &mut Conn, m: &Metrics, subject: &str, observed: &[(&StepRecord, &SessionState)]) -> Result<(), StoreError> {
+    for attempt in 0.. {
+        let (ver, mut p) = match profile(conn, subject).await? {
+            Some((v, p)) => (v, p),
+            None => {
+                let v: Option<u64> = conn.hget(keys::profile(subject), "ver").await.map_err(backend)?;
+                (v.unwrap_or(0), Profile::default())
+            }
+        };
+        for (r, s) in observed {
+            p.observe(r, s);
+        }
+        let text = json(&p)?;
+        let done: i64 = scripts::PROFILE_CAS.key(keys::profile(subject)).arg(ver).arg(text).invoke_async(conn).await.map_err(backend)?;
+        if done == 1 {
+            return Ok(());
         }
         backoff(m, attempt).await?;
     }
@@ -314,6 +350,9 @@ pub struct Appended {
     pub index: Option<NewSession>,
     /// (credential, subject) pairs to remember (steps a proxy counted alone).
     pub credentials: Vec<(String, String)>,
+    /// Each appended record (its index in the session's part of the batch) with its session's
+    /// state after it: what the subject's profile learns from (`Profile::observe`).
+    pub observed: Vec<(usize, SessionState)>,
 }
 
 /// The fields `append` reads per record: its own (`<step>\n<decision>` → seq) and its step's
@@ -337,9 +376,18 @@ pub async fn append(conn: &mut Conn, m: &Metrics, seen: &Seen, sid: &str, recs: 
         // What this batch adds, as the store will hold it: own field → seq, step → decision.
         let mut own: HashMap<String, u64> = HashMap::new();
         let mut steps: HashMap<u64, String> = HashMap::new();
-        let mut out = Appended { appended: 0, duplicates: 0, refused: Vec::new(), leaves: Vec::new(), unfed_revocation: None, index: None, credentials: Vec::new() };
+        let mut out = Appended {
+            appended: 0,
+            duplicates: 0,
+            refused: Vec::new(),
+            leaves: Vec::new(),
+            unfed_revocation: None,
+            index: None,
+            credentials: Vec::new(),
+            observed: Vec::new(),
+        };
         let mut revoked_at = cur.revoked_at_ms.map(|at| (at, cur.revoke_reason.clone().unwrap_or_default()));
-        for r in recs {
+        for (i, r) in recs.iter().enumerate() {
             let [own_field, _] = record_fields(r);
             let (own_seq, step_decision) = (stored.next().flatten(), stored.next().flatten());
             let own_seq: Option<u64> = own_seq.and_then(|v| v.parse().ok()).or_else(|| own.get(&own_field).copied());
@@ -386,6 +434,9 @@ pub async fn append(conn: &mut Conn, m: &Metrics, seen: &Seen, sid: &str, recs: 
                 w.dedupe.push((r.step.to_string(), r.decision_id.clone()));
             }
             out.leaves.push((seq, Some(hash.clone())));
+            if let Some(s) = &state {
+                out.observed.push((i, s.clone()));
+            }
             (records, head) = (seq, hash);
             if r.action == "terminate" && r.enforced && revoked_at.is_none() {
                 revoked_at = Some((now_ms, terminate_reason(r)));

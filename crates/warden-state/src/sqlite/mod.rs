@@ -18,6 +18,7 @@
 //! session, its trail and revocations are in SQL) and here the `Store` they make together.
 
 mod log;
+mod profiles;
 mod queries;
 mod schema;
 mod writer;
@@ -27,6 +28,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use rusqlite::Connection;
+use warden_core::profile::Profile;
 use warden_core::wire::{AppendResult, BeginResponse, BeginStep, RevocationFeed, SessionSummary, SessionView, StepRecord};
 use warden_log::{InclusionProof, LeafProof, LogSigner};
 
@@ -106,6 +108,14 @@ impl Store for SqliteStore {
 
     fn revocations(&self, after: u64, limit: usize) -> StoreFuture<'_, RevocationFeed> {
         self.read(move |conn| revocations_in(conn, after, limit))
+    }
+
+    fn profile(&self, subject: String) -> StoreFuture<'_, Option<Profile>> {
+        self.read(move |conn| profiles::load(conn, &subject))
+    }
+
+    fn reset_profile(&self, subject: String) -> StoreFuture<'_, bool> {
+        self.write(1, move |conn| profiles::reset(conn, &subject))
     }
 
     fn log_checkpoint(&self, signer: Arc<LogSigner>, now_ms: u64) -> StoreFuture<'_, (u64, String)> {

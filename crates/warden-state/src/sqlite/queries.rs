@@ -144,6 +144,7 @@ pub(super) fn begin_in(conn: &Connection, req: &BeginStep, now_ms: u64) -> Resul
         }
     };
     before.credential_subjects = credential_subjects(conn, req.credential.as_deref(), &req.subject, now_ms)?;
+    before.profile = super::profiles::load(conn, &req.subject)?.map(Box::new);
     save(conn, &req.session_id, &state, records, &head)?;
     Ok(BeginResponse { outcome: BeginOutcome::Ok, step: state.steps, new: is_new, session: before })
 }
@@ -166,6 +167,7 @@ pub(super) fn append_in(conn: &Connection, batch: &[StepRecord], now_ms: u64) ->
     let mut open: Option<(&str, Option<Row>)> = None;
     // The last (credential, subject) pair remembered, so a batch's records do not repeat it.
     let mut seen: Option<(&str, &str)> = None;
+    let mut learning = super::profiles::Learning::default();
     for r in batch {
         let mut row = match open.take() {
             Some((id, row)) if id == r.session_id => row,
@@ -222,6 +224,7 @@ pub(super) fn append_in(conn: &Connection, batch: &[StepRecord], now_ms: u64) ->
         ])
         .map_err(backend)?;
         super::log::append_leaf(conn, &r.session_id, seq, &hash)?;
+        learning.observe(conn, r, &state)?;
         row = Some(Row { state, records: seq, head: hash });
         if let (true, Some(cred)) = (seen_credential, r.credential.as_deref()) {
             if seen != Some((cred, r.subject.as_str())) {
@@ -242,6 +245,7 @@ pub(super) fn append_in(conn: &Connection, batch: &[StepRecord], now_ms: u64) ->
     if let Some((id, Some(row))) = open {
         save(conn, id, &row.state, row.records, &row.head)?;
     }
+    learning.save(conn, now_ms)?;
     Ok(res)
 }
 

@@ -90,6 +90,8 @@ pub(super) const MIGRATIONS: &[&str] = &[
      );",
     // 5: a record refused by the trail's invariants is kept whole in its session's audit event.
     "ALTER TABLE audit ADD COLUMN record TEXT;",
+    // 6: each subject's behavioural profile across its sessions (`super::profiles`).
+    "CREATE TABLE profiles (subject TEXT PRIMARY KEY, profile TEXT NOT NULL, updated_at_ms INTEGER NOT NULL);",
 ];
 
 /// The migration that creates the log: after its SQL, the records already stored are entered
