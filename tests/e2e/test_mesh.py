@@ -19,7 +19,10 @@ from conftest import base_config
 
 def config(keys, mode="sync", degraded=False) -> dict:
     cfg = base_config(keys, state=h.state_config(mode=mode))
-    settings = {"limits": {"max_steps": 10_000, "rate_burst": 10_000, "max_steps_per_minute": 100_000}, "allow_degraded": degraded}
+    # The baseline module would (rightly) terminate a session refused again and again while its
+    # store is away; these tests are about the store, so it is off.
+    settings = {"limits": {"max_steps": 10_000, "rate_burst": 10_000, "max_steps_per_minute": 100_000}, "allow_degraded": degraded,
+                "modules": {"baseline": False}}
     return h.deep_merge(cfg, {"policy": {"data": {"warden": {"config": settings}}}})
 
 
