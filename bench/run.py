@@ -15,8 +15,10 @@ after `wasm-opt -Oz`; size: report what -O3 makes of it; measure: also measure t
 BENCH_QUIET_WAIT (90: seconds the run may spend in all waiting for other processes to calm down
 and redoing runs they disturbed), BENCH_OUT (bench/), BENCH_ONLY (state: measure only the
 session-state service alone, BENCH_ROUNDS runs of BENCH_SECONDS per kind, each on a fresh
-database; print every run and the medians as JSON on stdout and write no report; needs only
-`cargo build --release -p warden-state` and wrk, `WARDEN_STATE_BIN` picks another binary).
+database: SQLite, then the Redis store with one and with two replicas sharing a fresh
+redis-server, with the begin-step latency at half of its saturation; print every run and the
+medians as JSON on stdout and write no report; needs only `cargo build --release -p
+warden-state`, wrk and redis-server, `WARDEN_STATE_BIN` picks another binary).
 
 Adding a variant is one entry in VARIANTS plus one function building its http filters.
 """
@@ -749,29 +751,78 @@ request = function()
   n = n + 1
   return wrk.format("POST", "{path}", {hdrs}, {body})
 end
+""" + STATE_LUA_PACING
+
+
+# Pacing (BENCH_RATE, as in bench/wrk.lua) and the latency percentiles of a state-service run.
+STATE_LUA_PACING = """
+local rate = tonumber(os.getenv("BENCH_RATE") or "0") or 0
+if rate > 0 then
+  local ffi = require("ffi")
+  ffi.cdef [[
+    typedef struct { long tv_sec; long tv_nsec; } bench_timespec;
+    int clock_gettime(int clk_id, bench_timespec *tp);
+  ]]
+  local ts = ffi.new("bench_timespec")
+  local function now_ms()
+    ffi.C.clock_gettime(1, ts)
+    return tonumber(ts.tv_sec) * 1000 + tonumber(ts.tv_nsec) / 1e6
+  end
+  local interval = 1000 / rate
+  local next_at = nil
+  function delay()
+    local now = now_ms()
+    if next_at == nil or next_at < now - 50 then
+      next_at = now
+    end
+    local wait = next_at - now
+    next_at = next_at + interval
+    return math.floor(wait + 0.5)
+  end
+end
+function done(summary, latency, requests)
+  io.write(string.format('BENCH_RESULT {"requests": %d, "duration_us": %d, "lat_p50_us": %d, "lat_p99_us": %d}\\n',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99)))
+end
 """
 
 
-def measure_state(state: "h.StateService", seconds: int) -> dict:
-    """The state service alone on SQLite: begin-step requests/s and records/s (in batches of
-    STATE_BATCH), each with wrk on the other CPU; steps/s = one begin plus one record per step."""
-    out = {}
-    for kind in ("begin", "records"):
-        with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
-            f.write(state_lua(kind))
-            script = f.name
-        try:
-            cmd = ["wrk", "-t1", "-c16", f"-d{seconds}s", "-s", script, state.url]
+def state_wrk(kind: str, urls: list[str], seconds: int, rate: float = 0) -> list[dict]:
+    """One wrk per URL (a replica each), at once; 16 connections in all; paced at `rate` in all
+    when given. Each run's requests/s and latency percentiles."""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(state_lua(kind))
+        script = f.name
+    try:
+        procs = []
+        for url in urls:
+            cmd = ["wrk", "-t1", f"-c{16 // len(urls)}", f"-d{seconds}s", "-s", script, url]
             if PINNED:
                 cmd = ["taskset", "-c", ",".join(map(str, sorted(ENVOY_CPUS)))] + cmd
-            text = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60).stdout
-        finally:
-            os.unlink(script)
+            env = dict(os.environ, BENCH_RATE=str(rate / len(urls)) if rate else "0")
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
+        texts = [p.communicate(timeout=seconds + 60)[0] for p in procs]
+    finally:
+        os.unlink(script)
+    out = []
+    for text in texts:
         m = re.search(r"Requests/sec:\s+([\d.]+)", text)
+        r = re.search(r"^BENCH_RESULT (\{.*\})$", text, re.M)
         bad = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
-        if not m or bad:
+        if not m or not r or bad:
             raise RuntimeError(f"state service bench ({kind}) failed: {text[-800:]}")
-        out[f"{kind}_rps"] = float(m.group(1))
+        out.append(dict(json.loads(r.group(1)), rps=float(m.group(1))))
+    return out
+
+
+def measure_state(state: "h.StateService | list[h.StateService]", seconds: int) -> dict:
+    """The state service alone (one replica or several sharing a store): begin-step requests/s
+    and records/s (in batches of STATE_BATCH), each with wrk on the other CPU; steps/s = one
+    begin plus one record per step."""
+    urls = [s.url for s in (state if isinstance(state, list) else [state])]
+    out = {}
+    for kind in ("begin", "records"):
+        out[f"{kind}_rps"] = sum(r["rps"] for r in state_wrk(kind, urls, seconds))
     begin_s = 1 / out["begin_rps"]
     record_s = 1 / (out["records_rps"] * STATE_BATCH)
     out["records_per_s"] = out["records_rps"] * STATE_BATCH
@@ -818,8 +869,45 @@ def state_only() -> int:
     median = {k: med([r[k] for r in runs]) for k in keys}
     log(f"state service, median of {ROUNDS}: {median['begin_rps']:.0f} begin-steps/s, {median['records_per_s']:.0f} records/s "
         f"-> {median['steps_per_s']:.0f} steps/s")
-    print(json.dumps({"binary": str(h.STATE_BIN), "seconds": SECONDS, "batch": STATE_BATCH, "runs": runs, "median": median}, indent=1))
+    redis = {f"{n}_replica{'s' if n > 1 else ''}": redis_runs(quiet, n) for n in (1, 2)} if shutil.which("redis-server") else {}
+    print(json.dumps({"binary": str(h.STATE_BIN), "seconds": SECONDS, "batch": STATE_BATCH, "runs": runs, "median": median,
+                      "redis": redis}, indent=1))
     return 0
+
+
+def redis_runs(quiet: "Quiet", replicas: int) -> dict:
+    """The Redis store: `replicas` state services sharing one redis-server (AOF, fsync every
+    second), each round on a fresh Redis: throughput as for SQLite, then begin-steps paced at
+    half of that round's begin-step rate for their latency."""
+    runs = []
+    keys = ("begin_rps", "records_rps", "records_per_s", "steps_per_s", "begin_p50_us", "begin_p99_us", "paced_rps")
+    for i in range(ROUNDS):
+        quiet.wait(0.5)
+        with tempfile.TemporaryDirectory(prefix="warden-bench-redis-") as d:
+            with affinity(CLIENT_CPUS):
+                redis = h.RedisServer(Path(d) / "redis", "--save", "", "--appendonly", "yes", "--appendfsync", "everysec")
+            services = []
+            try:
+                with affinity(CLIENT_CPUS):
+                    for k in range(replicas):
+                        services.append(h.StateService(Path(d) / f"replica{k}.db", store=redis.url, key=Path(d) / "log.key"))
+                r = measure_state(services, SECONDS)
+                rate = LATENCY_FRACTION * r["begin_rps"]
+                paced = state_wrk("begin", [s.url for s in services], SECONDS, rate=rate)
+                r["begin_p50_us"] = max(p["lat_p50_us"] for p in paced)
+                r["begin_p99_us"] = max(p["lat_p99_us"] for p in paced)
+                r["paced_rps"] = sum(p["requests"] / (p["duration_us"] / 1e6) for p in paced)
+            finally:
+                for s in services:
+                    s.stop()
+                redis.stop()
+        runs.append(r)
+        log(f"redis, {replicas} replica(s), run {i + 1}/{ROUNDS}: {r['begin_rps']:.0f} begin-steps/s, {r['records_per_s']:.0f} records/s "
+            f"-> {r['steps_per_s']:.0f} steps/s; begin-step at {r['paced_rps']:.0f}/s: p50 {r['begin_p50_us']} µs, p99 {r['begin_p99_us']} µs")
+    median = {k: med([r[k] for r in runs]) for k in keys}
+    log(f"redis, {replicas} replica(s), median of {ROUNDS}: {median['steps_per_s']:.0f} steps/s, begin-step p99 {median['begin_p99_us']:.0f} µs "
+        f"at {median['paced_rps']:.0f}/s")
+    return {"runs": runs, "median": median}
 
 
 def main() -> int:

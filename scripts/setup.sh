@@ -30,6 +30,15 @@ missing=()
 command -v skopeo >/dev/null || missing+=(skopeo)
 apt_install setup "make setup" "${missing[@]}"
 
+# Redis for the state service's Redis store tests (single server and a local 3-master cluster):
+# redis-server, and redis-cli (redis-tools) to create the cluster.
+missing=()
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v redis-cli >/dev/null || missing+=(redis-tools)
+apt_install setup "make setup" "${missing[@]}"
+# Debian's package starts a system Redis on port 6379; the tests start their own on free ports
+# and never need it.
+
 stamp=.venv/.requirements.sha256
 want=$(sha256sum tests/requirements.txt | cut -d' ' -f1)
 if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
@@ -39,4 +48,4 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; th
   echo "$want" > "$stamp"
 fi
 
-say "ready: wasm-opt $(wasm-opt --version | awk '{print $3}'), $(.venv/bin/envoy --version 2>/dev/null | sed -n 's/.*version: [^/]*\/\([^/]*\)\/.*/envoy \1/p') , $(rustc --version)"
+say "ready: wasm-opt $(wasm-opt --version | awk '{print $3}'), redis-server $(redis-server --version | sed -n 's/.* v=\([^ ]*\).*/\1/p'), $(.venv/bin/envoy --version 2>/dev/null | sed -n 's/.*version: [^/]*\/\([^/]*\)\/.*/envoy \1/p') , $(rustc --version)"

@@ -625,20 +625,23 @@ LOG_ORIGIN = "warden-e2e/log"
 
 
 class StateService:
-    """The real warden-state binary on a SQLite file. `kill()` is a crash (SIGKILL);
-    `start()` again comes back on the same port and database."""
+    """The real warden-state binary on a SQLite file, or with `store` (a `redis://…` or
+    `redis+cluster://…` URL) one replica of a service sharing that store; replicas of one
+    service share the log's signing key (`key`: the path it is made at, by default beside `db`).
+    `kill()` is a crash (SIGKILL); `start()` again comes back on the same port and store."""
 
-    def __init__(self, db: Path, port: int = 0, env: dict | None = None):
+    def __init__(self, db: Path, port: int = 0, store: str | None = None, key: Path | None = None, env: dict | None = None):
         self.db = Path(db)
         self.port = port
+        self.store = store
         # More of the service's settings, as its environment variables (e.g. WARDEN_SSF_*).
         self.env = env or {}
         self.proc: subprocess.Popen | None = None
         self.log_path = self.db.with_suffix(".log")
         # The log's signing key, made once per database (kept across restarts, like a real one);
         # `vkey` is its public verifier key, all an offline verifier is given.
-        self.key_path = self.db.with_suffix(".key")
-        self.vkey_path = self.db.with_suffix(".vkey")
+        self.key_path = Path(key) if key else self.db.with_suffix(".key")
+        self.vkey_path = self.key_path.with_suffix(".vkey")
         if not self.key_path.exists():
             out = subprocess.run([str(STATE_BIN), "keygen", "--name", LOG_ORIGIN, "--out", str(self.key_path)],
                                  capture_output=True, text=True, check=True)
@@ -653,8 +656,9 @@ class StateService:
     def start(self, timeout=15.0) -> "StateService":
         env = dict(os.environ, WARDEN_PROXY_TOKEN=PROXY_TOKEN, WARDEN_ADMIN_TOKEN=ADMIN_TOKEN, WARDEN_LOG_TOKEN=LOG_TOKEN, **self.env)
         log = open(self.log_path, "a")
+        where = ["--store", self.store] if self.store else ["--db", str(self.db)]
         self.proc = subprocess.Popen(
-            [str(STATE_BIN), "--listen", f"127.0.0.1:{self.port}", "--db", str(self.db), "--log-key", str(self.key_path)],
+            [str(STATE_BIN), "--listen", f"127.0.0.1:{self.port}", *where, "--log-key", str(self.key_path)],
             stdout=subprocess.PIPE, stderr=log, text=True, env=env,
         )
         log.close()
@@ -667,11 +671,11 @@ class StateService:
         self.port = int(m.group(1))
         while time.time() < deadline:
             try:
-                if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
+                if requests.get(self.url + "/readyz", timeout=1).status_code == 200:
                     return self
             except requests.RequestException:
                 time.sleep(0.05)
-        raise RuntimeError("warden-state not healthy in time")
+        raise RuntimeError(f"warden-state not ready in time\n{self.log_path.read_text()[-2000:]}")
 
     def kill(self):
         if self.proc and self.proc.poll() is None:
@@ -710,6 +714,161 @@ class StateService:
             view = self.session(sid) or view
         assert len(view["timeline"]) == view["state"]["steps"], f"{sid}: {len(view['timeline'])} records for {view['state']['steps']} steps"
         return view
+
+
+# ---------------------------------------------------------------- Redis (Debian's redis-server, installed by make setup)
+
+REDIS_SERVER = os.environ.get("REDIS_SERVER_BIN", "redis-server")
+REDIS_CLI = os.environ.get("REDIS_CLI_BIN", "redis-cli")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redis_command(port: int, *args: str, timeout=2.0) -> str | None:
+    """One command over RESP; its reply's first line (None when nothing answers)."""
+    req = f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in args)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+            sock.sendall(req.encode())
+            data = b""
+            while b"\r\n" not in data:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return None
+                data += chunk
+            if data.startswith(b"$"):
+                n = int(data.split(b"\r\n", 1)[0][1:])
+                while n >= 0 and len(data.split(b"\r\n", 1)[1]) < n:
+                    data += sock.recv(65536)
+                return data.split(b"\r\n", 1)[1][:max(n, 0)].decode()
+            return data.split(b"\r\n", 1)[0][1:].decode()
+    except OSError:
+        return None
+
+
+class RedisServer:
+    """A redis-server on a free loopback port, its files in `directory`; ready once it answers
+    PING. `kill()` is a crash; `start()` again comes back on the same port and files (with AOF
+    on, every write it acknowledged)."""
+
+    def __init__(self, directory: Path, *args: str):
+        import shutil
+
+        if not shutil.which(REDIS_SERVER):
+            raise RuntimeError("redis-server is not installed: run 'make setup'")
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.args = list(args)
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    def start(self, timeout=15.0) -> "RedisServer":
+        self.proc = subprocess.Popen(
+            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+             "--logfile", str(self.dir / "redis.log"), *self.args],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited: {(self.dir / 'redis.log').read_text()[-1500:]}")
+            if redis_command(self.port, "PING", timeout=0.5) == "PONG":
+                return self
+            time.sleep(0.02)
+        raise RuntimeError(f"redis-server on {self.port} did not answer PING in {timeout}s")
+
+    def command(self, *args: str) -> str | None:
+        return redis_command(self.port, *args)
+
+    def kill(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self):
+        stop_process(self.proc)
+
+
+def durable_redis(directory: Path) -> RedisServer:
+    """AOF with `appendfsync always`: a write is on disk before Redis acknowledges it."""
+    return RedisServer(directory, "--save", "", "--appendonly", "yes", "--appendfsync", "always")
+
+
+class RedisCluster:
+    """A local Redis Cluster: three masters, no replicas (AOF always on each), created with
+    redis-cli and ready at `cluster_state:ok`."""
+
+    def __init__(self, directory: Path):
+        self.nodes: list[RedisServer] = []
+        try:
+            for i in range(3):
+                self.nodes.append(RedisServer(
+                    Path(directory) / f"node{i}", "--save", "", "--appendonly", "yes", "--appendfsync", "always",
+                    "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000",
+                    "--cluster-port", str(free_port()),
+                ))
+            out = subprocess.run(
+                [REDIS_CLI, "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in self.nodes], "--cluster-replicas", "0", "--cluster-yes"],
+                capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+            )
+            if out.returncode != 0:
+                raise RuntimeError(f"redis-cli --cluster create failed: {out.stdout[-1500:]}{out.stderr[-500:]}")
+            self.wait_ok()
+        except BaseException:
+            self.stop()
+            raise
+
+    def wait_ok(self, timeout=20.0):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if all("cluster_state:ok" in (n.command("CLUSTER", "INFO") or "") for n in self.nodes):
+                return
+            time.sleep(0.05)
+        raise RuntimeError("the Redis Cluster did not reach cluster_state:ok")
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def stop(self):
+        for n in self.nodes:
+            n.stop()
+
+
+def replicas_cluster(name: str, ports: list[int]) -> dict:
+    """An Envoy cluster over state replicas: round robin, active health checks on /readyz (a
+    replica whose store does not answer takes no traffic), outlier detection (a replica that
+    dies is ejected after its first failed call)."""
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "0.25s",
+        "lb_policy": "ROUND_ROBIN",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}}} for p in ports
+            ]}],
+        },
+        "health_checks": [{
+            "timeout": "0.25s", "interval": "0.25s", "no_traffic_interval": "0.25s",
+            "unhealthy_threshold": 1, "healthy_threshold": 1,
+            "http_health_check": {"path": "/readyz"},
+        }],
+        "outlier_detection": {
+            "consecutive_5xx": 1, "consecutive_gateway_failure": 1, "consecutive_local_origin_failure": 1,
+            "interval": "0.25s", "base_ejection_time": "1s", "max_ejection_percent": 50,
+        },
+    }
 
 
 def warden_cli(*args: str, url: str, token: str | None = None) -> subprocess.CompletedProcess:

@@ -531,11 +531,24 @@ async fn metrics(State(st): Shared) -> impl IntoResponse {
     for (name, help, v) in lines {
         out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"));
     }
+    out.push_str(&st.store.metrics_text());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }
 
 async fn health() -> &'static str {
     "ok\n"
+}
+
+/// Ready only when the store answers: a load balancer (an Envoy cluster's health check) sends
+/// proxies to the replicas that can serve them.
+async fn ready(State(st): Shared) -> Response {
+    match st.store.ready().await {
+        Ok(()) => "ready\n".into_response(),
+        Err(e) => {
+            log::warn!("not ready: {e}");
+            (StatusCode::SERVICE_UNAVAILABLE, "the store does not answer\n").into_response()
+        }
+    }
 }
 
 async fn not_found() -> ApiError {
@@ -545,6 +558,7 @@ async fn not_found() -> ApiError {
 pub fn app(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/healthz", get(health))
+        .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
         .route("/v1/steps/begin", post(begin_step))
         .route("/v1/records", post(append_records))

@@ -2,6 +2,8 @@
 //! hash-chained attribution trail, behind a versioned JSON API.
 
 pub mod api;
+pub mod migrate;
+pub mod redis;
 pub mod sqlite;
 pub mod ssf;
 pub mod store;

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use warden_log::LogSigner;
+use warden_state::redis::{self, RedisStore};
 use warden_state::sqlite::SqliteStore;
 use warden_state::{app, AppState};
 
@@ -14,9 +15,14 @@ struct Args {
     /// Address to listen on (port 0 picks a free port; the chosen address is printed).
     #[arg(long, env = "WARDEN_STATE_LISTEN", default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
-    /// SQLite database file (created if missing).
+    /// SQLite database file (created if missing), when --store is not given.
     #[arg(long, env = "WARDEN_STATE_DB", default_value = "warden-state.db")]
     db: PathBuf,
+    /// The store: `sqlite:PATH`, or Redis shared by many replicas: `redis://[user:pass@]host:port[/db]`,
+    /// `rediss://…` (TLS), `redis+cluster://h1:p1,h2:p2` (Redis Cluster; `rediss+cluster://` with
+    /// TLS). Without it: SQLite at --db.
+    #[arg(long, env = "WARDEN_STATE_STORE")]
+    store: Option<String>,
     /// Token the proxies present (Authorization: Bearer …).
     #[arg(long, env = "WARDEN_PROXY_TOKEN", hide_env_values = true)]
     proxy_token: Option<String>,
@@ -117,6 +123,17 @@ fn shared_signals(a: &SsfArgs, store: &Arc<dyn warden_state::store::Store>) -> R
 
 #[derive(Subcommand)]
 enum Command {
+    /// Copy everything of one store into another (e.g. a SQLite file into Redis): sessions,
+    /// records (bodies and hashes unchanged), audit events, revocations, credential subjects and
+    /// the log (the same leaves in the same order, so earlier checkpoints stay consistent).
+    Migrate {
+        /// `sqlite:PATH`
+        #[arg(long)]
+        from: String,
+        /// `redis://…`, `rediss://…` or `redis+cluster://…`; must hold no Session Warden data yet.
+        #[arg(long)]
+        to: String,
+    },
     /// Make a log signing key: writes the private key to --out (mode 0600, never overwritten)
     /// and prints the public verifier key (`<name>+<id>+<base64>`) to give to verifiers.
     Keygen {
@@ -167,8 +184,10 @@ fn main() {
 #[tokio::main(flavor = "multi_thread")]
 async fn run() -> Result<(), String> {
     let args = Args::parse();
-    if let Some(Command::Keygen { name, out }) = &args.command {
-        return keygen(name, out);
+    match &args.command {
+        Some(Command::Keygen { name, out }) => return keygen(name, out),
+        Some(Command::Migrate { from, to }) => return warden_state::migrate::run(from, to).await,
+        None => {}
     }
     let (Some(proxy), Some(admin)) = (args.proxy_token, args.admin_token) else {
         return Err("set both WARDEN_PROXY_TOKEN and WARDEN_ADMIN_TOKEN (or --proxy-token / --admin-token): the API is never open".into());
@@ -182,7 +201,18 @@ async fn run() -> Result<(), String> {
         }
     }
     let signer = log_signer(&args.log_key)?.map(Arc::new);
-    let store: Arc<dyn warden_state::store::Store> = Arc::new(SqliteStore::open(&args.db).map_err(|e| e.to_string())?);
+    let (store, described): (Arc<dyn warden_state::store::Store>, String) = match args.store.as_deref() {
+        Some(url) if redis::is_redis_url(url) => {
+            (Arc::new(RedisStore::connect(url).await.map_err(|e| e.to_string())?), format!("store {}", redis::redacted(url)))
+        }
+        Some(other) => {
+            let Some(path) = other.strip_prefix("sqlite:") else {
+                return Err(format!("--store {other:?}: expected sqlite:PATH, redis://…, rediss://… or redis+cluster://h1:p1,h2:p2"));
+            };
+            (Arc::new(SqliteStore::open(std::path::Path::new(path)).map_err(|e| e.to_string())?), format!("db {path}"))
+        }
+        None => (Arc::new(SqliteStore::open(&args.db).map_err(|e| e.to_string())?), format!("db {}", args.db.display())),
+    };
     match &signer {
         Some(s) => {
             eprintln!("warden-state: log {} signed by {}", s.origin(), s.verifier_keys().join(" "));
@@ -196,7 +226,7 @@ async fn run() -> Result<(), String> {
     );
     let listener = tokio::net::TcpListener::bind(args.listen).await.map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    println!("warden-state listening on {addr} (db {})", args.db.display());
+    println!("warden-state listening on {addr} ({described})");
     axum::serve(listener, app(state))
         .with_graceful_shutdown(shutdown())
         .await

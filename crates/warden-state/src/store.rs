@@ -6,8 +6,9 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use warden_core::wire::{AppendResult, BeginResponse, BeginStep, RevocationFeed, SessionSummary, SessionView, StepRecord};
 use warden_core::profile::Profile;
+use warden_core::session::BeginError;
+use warden_core::wire::{AppendResult, BeginOutcome, BeginResponse, BeginStep, RevocationFeed, SessionSummary, SessionView, StepRecord};
 use warden_log::{InclusionProof, LeafProof, LogSigner};
 
 /// A store only fails as a backend: what a client could get wrong is refused before the store
@@ -55,7 +56,9 @@ pub trait Store: Send + Sync + 'static {
     /// or a revoked session (recording an audit event), count the step, merge what was seen.
     /// Resolves once the step is durably stored.
     fn begin_step(&self, req: BeginStep, now_ms: u64) -> StoreFuture<'_, BeginResponse>;
-    /// Append attribution records to their sessions' hash chains, all or nothing; a record
+    /// Append attribution records to their sessions' hash chains, atomically per session (SQLite:
+    /// the whole batch at once; Redis: each session's records at once, so a failed batch may
+    /// leave some sessions' records stored, which its retry counts as duplicates); a record
     /// already stored (same session, step and decision id) is counted as a duplicate.
     fn append(&self, records: Vec<StepRecord>, now_ms: u64) -> StoreFuture<'_, AppendResult>;
     fn session(&self, id: String) -> StoreFuture<'_, Option<SessionView>>;
@@ -85,4 +88,27 @@ pub trait Store: Send + Sync + 'static {
     fn counters(&self) -> Vec<StoreCounter> {
         Vec::new()
     }
+    /// Whether the store answers now (`/readyz`): resolves with an error when it does not.
+    fn ready(&self) -> StoreFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+    /// More of `/metrics` in Prometheus text (histograms, gauges), after the counters.
+    fn metrics_text(&self) -> String {
+        String::new()
+    }
+}
+
+/// A refused begin-step as every store answers and audits it: (outcome, audit kind, detail).
+pub fn refusal(why: BeginError, bound_to: &str, presented_by: &str) -> (BeginOutcome, &'static str, String) {
+    match why {
+        BeginError::Revoked => (BeginOutcome::Revoked, "revoked_session_used", "a revoked session was presented".to_string()),
+        BeginError::SubjectMismatch => {
+            (BeginOutcome::SubjectMismatch, "subject_mismatch", format!("session bound to {bound_to:?} presented by {presented_by:?}"))
+        }
+    }
+}
+
+/// The reason a session revoked by an enforced `terminate` decision is given.
+pub fn terminate_reason(r: &StepRecord) -> String {
+    format!("terminated by policy: {}", r.reasons.join(","))
 }

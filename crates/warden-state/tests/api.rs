@@ -1,8 +1,11 @@
-//! The API in-process, on a real SQLite store.
+//! The API in-process, on each store: every behavioural test runs on SQLite and on a real
+//! redis-server (`support`), so both stores keep one contract. Tests of what only one store has
+//! (SQLite's group commit, Redis replicas sharing one server) follow.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod contract;
+mod support;
 
 use std::sync::Arc;
 
@@ -10,27 +13,77 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
+use support::{RedisCluster, RedisServer};
 use tower::ServiceExt;
 use warden_core::trail;
 use warden_core::wire::{BeginOutcome, BeginStep, Begun, SessionView, StepRecord};
+use warden_state::redis::RedisStore;
 use warden_state::sqlite::SqliteStore;
-use warden_state::store::StoreError;
+use warden_state::store::{Store, StoreError};
 use warden_state::{app, AppState};
 
 const PROXY: &str = "proxy-token-0123456789";
 const ADMIN: &str = "admin-token-0123456789";
 const SSF_PUSH: &str = "ssf-push-token-0123456789";
 
+#[derive(Debug, Clone, Copy)]
+enum Backend {
+    Sqlite,
+    Redis,
+    /// A local three-master Redis Cluster: every key a script touches must share a slot.
+    Cluster,
+}
+
+/// `name::sqlite`, `name::redis` and `name::redis_cluster`: the test `async fn name(b: Backend)`
+/// on each store.
+macro_rules! on_each_store {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn sqlite() {
+                super::$name(super::Backend::Sqlite).await
+            }
+            #[tokio::test]
+            async fn redis() {
+                super::$name(super::Backend::Redis).await
+            }
+            #[tokio::test]
+            async fn redis_cluster() {
+                super::$name(super::Backend::Cluster).await
+            }
+        }
+    )*};
+}
+
 struct Api {
     state: Arc<AppState>,
+    /// The Redis server of a Redis store, stopped when the test ends.
+    redis: Option<Arc<RedisServer>>,
+    #[allow(dead_code)]
+    cluster: Option<Arc<RedisCluster>>,
 }
 
 impl Api {
-    fn new() -> Self {
-        Self::with(SqliteStore::in_memory().unwrap())
+    async fn new(b: Backend) -> Self {
+        match b {
+            Backend::Sqlite => Self::with(SqliteStore::in_memory().unwrap()),
+            Backend::Redis => Self::on_redis(Arc::new(RedisServer::start())).await,
+            Backend::Cluster => {
+                let cluster = Arc::new(tokio::task::spawn_blocking(RedisCluster::start).await.unwrap());
+                let store = RedisStore::connect(&cluster.url()).await.unwrap();
+                Self { state: Arc::new(AppState::new(Arc::new(store), PROXY, ADMIN)), redis: None, cluster: Some(cluster) }
+            }
+        }
     }
-    fn with(store: SqliteStore) -> Self {
-        Self { state: Arc::new(AppState::new(Arc::new(store), PROXY, ADMIN)) }
+
+    /// A replica on `server`: several `Api`s on one server are replicas sharing one store.
+    async fn on_redis(server: Arc<RedisServer>) -> Self {
+        let store = RedisStore::connect(&server.url()).await.unwrap();
+        Self { state: Arc::new(AppState::new(Arc::new(store), PROXY, ADMIN)), redis: Some(server), cluster: None }
+    }
+
+    fn with(store: impl Store) -> Self {
+        Self { state: Arc::new(AppState::new(Arc::new(store), PROXY, ADMIN)), redis: None, cluster: None }
     }
 
     async fn call(&self, method: &str, path: &str, token: Option<&str>, body: Option<Value>) -> (StatusCode, Value) {
@@ -84,6 +137,23 @@ impl Api {
     }
 }
 
+on_each_store!(
+    tokens_are_required_and_roles_enforced,
+    every_endpoint_answers_only_its_roles,
+    begin_step_counts_binds_and_audits,
+    a_refused_step_answers_with_the_session_as_stored,
+    records_chain_and_retries_are_idempotent,
+    bad_requests_are_4xx_and_change_nothing,
+    revocation_refuses_steps_and_feeds_proxies,
+    search_by_subject_credential_workload_and_time,
+    a_credential_shared_between_subjects_is_reported_and_scopes_are_kept,
+    the_service_accepts_exactly_what_the_filter_bounds_to,
+    an_oversized_body_is_413_with_the_error_shape_and_counted,
+    impossible_history_is_refused_audited_and_changes_nothing,
+    the_largest_batch_is_taken_whole,
+    a_subject_s_profile_is_learned_from_its_records_handed_out_with_its_steps_and_reset,
+);
+
 /// The spec's name for a token's role.
 fn caller(token: Option<&str>) -> contract::Caller {
     match token {
@@ -121,9 +191,8 @@ fn record(sid: &str, step: u64, action: &str) -> StepRecord {
     }
 }
 
-#[tokio::test]
-async fn tokens_are_required_and_roles_enforced() {
-    let api = Api::new();
+async fn tokens_are_required_and_roles_enforced(b: Backend) {
+    let api = Api::new(b).await;
     let body = json!({"session_id": "s1", "subject": "a"});
     assert_eq!(api.call("POST", "/v1/steps/begin", None, Some(body.clone())).await.0, StatusCode::UNAUTHORIZED);
     assert_eq!(api.call("POST", "/v1/steps/begin", Some("wrong-token-xxxxxxxx"), Some(body.clone())).await.0, StatusCode::UNAUTHORIZED);
@@ -135,9 +204,8 @@ async fn tokens_are_required_and_roles_enforced() {
     assert_eq!(api.call("GET", "/healthz", None, None).await.0, StatusCode::OK);
 }
 
-#[tokio::test]
-async fn every_endpoint_answers_only_its_roles() {
-    let api = Api::new();
+async fn every_endpoint_answers_only_its_roles(b: Backend) {
+    let api = Api::new(b).await;
     api.begin("r1", "agent-7", "sha256:a").await;
     let (ok, unauth, forbidden) = (StatusCode::OK, StatusCode::UNAUTHORIZED, StatusCode::FORBIDDEN);
     let begin = Some(json!({"session_id": "r1", "subject": "agent-7"}));
@@ -151,6 +219,7 @@ async fn every_endpoint_answers_only_its_roles() {
         ("POST", "/v1/sessions/r2/revoke", None, unauth, forbidden, ok),
         ("GET", "/metrics", None, ok, ok, ok),
         ("GET", "/healthz", None, ok, ok, ok),
+        ("GET", "/readyz", None, ok, ok, ok),
     ];
     for (method, path, body, none, proxy, admin) in matrix {
         for (token, expected) in [(None, none), (Some(PROXY), proxy), (Some(ADMIN), admin)] {
@@ -160,9 +229,8 @@ async fn every_endpoint_answers_only_its_roles() {
     }
 }
 
-#[tokio::test]
-async fn begin_step_counts_binds_and_audits() {
-    let api = Api::new();
+async fn begin_step_counts_binds_and_audits(b: Backend) {
+    let api = Api::new(b).await;
     let v = api.begin("s1", "agent-7", "sha256:a").await;
     assert_eq!((v["outcome"].as_str(), v["step"].as_u64(), v["new"].as_bool()), (Some("ok"), Some(1), Some(true)));
     let v = api.begin("s1", "agent-7", "sha256:b").await;
@@ -178,49 +246,8 @@ async fn begin_step_counts_binds_and_audits() {
     assert_eq!(view.audit[0].subject, "intruder");
 }
 
-#[tokio::test]
-async fn a_dpop_proof_is_taken_once_across_sessions_and_proxies_and_expired_uses_are_pruned() {
-    let api = Api::new();
-    let begin = |sid: &'static str, id: &'static str, expires_at_ms: u64| {
-        let api = &api;
-        async move {
-            let body = json!({"session_id": sid, "subject": "agent-7", "credential": "sha256:a", "proof": {"id": id, "expires_at_ms": expires_at_ms}});
-            let (s, v) = api.call("POST", "/v1/steps/begin", Some(PROXY), Some(body)).await;
-            assert_eq!(s, StatusCode::OK, "{v}");
-            (v["outcome"].as_str().unwrap_or_default().to_string(), v["step"].as_u64())
-        }
-    };
-    let later = recently() + 180_000;
-    let p1 = "1111111111111111111111111111111111111111111111111111111111111111";
-    assert_eq!(begin("dp1", p1, later).await, ("ok".to_string(), Some(1)));
-    // The same proof again, in the same session or another (another proxy): refused, uncounted.
-    assert_eq!(begin("dp1", p1, later).await, ("proof_replayed".to_string(), Some(0)));
-    assert_eq!(begin("dp2", p1, later).await, ("proof_replayed".to_string(), Some(0)));
-    let view = api.view("dp1").await;
-    assert_eq!(view.state.steps, 1);
-    assert!(view.audit.iter().any(|e| e.kind == "dpop_replayed"), "{:?}", view.audit);
-    let (s, _) = api.call("GET", "/v1/sessions/dp2", Some(ADMIN), None).await;
-    assert_eq!(s, StatusCode::NOT_FOUND, "a replay opens no session");
-    // Another proof is fine; a use past its expiry is pruned (no proxy accepts that proof).
-    assert_eq!(begin("dp1", "22", later).await, ("ok".to_string(), Some(2)));
-    assert_eq!(begin("dp3", "33", 1).await.0, "ok");
-    assert_eq!(begin("dp3", "33", 1).await.0, "ok");
-    // The step's record says the binding held; the trail shows it.
-    let rec = StepRecord {
-        begun: Begun::Service,
-        binding: Some(warden_core::wire::BindingRecord { kind: "dpop".into(), held: true }),
-        at_ms: recently() + 60_000,
-        ..record("dp1", 1, "allow")
-    };
-    let (s, v) = api.call("POST", "/v1/records", Some(PROXY), Some(json!({"records": [rec]}))).await;
-    assert_eq!(s, StatusCode::OK, "{v}");
-    let view = api.view("dp1").await;
-    assert_eq!(view.timeline[0].record.binding.as_ref().map(|b| (b.kind.as_str(), b.held)), Some(("dpop", true)));
-}
-
-#[tokio::test]
-async fn a_refused_step_answers_with_the_session_as_stored() {
-    let api = Api::new();
+async fn a_refused_step_answers_with_the_session_as_stored(b: Backend) {
+    let api = Api::new(b).await;
     api.begin("k1", "agent-7", "sha256:a").await;
     let (s, v) = api
         .call("POST", "/v1/steps/begin", Some(PROXY), Some(json!({"session_id": "k1", "subject": "intruder", "known_steps": 50})))
@@ -230,9 +257,8 @@ async fn a_refused_step_answers_with_the_session_as_stored() {
     assert_eq!(api.view("k1").await.state.steps, 1);
 }
 
-#[tokio::test]
-async fn records_chain_and_retries_are_idempotent() {
-    let api = Api::new();
+async fn records_chain_and_retries_are_idempotent(b: Backend) {
+    let api = Api::new(b).await;
     let batch = json!({"records": (1..=5).map(|i| record("s2", i, "allow")).collect::<Vec<_>>()});
     let (s, v) = api.call("POST", "/v1/records", Some(PROXY), Some(batch.clone())).await;
     assert_eq!((s, v["appended"].as_u64()), (StatusCode::OK, Some(5)));
@@ -247,9 +273,8 @@ async fn records_chain_and_retries_are_idempotent() {
     assert!(view.timeline[0].body.contains("sha256:aaaa"));
 }
 
-#[tokio::test]
-async fn bad_requests_are_4xx_and_change_nothing() {
-    let api = Api::new();
+async fn bad_requests_are_4xx_and_change_nothing(b: Backend) {
+    let api = Api::new(b).await;
     let (s, v) = api.call("POST", "/v1/records", Some(PROXY), Some(json!({"records": "nope"}))).await;
     assert_eq!((s, v["error"].as_str()), (StatusCode::BAD_REQUEST, Some("bad_request")));
     // One bad record in a batch: nothing of the batch is stored.
@@ -268,9 +293,8 @@ async fn bad_requests_are_4xx_and_change_nothing() {
     assert_eq!(api.call("GET", "/nope", Some(ADMIN), None).await.0, StatusCode::NOT_FOUND);
 }
 
-#[tokio::test]
-async fn revocation_refuses_steps_and_feeds_proxies() {
-    let api = Api::new();
+async fn revocation_refuses_steps_and_feeds_proxies(b: Backend) {
+    let api = Api::new(b).await;
     api.begin("s4", "agent-7", "sha256:a").await;
     let (s, v) = api.call("POST", "/v1/sessions/s4/revoke", Some(ADMIN), Some(json!({"reason": "incident 42"}))).await;
     assert_eq!((s, v["changed"].as_bool()), (StatusCode::OK, Some(true)));
@@ -292,9 +316,8 @@ async fn revocation_refuses_steps_and_feeds_proxies() {
     assert!(view.revoke_reason.unwrap().starts_with("terminated by policy"));
 }
 
-#[tokio::test]
-async fn search_by_subject_credential_workload_and_time() {
-    let api = Api::new();
+async fn search_by_subject_credential_workload_and_time(b: Backend) {
+    let api = Api::new(b).await;
     api.begin("a1", "alice", "sha256:1").await;
     api.begin("b1", "bob", "sha256:2").await;
     api.call("POST", "/v1/records", Some(PROXY), Some(json!({"records": [record("c1", 1, "allow")]}))).await;
@@ -406,9 +429,8 @@ warden_state_store_failed_transactions_total 0
     assert_eq!(m.as_str().unwrap(), expected);
 }
 
-#[tokio::test]
-async fn a_credential_shared_between_subjects_is_reported_and_scopes_are_kept() {
-    let api = Api::new();
+async fn a_credential_shared_between_subjects_is_reported_and_scopes_are_kept(b: Backend) {
+    let api = Api::new(b).await;
     let (_, v) = api
         .call("POST", "/v1/steps/begin", Some(PROXY), Some(json!({"session_id": "x1", "subject": "alice", "credential": "sha256:same", "scopes": ["read"]})))
         .await;
@@ -428,9 +450,8 @@ fn counted(sid: &str, step: u64, decision: &str, subject: &str) -> StepRecord {
     StepRecord { subject: subject.into(), decision_id: decision.into(), begun: Begun::Service, at_ms: recently() + 60_000, ..record(sid, step, "allow") }
 }
 
-#[tokio::test]
-async fn impossible_history_is_refused_audited_and_changes_nothing() {
-    let api = Api::new();
+async fn impossible_history_is_refused_audited_and_changes_nothing(b: Backend) {
+    let api = Api::new(b).await;
     api.begin("h1", "alice", "sha256:alice").await;
     let (s, v) = api.call("POST", "/v1/records", Some(PROXY), Some(json!({"records": [counted("h1", 1, "d1", "alice")]}))).await;
     assert_eq!((s, v["appended"].as_u64()), (StatusCode::OK, Some(1)), "{v}");
@@ -507,9 +528,8 @@ async fn a_session_s_head_names_a_removed_tail() {
 
 // ---------------------------------------------------------------- behavioural profiles
 
-#[tokio::test]
-async fn a_subject_s_profile_is_learned_from_its_records_handed_out_with_its_steps_and_reset() {
-    let api = Api::new();
+async fn a_subject_s_profile_is_learned_from_its_records_handed_out_with_its_steps_and_reset(b: Backend) {
+    let api = Api::new(b).await;
     let subject = "spiffe://example.org/ns/ops/sa/report-bot";
     let path = format!("/v1/profiles/{}", subject.replace('/', "%2F").replace(':', "%3A"));
     assert_eq!(api.call("GET", &path, Some(ADMIN), None).await.0, StatusCode::NOT_FOUND);
@@ -582,7 +602,7 @@ async fn shared_signals_revoke_the_sessions_a_verified_set_names() {
     let receiver = warden_core::ssf::Receiver { issuer: "https://idp.test".into(), audience: "https://warden.test".into(), keys, max_age_seconds: 300 };
     let store = Arc::new(SqliteStore::in_memory().unwrap());
     let state = AppState::new(store, PROXY, ADMIN).with_ssf(Some(Arc::new(receiver)), Some(SSF_PUSH), Some(tx.jwks()));
-    let api = Api { state: Arc::new(state) };
+    let api = Api { state: Arc::new(state), redis: None, cluster: None };
     for sid in ["a1", "a2"] {
         api.begin(sid, "alice", "sha256:alice").await;
     }
@@ -615,7 +635,7 @@ async fn shared_signals_revoke_the_sessions_a_verified_set_names() {
     let (s, jwks) = api.call("GET", "/v1/ssf/jwks", None, None).await;
     assert_eq!((s, jwks["keys"][0]["kty"].as_str()), (StatusCode::OK, Some("EC")));
     // Without a receiver or a transmitter configured: 404.
-    let plain = Api::new();
+    let plain = Api::new(Backend::Sqlite).await;
     assert_eq!(plain.send("POST", "/v1/ssf/events", Some(SSF_PUSH), Some(("application/secevent+jwt", "x".into()))).await.0, StatusCode::NOT_FOUND);
     assert_eq!(plain.call("GET", "/v1/ssf/jwks", None, None).await.0, StatusCode::NOT_FOUND);
 }
@@ -799,10 +819,9 @@ async fn a_failing_operation_does_not_affect_the_others_in_its_group() {
     assert_eq!(api.view("other").await.timeline.len(), 1);
 }
 
-#[tokio::test]
-async fn the_service_accepts_exactly_what_the_filter_bounds_to() {
+async fn the_service_accepts_exactly_what_the_filter_bounds_to(b: Backend) {
     use warden_core::wire::limits;
-    let api = Api::new();
+    let api = Api::new(b).await;
     // Over a limit: refused, naming the field; the same values bounded by the filter's rule: taken.
     let mut r = record("lim1", 1, "allow");
     r.mcp_method = Some("m".repeat(limits::MAX_TEXT_BYTES + 1));
@@ -825,10 +844,9 @@ async fn the_service_accepts_exactly_what_the_filter_bounds_to() {
     assert_eq!((s, v["outcome"].as_str()), (StatusCode::OK, Some("ok")), "{v}");
 }
 
-#[tokio::test]
-async fn an_oversized_body_is_413_with_the_error_shape_and_counted() {
+async fn an_oversized_body_is_413_with_the_error_shape_and_counted(b: Backend) {
     use warden_core::wire::limits;
-    let api = Api::new();
+    let api = Api::new(b).await;
     let big = "x".repeat(limits::MAX_BODY_BYTES);
     let body = format!(r#"{{"records":[{{"session_id":"big","step":1,"decision_id":"d","action":"allow","path":"{big}"}}]}}"#);
     let (s, v) = api.call_raw("POST", "/v1/records", Some(PROXY), Some(body)).await;
@@ -842,10 +860,270 @@ async fn an_oversized_body_is_413_with_the_error_shape_and_counted() {
     assert!(m.as_str().unwrap().contains("warden_state_rejected_requests_total 3"), "{m}");
 }
 
+// ---------------------------------------------------------------- Redis: replicas sharing one server
+
+/// `n` replicas (stores, each its own connection) on one Redis, with the log's signing key.
+async fn replicas(server: &Arc<RedisServer>, n: usize) -> (Vec<Arc<Api>>, warden_log::KeyRing) {
+    replicas_at(&server.url(), n).await
+}
+
+async fn replicas_at(url: &str, n: usize) -> (Vec<Arc<Api>>, warden_log::KeyRing) {
+    let (skey, vkey) = warden_log::generate_log_key("warden.test/log").unwrap();
+    let signer = Arc::new(warden_log::LogSigner::from_keys(&[skey]).unwrap());
+    let mut apis = Vec::new();
+    for _ in 0..n {
+        let store = RedisStore::connect(url).await.unwrap();
+        let state = AppState::new(Arc::new(store), PROXY, ADMIN).with_log(Some(signer.clone()), None);
+        apis.push(Arc::new(Api { state: Arc::new(state), redis: None, cluster: None }));
+    }
+    (apis, warden_log::KeyRing::new(&[vkey]).unwrap())
+}
+
+/// The log as the service proves it: a checkpoint signed now, and every record of `sids` in it
+/// by its inclusion proof (each record once: as many leaves as records).
+async fn assert_logged(api: &Api, keys: &warden_log::KeyRing, sids: &[&str]) -> u64 {
+    let (s, note) = api.call("POST", "/v1/log/checkpoint", Some(ADMIN), None).await;
+    assert_eq!(s, StatusCode::OK, "{note}");
+    let cp = keys.verify_checkpoint(note.as_str().unwrap()).unwrap();
+    let mut total = 0;
+    for sid in sids {
+        let view = api.view(sid).await;
+        trail::verify(&view.timeline).unwrap();
+        let (s, ev) = api.call("GET", &format!("/v1/log/proof/session/{sid}"), Some(ADMIN), None).await;
+        assert_eq!(s, StatusCode::OK, "{ev}");
+        let ev: warden_log::SessionEvidence = serde_json::from_value(ev).unwrap();
+        let cp_now = keys.verify_checkpoint(&ev.checkpoint).unwrap();
+        assert_eq!(ev.leaves.len(), view.timeline.len(), "{sid}: one leaf per record");
+        for (e, l) in view.timeline.iter().zip(&ev.leaves) {
+            assert_eq!((l.seq, &l.hash), (e.seq, &e.hash));
+            let leaf = warden_log::leaf_hash(sid, e.seq, &e.hash);
+            warden_log::check_inclusion(&warden_log::decode(&l.proof).unwrap(), l.leaf_index, cp_now.size, leaf, cp_now.root).unwrap();
+        }
+        total += view.timeline.len() as u64;
+    }
+    assert_eq!(cp.size, total, "the log holds every record once");
+    total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_replicas_hand_out_unique_consecutive_steps() {
+    let server = RedisServer::start();
+    replicas_hand_out_unique_consecutive_steps(&server.url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_cluster_replicas_hand_out_unique_consecutive_steps() {
+    let cluster = tokio::task::spawn_blocking(RedisCluster::start).await.unwrap();
+    replicas_hand_out_unique_consecutive_steps(&cluster.url()).await;
+}
+
+async fn replicas_hand_out_unique_consecutive_steps(url: &str) {
+    let (apis, _) = replicas_at(url, 2).await;
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let api = apis[i % 2].clone();
+        // Half on one shared session (through both replicas), half each on a session of its own.
+        let sid = if i % 2 == 0 || i % 3 == 0 { "shared".to_string() } else { format!("own-{i}") };
+        tasks.push(tokio::spawn(async move { (sid.clone(), api.begin(&sid, "agent-7", "sha256:a").await) }));
+    }
+    let mut shared = Vec::new();
+    let mut own = 0;
+    for t in tasks {
+        let (sid, v) = t.await.unwrap();
+        assert_eq!(v["outcome"], "ok");
+        if sid == "shared" {
+            shared.push(v["step"].as_u64().unwrap());
+        } else {
+            own += 1;
+            assert_eq!((v["step"].as_u64(), v["new"].as_bool()), (Some(1), Some(true)), "{sid}");
+        }
+    }
+    shared.sort_unstable();
+    assert_eq!(shared, (1..=shared.len() as u64).collect::<Vec<_>>(), "every step number once, none lost");
+    assert_eq!(apis[1].view("shared").await.state.steps, shared.len() as u64);
+    let (_, list) = apis[0].call("GET", "/v1/sessions?subject=agent-7&limit=1000", Some(ADMIN), None).await;
+    assert_eq!(list["sessions"].as_array().unwrap().len(), own + 1);
+    // A replica started later (or restarted) goes on counting.
+    let later = &replicas_at(url, 1).await.0[0];
+    assert_eq!(later.begin("shared", "agent-7", "sha256:a").await["step"], shared.len() as u64 + 1);
+    let (_, m) = apis[0].call("GET", "/metrics", None, None).await;
+    let m = m.as_str().unwrap();
+    assert!(m.contains("warden_state_redis_op_seconds_count{op=\"begin_step\"} 100"), "{m}");
+    assert!(m.contains("# TYPE warden_state_redis_in_flight gauge"), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_replicas_append_concurrent_batches_into_one_chain_and_one_log() {
+    let server = RedisServer::start();
+    replicas_append_concurrent_batches_into_one_chain_and_one_log(&server.url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_cluster_replicas_append_concurrent_batches_into_one_chain_and_one_log() {
+    let cluster = tokio::task::spawn_blocking(RedisCluster::start).await.unwrap();
+    replicas_append_concurrent_batches_into_one_chain_and_one_log(&cluster.url()).await;
+}
+
+async fn replicas_append_concurrent_batches_into_one_chain_and_one_log(url: &str) {
+    let (apis, keys) = replicas_at(url, 2).await;
+    let mut tasks = Vec::new();
+    // 40 batches of 5 records of one session and 40 of another, with begin-steps, through both replicas.
+    for b in 0..40u64 {
+        for (k, sid) in ["chain", "other"].into_iter().enumerate() {
+            let a = apis[(b as usize + k) % 2].clone();
+            tasks.push(tokio::spawn(async move {
+                let batch = json!({"records": (1..=5).map(|i| record(sid, b * 5 + i, "allow")).collect::<Vec<_>>()});
+                let (s, v) = a.call("POST", "/v1/records", Some(PROXY), Some(batch)).await;
+                // (the first batch of "chain" may come after one of its retries below)
+                assert_eq!((s, v["appended"].as_u64().unwrap() + v["duplicates"].as_u64().unwrap()), (StatusCode::OK, 5), "{v}");
+            }));
+        }
+        let a = apis[b as usize % 2].clone();
+        tasks.push(tokio::spawn(async move {
+            a.begin("chain", "agent-7", "sha256:aaaa").await;
+        }));
+    }
+    // Retries of a batch through the other replica at the same time are duplicates.
+    for _ in 0..4 {
+        let a = apis[1].clone();
+        tasks.push(tokio::spawn(async move {
+            let batch = json!({"records": (1..=5).map(|i| record("chain", i, "allow")).collect::<Vec<_>>()});
+            let (s, v) = a.call("POST", "/v1/records", Some(PROXY), Some(batch)).await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let view = apis[0].view("chain").await;
+    assert_eq!(view.timeline.len(), 200);
+    let mut steps: Vec<u64> = view.timeline.iter().map(|e| e.record.step).collect();
+    steps.sort_unstable();
+    assert_eq!(steps, (1..=200).collect::<Vec<_>>());
+    assert_eq!(assert_logged(&apis[1], &keys, &["chain", "other"]).await, 400);
+    // Consistency between two checkpoints signed by different replicas.
+    let (_, first) = apis[0].call("GET", "/v1/log/checkpoint", Some(ADMIN), None).await;
+    let first = keys.verify_checkpoint(first.as_str().unwrap()).unwrap();
+    let (s, v) = apis[1].call("POST", "/v1/records", Some(PROXY), Some(json!({"records": [record("late", 1, "allow")]}))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (_, second) = apis[1].call("POST", "/v1/log/checkpoint", Some(ADMIN), None).await;
+    let second = keys.verify_checkpoint(second.as_str().unwrap()).unwrap();
+    assert_eq!((first.size, second.size), (400, 401));
+    let (_, p) = apis[0].call("GET", "/v1/log/proof/consistency?from=400&to=401", Some(ADMIN), None).await;
+    let proof: Vec<String> = serde_json::from_value(p["proof"].clone()).unwrap();
+    warden_log::check_consistency(&warden_log::decode(&proof).unwrap(), 400, first.root, 401, second.root).unwrap();
+}
+
+#[tokio::test]
+async fn redis_a_record_whose_leaf_was_not_written_is_logged_when_its_batch_is_retried() {
+    let server = Arc::new(RedisServer::start());
+    let (apis, keys) = replicas(&server, 1).await;
+    let api = &apis[0];
+    let batch = json!({"records": (1..=3).map(|i| record("torn", i, "allow")).collect::<Vec<_>>()});
+    assert_eq!(api.call("POST", "/v1/records", Some(PROXY), Some(batch.clone())).await.0, StatusCode::OK);
+    // The log's keys made unwritable: the next batch reaches its session but not the log, as
+    // when a replica dies between the two writes. The proxy is not answered 200.
+    assert_eq!(server.cmd(&["RENAME", "warden:{log}:m", "warden:{log}:m-aside"]).unwrap(), "OK");
+    assert_eq!(server.cmd(&["SET", "warden:{log}:m", "not a hash"]).unwrap(), "OK");
+    let batch2 = json!({"records": (4..=6).map(|i| record("torn", i, "allow")).collect::<Vec<_>>()});
+    let (s, v) = api.call("POST", "/v1/records", Some(PROXY), Some(batch2.clone())).await;
+    assert_eq!((s, v["error"].as_str()), (StatusCode::INTERNAL_SERVER_ERROR, Some("internal")));
+    assert_eq!(api.view("torn").await.timeline.len(), 6, "the session's write went through");
+    assert_eq!(server.cmd(&["RENAME", "warden:{log}:m-aside", "warden:{log}:m"]).unwrap(), "OK");
+    // The proxy retries: the records are duplicates, and their leaves are entered now, once.
+    let (s, v) = api.call("POST", "/v1/records", Some(PROXY), Some(batch2)).await;
+    assert_eq!((s, v["appended"].as_u64(), v["duplicates"].as_u64()), (StatusCode::OK, Some(0), Some(3)), "{v}");
+    let (s, v) = api.call("POST", "/v1/records", Some(PROXY), Some(batch)).await;
+    assert_eq!((s, v["duplicates"].as_u64()), (StatusCode::OK, Some(3)), "{v}");
+    assert_eq!(assert_logged(api, &keys, &["torn"]).await, 6);
+}
+
+#[tokio::test]
+async fn redis_gone_is_a_store_error_and_not_ready_and_an_aof_restart_keeps_every_answered_step() {
+    let server = RedisServer::start_durable();
+    let store = RedisStore::connect(&server.url()).await.unwrap();
+    let mut server = server;
+    let api = Api::with(store);
+    assert_eq!(api.call("GET", "/readyz", None, None).await.0, StatusCode::OK);
+    for _ in 0..5 {
+        api.begin("d1", "agent-7", "sha256:a").await;
+    }
+    let (s, _) = api.call("POST", "/v1/records", Some(PROXY), Some(json!({"records": [record("d1", 1, "allow"), record("d1", 2, "allow")]}))).await;
+    assert_eq!(s, StatusCode::OK);
+    // Killed (no shutdown save): what was answered is in the AOF, fsynced before the answer.
+    server.kill();
+    let (s, v) = api.call("POST", "/v1/steps/begin", Some(PROXY), Some(json!({"session_id": "d1", "subject": "agent-7"}))).await;
+    assert_eq!((s, v["error"].as_str()), (StatusCode::INTERNAL_SERVER_ERROR, Some("internal")), "{v}");
+    let (s, body) = api.call("GET", "/readyz", None, None).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(api.call("GET", "/healthz", None, None).await.0, StatusCode::OK, "alive, only not ready");
+    server.restart();
+    // The connection comes back by itself.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while api.call("GET", "/readyz", None, None).await.0 != StatusCode::OK {
+        assert!(std::time::Instant::now() < deadline, "not ready again after Redis came back");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(api.begin("d1", "agent-7", "sha256:a").await["step"], 6);
+    let view = api.view("d1").await;
+    assert_eq!(view.timeline.len(), 2);
+    trail::verify(&view.timeline).unwrap();
+    let (_, m) = api.call("GET", "/metrics", None, None).await;
+    let m = m.as_str().unwrap();
+    assert!(m.contains("warden_state_store_errors_total 1"), "{m}");
+    assert!(m.contains("warden_state_redis_op_errors_total{op=\"begin_step\"} 1"), "{m}");
+    assert!(m.contains("warden_state_redis_op_errors_total{op=\"ready\"} 1"), "{m}");
+}
+
+#[tokio::test]
+async fn redis_a_session_state_that_does_not_parse_is_a_store_error_not_a_panic() {
+    let api = Api::new(Backend::Redis).await;
+    api.begin("m1", "agent-7", "sha256:a").await;
+    let server = api.redis.clone().unwrap();
+    assert_eq!(server.cmd(&["HSET", "warden:{s:m1}:s", "state", "not json"]).unwrap(), "0");
+    // A change the replica did not make moves the version (its compare-and-swap then reads it).
+    assert_eq!(server.cmd(&["HINCRBY", "warden:{s:m1}:s", "ver", "1"]).unwrap(), "2");
+    let (s, v) = api.call("POST", "/v1/steps/begin", Some(PROXY), Some(json!({"session_id": "m1", "subject": "agent-7"}))).await;
+    assert_eq!((s, v["error"].as_str()), (StatusCode::INTERNAL_SERVER_ERROR, Some("internal")));
+    let (s, _) = api.call("GET", "/v1/sessions/m1", Some(ADMIN), None).await;
+    assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR);
+}
+
+#[tokio::test]
+async fn redis_a_session_s_head_names_a_removed_tail() {
+    let api = Api::new(Backend::Redis).await;
+    let batch = json!({"records": (1..=4).map(|i| record("t1", i, "allow")).collect::<Vec<_>>()});
+    assert_eq!(api.call("POST", "/v1/records", Some(PROXY), Some(batch)).await.0, StatusCode::OK);
+    let view = api.view("t1").await;
+    let head = view.head.clone().unwrap();
+    assert_eq!((head.records, head.hash.as_str()), (4, view.timeline[3].hash.as_str()));
+    assert_eq!(trail::verify_head(&view.timeline, &head, "the session's head"), Ok(()));
+    // Someone with access to Redis cuts the last two records: the chain verifies, the head does not.
+    assert_eq!(api.redis.as_ref().unwrap().cmd(&["LTRIM", "warden:{s:t1}:r", "0", "1"]).unwrap(), "OK");
+    let cut = api.view("t1").await;
+    assert_eq!(trail::verify(&cut.timeline), Ok(()));
+    let why = trail::verify_head(&cut.timeline, cut.head.as_ref().unwrap(), "the session's head").unwrap_err();
+    assert!(why.starts_with("the last 2 record(s) are missing"), "{why}");
+}
+
+/// The largest batch the service takes (1000 records) in one write: within what one Redis
+/// script takes in (Lua unpacks at most 8000 values).
+async fn the_largest_batch_is_taken_whole(b: Backend) {
+    let api = Api::new(b).await;
+    let batch = json!({"records": (1..=1000).map(|i| record("big1", i, "allow")).collect::<Vec<_>>()});
+    let (s, v) = api.call("POST", "/v1/records", Some(PROXY), Some(batch.clone())).await;
+    assert_eq!((s, v["appended"].as_u64()), (StatusCode::OK, Some(1000)), "{v}");
+    let (s, v) = api.call("POST", "/v1/records", Some(PROXY), Some(batch)).await;
+    assert_eq!((s, v["duplicates"].as_u64()), (StatusCode::OK, Some(1000)), "{v}");
+    let view = api.view("big1").await;
+    assert_eq!(view.timeline.len(), 1000);
+    trail::verify(&view.timeline).unwrap();
+}
+
 #[tokio::test]
 async fn a_revocation_body_that_does_not_parse_is_refused_before_the_token_as_text() {
     use warden_core::wire::limits;
-    let api = Api::new();
+    let api = Api::new(Backend::Sqlite).await;
     let big = format!(r#"{{"reason":"{}"}}"#, "x".repeat(limits::MAX_BODY_BYTES));
     for token in [Some(ADMIN), None] {
         for (content_type, body, status) in [
@@ -871,3 +1149,44 @@ async fn a_revocation_body_that_does_not_parse_is_refused_before_the_token_as_te
 fn every_operation_of_the_spec_is_exercised() {
     contract::assert_exercised("every_operation_of_the_spec_is_exercised", |path| !path.starts_with("/v1/log/"), &[]);
 }
+
+on_each_store!(a_dpop_proof_is_taken_once_across_sessions_and_proxies_and_expired_uses_are_pruned);
+async fn a_dpop_proof_is_taken_once_across_sessions_and_proxies_and_expired_uses_are_pruned(b: Backend) {
+    let api = Api::new(b).await;
+    let begin = |sid: &'static str, id: &'static str, expires_at_ms: u64| {
+        let api = &api;
+        async move {
+            let body = json!({"session_id": sid, "subject": "agent-7", "credential": "sha256:a", "proof": {"id": id, "expires_at_ms": expires_at_ms}});
+            let (s, v) = api.call("POST", "/v1/steps/begin", Some(PROXY), Some(body)).await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+            (v["outcome"].as_str().unwrap_or_default().to_string(), v["step"].as_u64())
+        }
+    };
+    let later = recently() + 180_000;
+    let p1 = "1111111111111111111111111111111111111111111111111111111111111111";
+    assert_eq!(begin("dp1", p1, later).await, ("ok".to_string(), Some(1)));
+    // The same proof again, in the same session or another (another proxy): refused, uncounted.
+    assert_eq!(begin("dp1", p1, later).await, ("proof_replayed".to_string(), Some(0)));
+    assert_eq!(begin("dp2", p1, later).await, ("proof_replayed".to_string(), Some(0)));
+    let view = api.view("dp1").await;
+    assert_eq!(view.state.steps, 1);
+    assert!(view.audit.iter().any(|e| e.kind == "dpop_replayed"), "{:?}", view.audit);
+    let (s, _) = api.call("GET", "/v1/sessions/dp2", Some(ADMIN), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "a replay opens no session");
+    // Another proof is fine; a use past its expiry is pruned (no proxy accepts that proof).
+    assert_eq!(begin("dp1", "22", later).await, ("ok".to_string(), Some(2)));
+    assert_eq!(begin("dp3", "33", 1).await.0, "ok");
+    assert_eq!(begin("dp3", "33", 1).await.0, "ok");
+    // The step's record says the binding held; the trail shows it.
+    let rec = StepRecord {
+        begun: Begun::Service,
+        binding: Some(warden_core::wire::BindingRecord { kind: "dpop".into(), held: true }),
+        at_ms: recently() + 60_000,
+        ..record("dp1", 1, "allow")
+    };
+    let (s, v) = api.call("POST", "/v1/records", Some(PROXY), Some(json!({"records": [rec]}))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let view = api.view("dp1").await;
+    assert_eq!(view.timeline[0].record.binding.as_ref().map(|b| (b.kind.as_str(), b.held)), Some(("dpop", true)));
+}
+

@@ -138,6 +138,10 @@ impl Store for SqliteStore {
         self.read(move |conn| log::session_leaves_in(conn, &session_id, tree_size))
     }
 
+    fn ready(&self) -> StoreFuture<'_, ()> {
+        self.read(|conn| conn.query_row("SELECT 1", [], |_| Ok(())).map_err(backend))
+    }
+
     fn counters(&self) -> Vec<StoreCounter> {
         let s = self.writes.stats();
         vec![

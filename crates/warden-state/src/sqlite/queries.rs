@@ -5,7 +5,7 @@
 
 use rusqlite::{params, Connection, OptionalExtension};
 use warden_core::admission::{self, Admitted};
-use warden_core::session::{BeginError, SessionState};
+use warden_core::session::SessionState;
 use warden_core::trail::{self, GENESIS};
 use warden_core::wire::{
     AppendResult, AuditEvent, BeginOutcome, BeginResponse, BeginStep, ProofUse, RefusedRecord, Revocation, RevocationFeed, SessionHead, SessionSummary,
@@ -13,7 +13,7 @@ use warden_core::wire::{
 };
 
 use super::backend;
-use crate::store::{Search, StoreError};
+use crate::store::{refusal, terminate_reason, Search, StoreError};
 
 /// `warden_core::trail::chain_hash`, with a SHA-256 that uses the CPU's SHA extensions when it
 /// has them (the chain hash was a sixth of the writer's time on a record batch).
@@ -162,14 +162,7 @@ pub(super) fn begin_in(conn: &Connection, req: &BeginStep, now_ms: u64) -> Resul
     let mut before = match state.begin_step_after(&req.subject, &req.seen(), now_ms, req.known_steps.unwrap_or(0)) {
         Ok(before) => before,
         Err(why) => {
-            let (outcome, kind, detail) = match why {
-                BeginError::Revoked => (BeginOutcome::Revoked, "revoked_session_used", "a revoked session was presented".to_string()),
-                BeginError::SubjectMismatch => (
-                    BeginOutcome::SubjectMismatch,
-                    "subject_mismatch",
-                    format!("session bound to {:?} presented by {:?}", state.subject, req.subject),
-                ),
-            };
+            let (outcome, kind, detail) = refusal(why, &state.subject, &req.subject);
             audit(conn, &req.session_id, now_ms, kind, &req.subject, req.credential.as_deref(), &detail)?;
             return Ok(BeginResponse { outcome, step: 0, new: false, session: state });
         }
@@ -267,7 +260,7 @@ pub(super) fn append_in(conn: &Connection, batch: &[StepRecord], now_ms: u64) ->
             if let Some(row) = &row {
                 save(conn, &r.session_id, &row.state, row.records, &row.head)?;
             }
-            revoke_in(conn, &r.session_id, &format!("terminated by policy: {}", r.reasons.join(",")), now_ms)?;
+            revoke_in(conn, &r.session_id, &terminate_reason(r), now_ms)?;
         } else {
             open = Some((&r.session_id, row));
         }
