@@ -4,7 +4,6 @@
 //! and which governed sessions an event names (`Target`) live here, for the state service's
 //! receiver; the SET the warden transmits is built by `session_revoked`.
 
-use ct_codecs::{Base64UrlSafeNoPadding, Decoder};
 use jwt_simple::prelude::*;
 use jwt_simple::JWTError;
 use serde_json::{json, Value};
@@ -161,19 +160,13 @@ fn targets(kind: &str, sub: &Value) -> Vec<Target> {
     }
 }
 
-/// The claims of the `session-revoked` SET the warden transmits when it ends a session.
-pub fn session_revoked(audience: &str, session_id: &str, subject: &str, reason: &str, at_ms: u64) -> Value {
+/// The claims (beside iss, aud, iat, jti) of the `session-revoked` SET the warden transmits when
+/// it ends a session.
+pub fn session_revoked(session_id: &str, subject: &str, reason: &str, at_ms: u64) -> Value {
     json!({
-        "aud": audience,
         "sub_id": {"format": "complex", "session": {"format": "opaque", "id": session_id}, "user": {"format": "opaque", "id": subject}},
         "events": {SESSION_REVOKED: {"event_timestamp": at_ms / 1000, "initiating_entity": "policy", "reason_admin": {"en": reason}}}
     })
-}
-
-/// `sub` of a complex subject's `user`, for tests and tools reading the warden's own SETs.
-pub fn decode_payload(token: &str) -> Option<Value> {
-    let payload = token.split('.').nth(1)?;
-    serde_json::from_slice(&Base64UrlSafeNoPadding::decode_to_vec(payload, None).ok()?).ok()
 }
 
 #[cfg(test)]
@@ -184,7 +177,7 @@ mod tests {
     const NOW: u64 = 1_800_000_000;
 
     fn receiver(kp: &ES256KeyPair) -> Receiver {
-        use ct_codecs::Encoder;
+        use ct_codecs::{Base64UrlSafeNoPadding, Encoder};
         let (x, y) = {
             let b = kp.public_key().public_key().to_bytes_uncompressed();
             (Base64UrlSafeNoPadding::encode_to_string(&b[1..33]).unwrap(), Base64UrlSafeNoPadding::encode_to_string(&b[33..65]).unwrap())

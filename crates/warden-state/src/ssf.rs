@@ -139,12 +139,7 @@ impl Transmitter {
 
     /// A signed `session-revoked` SET for one receiver.
     pub fn sign(&self, aud: &str, session_id: &str, subject: &str, reason: &str, at_ms: u64) -> Result<String, String> {
-        let claims = ssf::session_revoked(aud, session_id, subject, reason, at_ms);
-        let mut custom = match claims {
-            Value::Object(m) => m,
-            _ => serde_json::Map::new(),
-        };
-        let aud = custom.remove("aud").and_then(|a| a.as_str().map(str::to_string)).unwrap_or_default();
+        let custom = ssf::session_revoked(session_id, subject, reason, at_ms);
         // Unique, not secret: the time, a counter and what the SET is about.
         static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -156,10 +151,10 @@ impl Transmitter {
             invalid_before: None,
             issuer: Some(self.issuer.clone()),
             subject: None,
-            audiences: Some(Audiences::AsString(aud)),
+            audiences: Some(Audiences::AsString(aud.to_string())),
             jwt_id: Some(warden_core::hash::hex(&jti[..16])),
             nonce: None,
-            custom: Value::Object(custom),
+            custom,
         };
         let opts = HeaderOptions { signature_type: Some(ssf::SET_TYP.into()), ..Default::default() };
         self.key.sign_with_options(claims, &opts).map_err(|e| e.to_string())
