@@ -624,7 +624,21 @@ LOG_TOKEN = "log-" + uuid.uuid4().hex
 LOG_ORIGIN = "warden-e2e/log"
 
 
-class StateService:
+class _OwnProcess:
+    """A server process the tests started: `kill()` is a crash (SIGKILL), `stop()` a clean stop."""
+
+    proc: subprocess.Popen | None = None
+
+    def kill(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self):
+        stop_process(self.proc)
+
+
+class StateService(_OwnProcess):
     """The real warden-state binary on a SQLite file, or with `store` (a `redis://…` or
     `redis+cluster://…` URL) one replica of a service sharing that store; replicas of one
     service share the log's signing key (`key`: the path it is made at, by default beside `db`).
@@ -677,13 +691,6 @@ class StateService:
                 time.sleep(0.05)
         raise RuntimeError(f"warden-state not ready in time\n{self.log_path.read_text()[-2000:]}")
 
-    def kill(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def stop(self):
-        stop_process(self.proc)
 
     def admin(self, path: str, method="GET", **kw):
         return requests.request(method, self.url + path, headers={"authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=5, **kw)
@@ -750,7 +757,7 @@ def redis_command(port: int, *args: str, timeout=2.0) -> str | None:
         return None
 
 
-class RedisServer:
+class RedisServer(_OwnProcess):
     """A redis-server on a free loopback port, its files in `directory`; ready once it answers
     PING. `kill()` is a crash; `start()` again comes back on the same port and files (with AOF
     on, every write it acknowledged)."""
@@ -789,13 +796,6 @@ class RedisServer:
     def command(self, *args: str) -> str | None:
         return redis_command(self.port, *args)
 
-    def kill(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def stop(self):
-        stop_process(self.proc)
 
 
 def durable_redis(directory: Path) -> RedisServer:
