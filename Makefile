@@ -46,7 +46,10 @@ test-unit:
 
 test-e2e: build
 	@echo "[test] end-to-end: real Envoy + the built filter"
-	@$(PY) -m pytest tests/e2e
+	@rm -rf target/replay-check
+	@WARDEN_REPLAY_DIR=$(CURDIR)/target/replay-check $(PY) -m pytest tests/e2e
+	@echo "[test] replay equality: every step the suites recorded, decided again natively with the policy it was recorded under"
+	@$(PY) tests/replay_check.py target/replay-check
 
 ## demo: Envoy + the filter in front of an echo upstream, a scripted set of requests
 demo: build

@@ -340,7 +340,9 @@ def warden_config(settings: dict, fmt="json", *sets: str, env: dict | None = Non
         out = subprocess.run(args, capture_output=True, text=True, timeout=60, env=dict(os.environ, **(env or {})))
     if out.returncode != 0:
         raise RuntimeError(f"warden config failed ({out.returncode}): {out.stderr.strip()}")
-    return json.loads(out.stdout)
+    built = json.loads(out.stdout)
+    keep_for_replay(built)
+    return built
 
 
 @functools.lru_cache(maxsize=None)
@@ -500,6 +502,48 @@ def wasm_runtimes() -> list[str]:
     return found
 
 
+# ---------------------------------------------------------------- replay equality (make test)
+# With WARDEN_REPLAY_DIR set (make test sets it), every plugin configuration an Envoy is started
+# with and every session a state service holds when it is stopped are kept there; after the suite,
+# `warden replay --config … --file …` re-decides each recorded step natively with the policy
+# version it was recorded under (tests/replay_check.py), and any step decided otherwise fails
+# `make test`.
+
+REPLAY_DIR = os.environ.get("WARDEN_REPLAY_DIR")
+
+
+def _plugin_configs(node) -> list[dict]:
+    """Every plugin configuration in a bootstrap, ECDS resource or `warden config` output: an
+    object with `policy.modules`, or a JSON string of one."""
+    found = []
+    if isinstance(node, dict):
+        if isinstance(node.get("policy"), dict) and "modules" in node["policy"]:
+            found.append(node)
+        else:
+            for v in node.values():
+                found += _plugin_configs(v)
+    elif isinstance(node, list):
+        for v in node:
+            found += _plugin_configs(v)
+    elif isinstance(node, str) and node.startswith("{") and '"policy"' in node:
+        try:
+            found += _plugin_configs(json.loads(node))
+        except ValueError:
+            pass
+    return found
+
+
+def keep_for_replay(config) -> None:
+    """Keep the plugin configurations in `config` for the replay-equality check."""
+    if not REPLAY_DIR:
+        return
+    d = Path(REPLAY_DIR) / "configs"
+    d.mkdir(parents=True, exist_ok=True)
+    for c in _plugin_configs(config):
+        text = json.dumps(c, sort_keys=True)
+        (d / (hashlib.sha256(text.encode()).hexdigest()[:24] + ".json")).write_text(text)
+
+
 class EnvoyError(RuntimeError):
     pass
 
@@ -524,6 +568,7 @@ class Envoy:
         self.dir = Path(workdir or self._tmp.name)  # type: ignore[union-attr]
         self.config_path = self.dir / "envoy.json"
         self.config_path.write_text(json.dumps(config, indent=1))
+        keep_for_replay(config)
         self.admin_path = self.dir / "admin-address"
         self.log_path = self.dir / "envoy.log"
         self._log = open(self.log_path, "w")
@@ -694,6 +739,32 @@ class StateService(_OwnProcess):
 
     def admin(self, path: str, method="GET", **kw):
         return requests.request(method, self.url + path, headers={"authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=5, **kw)
+
+    def stop(self):
+        self.keep_for_replay()
+        super().stop()
+
+    def keep_for_replay(self):
+        """Every session this service holds, as `warden session export` writes them, for the
+        replay-equality check (only with WARDEN_REPLAY_DIR; a service that is down has nothing
+        to give)."""
+        if not REPLAY_DIR or self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            found = self.admin("/v1/sessions", params={"limit": 10000})
+            if found.status_code != 200:
+                return
+            lines = []
+            for s in found.json()["sessions"]:
+                r = self.admin(f"/v1/sessions/{s['id']}")
+                if r.status_code == 200:
+                    lines.append(json.dumps(r.json()))
+        except (requests.RequestException, ValueError, KeyError):
+            return
+        if lines:
+            d = Path(REPLAY_DIR) / "sessions"
+            d.mkdir(parents=True, exist_ok=True)
+            (d / f"{uuid.uuid4().hex}.jsonl").write_text("\n".join(lines) + "\n")
 
     def session(self, sid: str) -> dict | None:
         r = self.admin(f"/v1/sessions/{sid}")

@@ -75,6 +75,12 @@ impl Warden {
         Ok(Self { config, identifier, policy, candidate, sessions })
     }
 
+    /// The compiled policy and candidate, as the proxy decides with them: what `warden replay
+    /// --config` re-decides recorded steps with.
+    pub fn into_policies(self) -> (Policy, Option<Policy>) {
+        (self.policy, self.candidate)
+    }
+
     pub fn policy_version(&self) -> &str {
         &self.policy.version
     }
