@@ -232,6 +232,9 @@ impl RootContext for WardenRoot {
     }
 
     fn on_tick(&mut self) {
+        if let Some(w) = &self.warden {
+            w.borrow_mut().share_response_bytes(&mut ProxyHost);
+        }
         self.metrics.borrow_mut().flush();
         self.metrics.borrow_mut().memory(memory_kib());
         if let Some(client) = &self.state {

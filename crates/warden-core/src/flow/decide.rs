@@ -112,7 +112,7 @@ impl Warden {
 
         // 5. Enforce.
         if !shadow {
-            self.after_decision(&session.id, &decision, now_ms, host);
+            self.after_decision(&session.id, &decision, &before, now_ms, host);
         }
         if decision.action != Action::Allow {
             if decision.action == Action::Terminate && !shadow {

@@ -10,7 +10,7 @@ mod reply;
 mod request;
 mod snapshot;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 pub use outcome::{Body, Context, Early, LocalReply, Pending, RequestOutcome, StateCall, StateFailure, Step};
 
@@ -36,6 +36,8 @@ pub struct Warden {
     policy: Policy,
     candidate: Option<Policy>,
     sessions: LocalSessions,
+    /// Cached mode: response bytes of sessions not yet in their shared snapshot (`after_response`).
+    unshared_bytes: HashMap<String, u64>,
 }
 
 impl Warden {
@@ -72,7 +74,7 @@ impl Warden {
             None => None,
         };
         let sessions = LocalSessions::new(config.session.local_max_sessions);
-        Ok(Self { config, identifier, policy, candidate, sessions })
+        Ok(Self { config, identifier, policy, candidate, sessions, unshared_bytes: HashMap::new() })
     }
 
     /// The compiled policy and candidate, as the proxy decides with them: what `warden replay

@@ -13,6 +13,8 @@ use crate::wire::StepRecord;
 const PREFIX: &str = "session-warden.session.";
 /// Compare-and-swap attempts before a change is given up (a cached step then goes to the service).
 const ATTEMPTS: usize = 4;
+/// Sessions whose response bytes a VM holds for its next step before sharing them.
+const UNSHARED_MAX: usize = 1024;
 
 fn get(host: &dyn Host, id: &str) -> Option<(SessionState, u32)> {
     let (bytes, cas) = host.shared_get(&format!("{PREFIX}{id}"))?;
@@ -68,8 +70,9 @@ impl Warden {
     }
 
     /// Take the step on the shared snapshot under the one session-binding rule.
-    pub(super) fn begin_cached(&self, ctx: &Pending, host: &mut dyn Host) -> Cached {
+    pub(super) fn begin_cached(&mut self, ctx: &Pending, host: &mut dyn Host) -> Cached {
         let seen = ctx.seen();
+        let pending = self.unshared_bytes.get(&ctx.session.id).copied().unwrap_or(0);
         let taken = edit(host, &ctx.session.id, |state| {
             let Some(mut state) = state else { return Edit::Leave(Cached::Miss) };
             // A snapshot with no subject only marks a revocation heard of before the session
@@ -77,6 +80,9 @@ impl Warden {
             if state.subject.is_empty() && !state.revoked {
                 return Edit::Leave(Cached::Miss);
             }
+            // The responses this VM sent since its last write join the snapshot with this step,
+            // so the step decides on them.
+            state.bytes_out = state.bytes_out.saturating_add(pending);
             match state.begin_step(&ctx.identity.subject, &seen, ctx.now_ms) {
                 Ok(before) => {
                     let step = state.steps;
@@ -85,6 +91,9 @@ impl Warden {
                 Err(e) => Edit::Leave(Cached::Refused(e)),
             }
         });
+        if matches!(taken, Some(Cached::Hit(..))) {
+            self.unshared_bytes.remove(&ctx.session.id);
+        }
         taken.unwrap_or(Cached::Miss)
     }
 
@@ -113,13 +122,18 @@ impl Warden {
 
     /// Keep what a decision leaves behind (risk, flags, a satisfied step-up) for the session's
     /// next step: in this VM's table and, in cached mode, in the shared snapshot.
-    pub(super) fn after_decision(&mut self, id: &str, d: &Decision, now_ms: u64, host: &mut dyn Host) {
+    ///
+    /// `before` is the state the step was decided on: a decision that leaves nothing it did not
+    /// already hold (the ordinary step) costs no second shared-data write. Another worker's
+    /// write in between is then simply the later one, as it would be had this one come first.
+    pub(super) fn after_decision(&mut self, id: &str, d: &Decision, before: &SessionState, now_ms: u64, host: &mut dyn Host) {
         let stepped = d.step_up_satisfied.then_some(now_ms);
         let refused = matches!(d.action, Action::Deny | Action::StepUp).then_some(now_ms);
         if let Some(mine) = self.sessions.get_mut(id) {
             mine.after_decision(d.risk, &d.flags, stepped, refused);
         }
-        if self.cached() {
+        let unchanged = stepped.is_none() && refused.is_none() && d.risk == before.risk && d.flags.iter().all(|f| before.flags.contains(f));
+        if self.cached() && !unchanged {
             edit(host, id, |state| match state {
                 Some(mut state) => {
                     state.after_decision(d.risk, &d.flags, stepped, refused);
@@ -132,6 +146,10 @@ impl Warden {
 
     /// The response of a step went out with `bytes` of body: the session's data volume, for its
     /// next step, before the record reaches the service.
+    ///
+    /// In cached mode the bytes join the shared snapshot with this VM's next step of the session
+    /// (`begin_cached`), or at the latest on the next tick (`share_response_bytes`): a shared-data
+    /// cycle per response would cost every request as much as its step does.
     pub fn after_response(&mut self, id: &str, bytes: u64, host: &mut dyn Host) {
         if bytes == 0 {
             return;
@@ -140,7 +158,20 @@ impl Warden {
             mine.bytes_out = mine.bytes_out.saturating_add(bytes);
         }
         if self.cached() {
-            edit(host, id, |state| match state {
+            // Bounded as the VM's session table is: past it, the bytes are shared now.
+            if self.unshared_bytes.len() >= UNSHARED_MAX && !self.unshared_bytes.contains_key(id) {
+                self.share_response_bytes(host);
+            }
+            let pending = self.unshared_bytes.entry(id.to_string()).or_default();
+            *pending = pending.saturating_add(bytes);
+        }
+    }
+
+    /// The tick: response bytes no step of this VM has carried into the snapshot yet, shared
+    /// now, so the other workers' steps see them within a tick.
+    pub fn share_response_bytes(&mut self, host: &mut dyn Host) {
+        for (id, bytes) in std::mem::take(&mut self.unshared_bytes) {
+            edit(host, &id, |state| match state {
                 Some(mut state) => {
                     state.bytes_out = state.bytes_out.saturating_add(bytes);
                     Edit::Write(state, ())

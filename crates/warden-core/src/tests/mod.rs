@@ -726,3 +726,42 @@ fn cached_steps_decide_on_the_profile_the_service_handed_out_without_another_cal
     let out = w.resume(pending, Ok(answer(1, true, "agent-7")), &mut h);
     assert_eq!(input(&out)["identity"]["profile"], json!(null));
 }
+
+#[test]
+fn a_cached_step_writes_its_snapshot_once_and_carries_the_responses_since_the_last() {
+    let k = keys();
+    let mut w = with_state(&k, "cached");
+    let mut h = live_host();
+    let t = bearer(&sign_es(&k, claims("agent-7")));
+    let headers = || req("/", &[("authorization", &t), ("x-session-id", b"wf-15")]);
+    let (pending, _) = call(&mut w, headers(), &mut h);
+    w.resume(pending, Ok(answer(1, true, "agent-7")), &mut h);
+    let snapshot = |h: &FakeHost| {
+        let (bytes, version) = h.shared.borrow().get("session-warden.session.wf-15").cloned().unwrap();
+        (serde_json::from_slice::<SessionState>(&bytes).unwrap(), version)
+    };
+    let input = |out: &RequestOutcome| out.record.as_ref().and_then(|r| r.input.as_ref()).map(|i| i.to_json().unwrap()).unwrap();
+    let (_, v0) = snapshot(&h);
+    // An ordinary step (the decision leaves nothing new): one write, the step's.
+    let out = done(&mut w, headers(), &mut h);
+    assert_eq!(header(&out.set_headers, "x-warden-step"), Some("2"));
+    assert_eq!(snapshot(&h).1, v0 + 1);
+    // Its response's bytes wait for this VM's next step of the session, which decides on them.
+    w.after_response("wf-15", 5_000, &mut h);
+    assert_eq!(snapshot(&h), (snapshot(&h).0, v0 + 1));
+    assert_eq!(snapshot(&h).0.bytes_out, 0);
+    let out = done(&mut w, headers(), &mut h);
+    assert_eq!(input(&out)["session"]["bytes_out"].as_u64(), Some(5_000));
+    assert_eq!(snapshot(&h), (snapshot(&h).0, v0 + 2));
+    assert_eq!(snapshot(&h).0.bytes_out, 5_000);
+    // Bytes of a session this VM takes no further step of are shared on the tick, for the others.
+    w.after_response("wf-15", 700, &mut h);
+    w.share_response_bytes(&mut h);
+    assert_eq!(snapshot(&h).0.bytes_out, 5_700);
+    let mut other = with_state(&k, "cached");
+    let out = done(&mut other, headers(), &mut h);
+    assert_eq!(input(&out)["session"]["bytes_out"].as_u64(), Some(5_700));
+    // Nothing counted twice: the next step of the first VM carries nothing more.
+    let out = done(&mut w, headers(), &mut h);
+    assert_eq!(input(&out)["session"]["bytes_out"].as_u64(), Some(5_700));
+}
