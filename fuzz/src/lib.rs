@@ -289,6 +289,7 @@ pub fn session(data: &[u8]) {
             fingerprint: "sha256:00".into(),
             cnf_x5t: None,
             cnf_jkt: None,
+            input_parts: Default::default(),
         })
     });
     let identity = Identity {

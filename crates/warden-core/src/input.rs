@@ -37,6 +37,60 @@ fn binding(id: &Identity) -> Value {
         .build()
 }
 
+/// The parts of the input that depend on the verified token alone, built once per cached token:
+/// `input.credential`, and the fields of `input.identity` that are the token's (the request's
+/// own, `workload`, `profile` and `binding`, are added per request).
+#[derive(Debug)]
+pub struct TokenParts {
+    /// What they were built from (the identity's subject and scopes, as bounded): a token
+    /// presented with other ones (never, today) gets its parts built afresh.
+    subject: String,
+    scopes: Vec<String>,
+    identity: Value,
+    credential: Value,
+}
+
+fn identity_of_token(id: &Identity, tok: Option<&crate::identity::jwt::VerifiedToken>) -> Value {
+    Obj::new()
+        .set("kind", s(id.kind.as_str()))
+        .set("subject", s(&id.subject))
+        .set("issuer", opt_s(id.issuer.as_deref()))
+        .set("provider", opt_s(tok.map(|t| t.provider.as_str())))
+        .set("scopes", strings(&id.scopes))
+        .set("claims", tok.map(|t| t.claims.clone()).unwrap_or_else(Value::new_object))
+        .set("delegation", strings(tok.map(|t| t.delegation.as_slice()).unwrap_or_default()))
+        .build()
+}
+
+fn credential_of(id: &Identity, tok: Option<&crate::identity::jwt::VerifiedToken>) -> Value {
+    Obj::new()
+        .set("kind", s(id.kind.as_str()))
+        .set("fingerprint", opt_s(id.fingerprint.as_deref()))
+        .set("kid", opt_s(tok.and_then(|t| t.kid.as_deref())))
+        .set("jti", opt_s(tok.and_then(|t| t.jti.as_deref())))
+        .set("iat", opt_n(tok.and_then(|t| t.iat)))
+        .set("exp", opt_n(tok.and_then(|t| t.exp)))
+        .build()
+}
+
+/// `input.identity` (without its per-request fields) and `input.credential`: from the token's
+/// cache entry when it has them for this identity, else built now (and kept there).
+fn token_parts(id: &Identity) -> (Value, Value) {
+    let tok = id.token.as_deref();
+    let fresh = || (identity_of_token(id, tok), credential_of(id, tok));
+    // A token's fingerprint is its credential's: any other credential kind builds its own.
+    let Some(t) = tok.filter(|t| id.fingerprint.as_deref() == Some(t.fingerprint.as_str())) else { return fresh() };
+    let parts = t.input_parts.get_or_init(|| {
+        let (identity, credential) = fresh();
+        TokenParts { subject: id.subject.clone(), scopes: id.scopes.clone(), identity, credential }
+    });
+    if parts.subject == id.subject && parts.scopes == id.scopes {
+        (parts.identity.clone(), parts.credential.clone())
+    } else {
+        fresh()
+    }
+}
+
 pub fn build(now_ms: u64, mode: &str, req: &RequestFacts<'_>, id: &Identity, sess: &SessionFacts<'_>) -> Value {
     let h = req.headers;
     let mut selected = Obj::new();
@@ -59,28 +113,14 @@ pub fn build(now_ms: u64, mode: &str, req: &RequestFacts<'_>, id: &Identity, ses
         .set("mcp", req.mcp.map(crate::mcp::to_value).unwrap_or(Value::Null))
         .build();
 
-    let tok = id.token.as_deref();
-    let identity = Obj::new()
-        .set("kind", s(id.kind.as_str()))
-        .set("subject", s(&id.subject))
-        .set("issuer", opt_s(id.issuer.as_deref()))
-        .set("provider", opt_s(tok.map(|t| t.provider.as_str())))
-        .set("scopes", strings(&id.scopes))
-        .set("claims", tok.map(|t| t.claims.clone()).unwrap_or_else(Value::new_object))
-        .set("delegation", strings(tok.map(|t| t.delegation.as_slice()).unwrap_or_default()))
-        .set("workload", opt_s(id.workload.as_deref()))
-        .set("profile", sess.before.profile.as_ref().map(|p| p.to_value()).unwrap_or(Value::Null))
-        .set("binding", binding(id))
-        .build();
-
-    let credential = Obj::new()
-        .set("kind", s(id.kind.as_str()))
-        .set("fingerprint", opt_s(id.fingerprint.as_deref()))
-        .set("kid", opt_s(tok.and_then(|t| t.kid.as_deref())))
-        .set("jti", opt_s(tok.and_then(|t| t.jti.as_deref())))
-        .set("iat", opt_n(tok.and_then(|t| t.iat)))
-        .set("exp", opt_n(tok.and_then(|t| t.exp)))
-        .build();
+    let (identity, credential) = token_parts(id);
+    let mut identity = identity;
+    // The cached object is shared: this copies its map (values stay shared), not its strings.
+    if let Ok(o) = identity.as_object_mut() {
+        o.insert(Value::from("workload"), opt_s(id.workload.as_deref()));
+        o.insert(Value::from("profile"), sess.before.profile.as_ref().map(|p| p.to_value()).unwrap_or(Value::Null));
+        o.insert(Value::from("binding"), binding(id));
+    }
 
     let context = Obj::new()
         .set("region", opt_s(req.region))

@@ -37,6 +37,9 @@ pub struct VerifiedToken {
     pub cnf_x5t: Option<String>,
     /// RFC 9449 `cnf.jkt`: the RFC 7638 thumbprint of the key it is bound to.
     pub cnf_jkt: Option<String>,
+    /// The parts of the policy input that are the token's alone (`input::build`), built on the
+    /// first request that presents it and shared by every later one while it stays cached.
+    pub input_parts: std::cell::OnceCell<crate::input::TokenParts>,
 }
 
 impl VerifiedToken {
@@ -183,6 +186,7 @@ impl JwtVerifier {
             cnf_x5t: cnf_member(&raw_claims, "x5t#S256"),
             cnf_jkt: cnf_member(&raw_claims, "jkt"),
             raw_claims,
+            input_parts: Default::default(),
         })
     }
 }
