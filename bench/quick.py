@@ -2,7 +2,7 @@
 interleaved over a few short rounds, printing median rps and the µs each adds over no_filter,
 and Envoy's CPU time per request (steadier while other processes share the machine).
 
-    .venv/bin/python bench/quick.py warden_local warden_allow_all
+    .venv/bin/python bench/quick.py warden_local warden_local_allow_all
     QUICK_ALT=/path/to/other.wasm .venv/bin/python bench/quick.py warden_local   # adds warden_local@alt
 
 Knobs: QUICK_ROUNDS (3), QUICK_SECONDS (3), QUICK_ALT (a second module measured beside the built

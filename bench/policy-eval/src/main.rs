@@ -10,7 +10,10 @@
 //! - with `--request FILE` (`{"config": <plugin config>, "headers": {name: value}}`, written by
 //!   bench/run.py): `on_request_ns`, one whole `Warden::on_request` (strip, identify with the
 //!   verified-token cache hit, local session step, input, policy, decision, correlation) for that
-//!   request, with `FakeHost` (warden-core's test host) as the host.
+//!   request, with `FakeHost` (warden-core's test host) as the host; in sync or cached mode
+//!   (the configuration's `state.mode`) a begin-step call is answered with a canned answer
+//!   parsed from bytes, as the filter parses the service's, and each request ends as the filter
+//!   ends it (`after_response`, the record serialized for its batch).
 
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
@@ -22,6 +25,8 @@ use warden_core::decision::parse_output;
 use warden_core::host::{FakeHost, Headers};
 use warden_core::policy::dir::{merge, read_text, PolicyDir};
 use warden_core::policy::DEFAULT_ENTRYPOINT;
+use warden_core::session::SessionState;
+use warden_core::wire::{BeginOutcome, BeginResponse, BeginStep};
 use warden_core::{Body, Step, Warden};
 
 const BATCHES: usize = 21;
@@ -134,20 +139,47 @@ fn main() {
             .unwrap_or_default();
         let headers = Headers::from_pairs(pairs);
         let mut host = FakeHost::at(now_ms()).with_property("source.address", "127.0.0.1:40000");
-        let refused = match warden.on_request(headers.clone(), Body::Absent, &mut host) {
-            Step::Done(o) => o.reply.map(|r| format!("{} {}", r.status, String::from_utf8_lossy(&r.body))),
-            Step::Call { .. } => Some("the bench configuration has no state service: expected local sessions".into()),
+        // The step the service counted last: what a canned begin-step answer says next.
+        let mut steps = 0u64;
+        let mut request = |warden: &mut Warden, host: &mut FakeHost| -> Result<(), String> {
+            let outcome = match warden.on_request(black_box(headers.clone()), Body::Absent, host) {
+                Step::Done(o) => o,
+                // Sync mode, or cached mode's first step: the state service's answer, as bytes
+                // parsed as the filter parses them, for the session the call names.
+                Step::Call { pending, call } => {
+                    let req: BeginStep = serde_json::from_slice(&call.body).map_err(|e| e.to_string())?;
+                    steps += 1;
+                    let mut session = SessionState::open(&req.subject, &req.scopes, host.now_ms);
+                    session.steps = steps - 1;
+                    let answer = BeginResponse { outcome: BeginOutcome::Ok, step: steps, new: steps == 1, session };
+                    let bytes = serde_json::to_vec(&answer).map_err(|e| e.to_string())?;
+                    let answer: BeginResponse = serde_json::from_slice(black_box(&bytes)).map_err(|e| e.to_string())?;
+                    warden.resume(pending, Ok(answer), host)
+                }
+            };
+            if let Some(r) = outcome.reply {
+                return Err(format!("{} {}", r.status, String::from_utf8_lossy(&r.body)));
+            }
+            // What the filter does once the response went out: the session's data volume, and the
+            // record serialized for its batch.
+            if let Some(record) = outcome.record {
+                warden.after_response(&record.session_id, 1234, host);
+                black_box(serde_json::to_vec(&record).map_err(|e| e.to_string())?);
+            }
+            Ok(())
         };
-        if let Some(why) = refused {
-            out["on_request_error"] = json!(format!("the bench request is refused natively: {why}"));
-        } else {
-            // `Headers` is taken by value: the clone (a small map) stands for the proxy reading
-            // the request's headers from Envoy, which it does on every request too.
-            let (req_ns, req_min) = time(iterations / 4, || {
-                black_box(warden.on_request(black_box(headers.clone()), Body::Absent, &mut host));
-            });
-            out["on_request_ns"] = json!(req_ns.round());
-            out["on_request_min_ns"] = json!(req_min.round());
+        match request(&mut warden, &mut host) {
+            Err(why) => out["on_request_error"] = json!(format!("the bench request is refused natively: {why}")),
+            Ok(()) => {
+                // `Headers` is taken by value: the clone (a small map) stands for the proxy reading
+                // the request's headers from Envoy, which it does on every request too.
+                let (req_ns, req_min) = time(iterations / 4, || {
+                    black_box(request(&mut warden, &mut host).ok());
+                });
+                out["on_request_ns"] = json!(req_ns.round());
+                out["on_request_min_ns"] = json!(req_min.round());
+                out["mode"] = json!(doc["config"].pointer("/state/mode").and_then(|m| m.as_str()).unwrap_or("local"));
+            }
         }
     }
     println!("{out}");
