@@ -740,16 +740,60 @@ Already in place from the start: the RVM (compiled once, one `RegoVM` per VM), t
 as regorus values, verified tokens served from the cache, session snapshots in shared data,
 records batched on the tick.
 
+**Issue 15's levers (2026-12-02), each measured natively with callgrind on the bench's own
+request in cached mode** (`bench/policy-eval --request`, which now runs the whole request as the
+filter does: on_request, the state service's answer where the mode asks for it, after_response,
+the record serialized; instruction counts per request, which other processes cannot disturb):
+
+| Lever | Change | What it bought |
+|---|---|---|
+| 2 | one shared-data cycle per ordinary cached step: the decision writes the snapshot again only when it leaves something new (risk, a flag, a refusal, a step-up); a response's bytes join the snapshot with the VM's next step of the session, or on the tick (a8785d8) | 534k → 488k instructions per request (−9%); three get/parse/serialize/compare-and-swap cycles → one (the issue measured 5.4–6 µs each in V8) |
+| 1 | regorus: the ten `ok_or(VmError…)` written over two lines (the program counter's check in `jump_to`, `set_register`) made lazy like the rest (07d530f, `vendor/regorus/WARDEN.md`) | 292k → 271k instructions per evaluation of the library (−7%); 488k → 467k per request |
+| 4 | the token's own parts of `input.identity` and `input.credential` built once per cached token, shared by its later requests (7b04aa6) | input build 57k → 49k instructions; 467k → 453k per request |
+| bench | each variant its own session and state service; C-allow now cached mode with allow-all (the old one is C-local-allow); Envoy CPU µs per request beside rps; the bench's request natively in every mode | the filter's cost split: cached mode's own machinery = C-allow − C-local-allow, the library = C − C-allow (see "What the numbers say") |
+| check | `make test` re-decides every step the end-to-end suites recorded with the policy version it was recorded under (`warden replay --config`, `tests/replay_check.py`) | every lever above ran through it: no decision changed |
+
+Where the 453k instructions of a cached request go now (natively): the library's evaluation
+271k (60%); building the input 49k; the attribution record with the step's exact input 30k for
+the input's JSON and about 30k for the record's own (its share of the batch); the one
+shared-data cycle (get, parse, `begin_step`, serialize, set) about 27k; identifying from the
+verified-token cache, resolving the session, ids and stamps the remaining ~47k. The regorus
+evaluation itself: object lookups by key (`Object::get` and the `Value` comparisons under it)
+about 19%, resetting registers per rule body (`Vec::resize`) 7%.
+
+Levers measured and not taken:
+- **Lever 3 (records without the whole input).** The recorded input is what `warden replay` and
+  the replay-equality check re-decide; a digest plus "what is not in the session's state" would
+  make replay depend on reconstructing the state the proxy saw (cached snapshots, degraded
+  steps), which the trail cannot prove. Kept whole (`policy.record_input: false` still drops it).
+- **Lever 4 (only the paths the policy reads).** The library reads nearly every path of the
+  input; pruning pays only for small policies, and a pruned recorded input could not replay a
+  candidate that reads more. The token-derived parts are cached instead (above).
+- **Lever 6 (a compiled program in the configuration).** The named-section sizes of the module
+  (a build with names kept): of 2.45 MB of code, regorus's compiler is 8.3%, its interpreter (the
+  fallback for policies the RVM cannot compile) 8.3%, its parser 4.8%, the RVM 5.9%, builtins
+  5.3%; jwt-simple's RSA, ECDSA and EdDSA 13%; serde 9%; std and alloc 17%. A module that only
+  runs programs compiled by the CLI drops about 22% of the code: by the proportion of V8's
+  compile time, ready from about 1.8 s to about 1.4 s and some 15 MiB of RSS, short of 0.8 s and
+  +45 MiB either way, for a second module and configuration format. Not done; the lever that
+  reaches the target is on Envoy's side (V8's Liftoff, proxy-wasm-cpp-host #323/#458/#487).
+- **Lever 7 (a decision reuse the policy declares).** The library's allow depends on inputs that
+  change on every step (the step count against its limits, the session's bytes and refusals,
+  the time against the token's expiry and the session's age): a sound reuse needs range
+  conditions the policy author must get exactly right, and an unsound one is a bypass that only
+  the replay check would catch afterwards. Not built.
+
 **What stands in the way of the targets.**
-- Throughput: C ≥ 50% of A leaves 1e6/rps_A µs for everything the filter does (about 30–40 µs
-  here). The issue's own prototype figures, an empty filter (4.5 µs), one header read and set
-  (8 µs) and a one-rule RVM policy (23 µs), already add up to that. Session Warden with a one-line
-  policy adds 70–90 µs: it also verifies (from its cache) and fingerprints the credential,
-  resolves and binds the session, builds a 60-field input, stamps five request headers and two
-  response headers, and counts. Levers left: fewer host calls (the source address fetched only
-  when the policy reads it), the input built lazily or partly cached with the verified token,
-  the RVM's remaining per-call costs (failed rule bodies travel as error values; register windows
-  are resized per call), and the runtime: V8 runs this code about 3.5× slower than natively.
+- Throughput: C ≥ 35% of A leaves about 1e6/(0.35·rps_A) − 1e6/rps_A ≈ 45–50 µs per request
+  for everything the filter does. The filter with a one-line policy and proxy-local sessions
+  (C-local-allow) already adds more than that: it verifies (from its cache) and fingerprints the
+  credential, resolves and binds the session, builds a 60-field input, stamps five request
+  headers and two response headers, and counts, about 80k instructions natively, which V8 runs
+  some 3.5× slower and each host call (headers, properties, clock, shared data) crosses the wasm
+  boundary. Cached mode adds the shared snapshot and the attribution record with its exact input
+  (C-allow − C-local-allow), the library its evaluation (C − C-allow). What is left on our side is
+  the RVM's per-rule-body costs (object lookups, register resets) and the library's size; the
+  runtime's 3.5× is V8's.
 - Time to ready and RSS: V8 compiles the whole module with TurboFan before the listener starts
   (proxy-wasm-cpp-host turns Liftoff off) and Envoy holds a base VM plus one per thread. Less code
   is the lever on our side (the module carries regorus's parser, compiler, RVM and builtins, and
@@ -1302,6 +1346,15 @@ def render(rep: dict) -> str:
                f"{c['added_us'] / (pe['on_request_ns'] / 1000):.1f}× the native `on_request` (the rest is the host calls "
                "and the wasm boundary: reading the request headers, properties, clock, random, metrics, setting headers)."
                if pe.get("policy_eval_ns") and pe.get("on_request_ns") else "")
+        )
+    cc, ca = v.get("warden_cached"), v.get("warden_cached_allow_all")
+    if cc and ca and c0 and "added_cpu_us" in cc:
+        findings.append(
+            f"- **C's {cc['added_cpu_us']:.0f} µs of Envoy CPU per request, split.** The filter with a one-line policy and "
+            f"proxy-local sessions (C-local-allow) adds {c0['added_cpu_us']:.0f} µs; cached mode's own machinery (the shared "
+            f"snapshot, the attribution record with its exact input, its share of the batch: C-allow − C-local-allow) "
+            f"{ca['added_cpu_us'] - c0['added_cpu_us']:.0f} µs; the policy library in cached mode (C − C-allow) "
+            f"{cc['added_cpu_us'] - ca['added_cpu_us']:.0f} µs."
         )
     if c:
         comp = c["startup"].get("wasm_load_compile_ms")
