@@ -699,6 +699,7 @@ fn recorded_input_is_carried_as_recorded() {
 mod binding;
 mod bounds;
 mod callouts;
+mod mcp_modern;
 mod paths;
 
 #[test]
@@ -725,4 +726,28 @@ fn cached_steps_decide_on_the_profile_the_service_handed_out_without_another_cal
     let (pending, _) = call(&mut w, req("/", &[("authorization", &t), ("x-session-id", b"wf-14")]), &mut h);
     let out = w.resume(pending, Ok(answer(1, true, "agent-7")), &mut h);
     assert_eq!(input(&out)["identity"]["profile"], json!(null));
+}
+
+/// The input the flow builds has exactly the fields `policies/input.schema.json` documents,
+/// wherever the schema lists an object's properties.
+fn schema_matches(input: &serde_json::Value) {
+    let schema: serde_json::Value = serde_json::from_str(include_str!("../../../../policies/input.schema.json")).unwrap();
+    fn walk(root: &serde_json::Value, schema: &serde_json::Value, value: &serde_json::Value, at: &str) {
+        if let Some(name) = schema.get("$ref").and_then(|r| r.as_str()).and_then(|r| r.strip_prefix("#/$defs/")) {
+            return walk(root, &root["$defs"][name], value, at);
+        }
+        if let (Some(items), Some(values)) = (schema.get("items"), value.as_array()) {
+            for (i, v) in values.iter().enumerate() {
+                walk(root, items, v, &format!("{at}[{i}]"));
+            }
+        }
+        let (Some(props), Some(obj)) = (schema.get("properties").and_then(|p| p.as_object()), value.as_object()) else { return };
+        let documented: std::collections::BTreeSet<&String> = props.keys().collect();
+        let built: std::collections::BTreeSet<&String> = obj.keys().collect();
+        assert_eq!(built, documented, "input{at}: built vs documented fields");
+        for (k, sub) in props {
+            walk(root, sub, &obj[k], &format!("{at}.{k}"));
+        }
+    }
+    walk(&schema, &schema, input, "");
 }
