@@ -85,7 +85,7 @@ fn what_only_the_body_says_is_still_decided() {
     let (mut h, mut steps) = (live_host(), Default::default());
     let t = bearer(&sign_es(&k, claims("agent-7")));
     let mut out = at_headers(&mut w, modern(&t, "tools/list", None, &[]), &mut h, &mut steps);
-    let body = format!(r#"{{"jsonrpc":"2.0","id":2,"method":"tools/list","params":{{"_meta":{{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":{{"name":"old-agent","version":"0.1"}}}}}}}}"#);
+    let body = r#"{"jsonrpc":"2.0","id":2,"method":"tools/list","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":{"name":"old-agent","version":"0.1"}}}}"#;
     let out = w.on_held_body(out.hold.take().unwrap(), Body::Complete(body.as_bytes()), &mut h);
     let (status, body) = rpc(&out);
     assert_eq!((status, body["id"].clone(), body["error"]["data"]["reasons"].clone()), (403, json!(2), json!(["client_forbidden"])));
