@@ -17,7 +17,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
 use warden_core::host::{Headers, Host};
 use warden_core::wire::StepRecord;
-use warden_core::{Body, Early, Pending, RequestOutcome, Step, Warden};
+use warden_core::{Body, Early, Held, Pending, RequestOutcome, Step, Warden};
 
 use metrics::Metrics;
 use warden_core::callouts::jwks::JwksFetcher;
@@ -267,6 +267,7 @@ impl RootContext for WardenRoot {
             body_size: 0,
             adopt: None,
             headers_sent: false,
+            held: None,
         }))
     }
 
@@ -297,6 +298,8 @@ struct WardenHttp {
     headers_sent: bool,
     /// The minted session of an MCP `initialize`, to adopt under the server's session id.
     adopt: Option<String>,
+    /// A 2026-07-28 MCP request allowed on its headers, whose body is awaited.
+    held: Option<Box<Held>>,
 }
 
 impl Context for WardenHttp {
@@ -325,6 +328,12 @@ impl HttpContext for WardenHttp {
             }
         };
         let headers = Headers::from_pairs(pairs);
+        if !end_of_stream && self.warden.borrow().decides_at_headers(&headers) {
+            // A 2026-07-28 MCP request: decided on what its headers declare while all of it is
+            // still here (a refusal forwards nothing); allowed, its headers go on and the body is
+            // held to them (`held`, in `apply`).
+            return self.decide(headers, Body::Coming, None);
+        }
         if !end_of_stream && self.warden.borrow().wants_body(&headers) {
             // An MCP POST. Proxy-wasm hosts deliver the body only once the headers have gone on
             // (a paused header phase pauses everything), so: refuse now what headers alone decide,
@@ -350,6 +359,9 @@ impl HttpContext for WardenHttp {
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if self.held.is_some() {
+            return self.on_held_body(body_size, end_of_stream);
+        }
         let Some((headers, early)) = self.awaiting_body.take() else { return Action::Continue };
         let max = self.warden.borrow().max_body_bytes();
         if body_size > max {
@@ -368,6 +380,9 @@ impl HttpContext for WardenHttp {
     /// A body that ends with trailers ends here: the body buffered so far is the whole body, and
     /// it is decided before the trailers (or any of the body) go on.
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        if self.held.is_some() {
+            return self.on_held_body(self.body_size, true);
+        }
         let Some((headers, early)) = self.awaiting_body.take() else { return Action::Continue };
         self.decide_on_body(headers, self.body_size, &early)
     }
@@ -396,6 +411,12 @@ impl HttpContext for WardenHttp {
     }
 
     fn on_log(&mut self) {
+        // A step taken on headers whose body never came whole is still a step of the trail.
+        if let Some(held) = self.held.take() {
+            let outcome = self.warden.borrow_mut().on_held_body(held, Body::Absent, &mut ProxyHost);
+            self.count(&outcome);
+            self.record = outcome.record;
+        }
         // The step is complete: its record gets the final status and duration and is queued.
         let (Some(mut record), Some(client)) = (self.record.take(), self.state.as_ref()) else { return };
         if record.status.is_none() {
@@ -417,6 +438,37 @@ fn u64_property(path: &[&str]) -> Option<u64> {
 }
 
 impl WardenHttp {
+    /// A held request's body: buffered (paused) until whole, then held to its headers and decided.
+    fn on_held_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let Some(held) = self.held.take() else { return Action::Continue };
+        let max = self.warden.borrow().max_body_bytes();
+        let outcome = if body_size > max {
+            self.warden.borrow_mut().on_held_body(held, Body::TooLarge, &mut ProxyHost)
+        } else if !end_of_stream {
+            self.held = Some(held);
+            self.body_size = body_size;
+            return Action::Pause;
+        } else {
+            let body = match hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size) {
+                Ok(b) => b.unwrap_or_default(),
+                Err(_) => Vec::new(),
+            };
+            self.warden.borrow_mut().on_held_body(held, Body::Complete(&body), &mut ProxyHost)
+        };
+        if self.apply(outcome) {
+            Action::Pause
+        } else {
+            Action::Continue
+        }
+    }
+
+    fn count(&self, outcome: &RequestOutcome) {
+        let mut m = self.metrics.borrow_mut();
+        for name in &outcome.metrics {
+            m.increment(name);
+        }
+    }
+
     /// Decide an MCP request on its complete body (buffered by the host while paused).
     fn decide_on_body(&mut self, headers: Headers, body_size: usize, early: &Early) -> Action {
         let body = match hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size) {
@@ -459,12 +511,7 @@ impl WardenHttp {
 
     /// Apply a decided outcome. True if a local reply was sent (the request must stay paused).
     fn apply(&mut self, outcome: RequestOutcome) -> bool {
-        {
-            let mut m = self.metrics.borrow_mut();
-            for name in &outcome.metrics {
-                m.increment(name);
-            }
-        }
+        self.count(&outcome);
         if let Some(line) = &outcome.log {
             info!("session-warden: {line} [decision {}]", outcome.decision_id);
         }
@@ -479,6 +526,10 @@ impl WardenHttp {
         }
         if !self.headers_sent {
             self.rewrite_headers(&outcome.remove_headers, &outcome.set_headers);
+        }
+        if let Some(held) = outcome.hold {
+            self.held = Some(held);
+            self.headers_sent = true;
         }
         self.response_headers = outcome.response_headers;
         false

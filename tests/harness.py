@@ -956,11 +956,18 @@ def state_config(cluster="warden-state", mode="sync", **extra) -> dict:
 class McpServer:
     """tests/mcp_server.py in its own process."""
 
-    def __init__(self):
+    def __init__(self, log: Path | None = None):
+        """With `log`, every request the server is sent is written there (`seen()`)."""
+        self.log = log
+        args = [str(log)] if log else []
         self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "mcp_server.py")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            [sys.executable, str(ROOT / "tests" / "mcp_server.py"), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
-        line = self.proc.stdout.readline()  # type: ignore[union-attr]
+        # The SDK may warn first (a tool name that is not plain ASCII is one the test wants).
+        lines = [self.proc.stdout.readline() for _ in range(1)]  # type: ignore[union-attr]
+        while "listening on" not in lines[-1] and lines[-1] and len(lines) < 20:
+            lines.append(self.proc.stdout.readline())  # type: ignore[union-attr]
+        line = "".join(lines)
         m = re.search(r"listening on (\d+)", line)
         if not m:
             self.proc.kill()
@@ -974,6 +981,12 @@ class McpServer:
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError("MCP server not accepting connections")
+
+    def seen(self) -> list[dict]:
+        """The requests the server was sent, in order: method, MCP and x-warden-* headers, body."""
+        if not self.log or not self.log.exists():
+            return []
+        return [json.loads(line) for line in self.log.read_text().splitlines() if line]
 
     def stop(self):
         stop_process(self.proc)

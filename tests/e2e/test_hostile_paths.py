@@ -74,7 +74,10 @@ POST_CASES = [
     ("mcp-encoded-not-jsonrpc", "/%6D%63%70", {}, b"not json", (400, ["mcp_body_not_json"]), None),
     # Anywhere, a JSON-RPC body sent as JSON, or with Mcp-Method, is MCP.
     ("jsonrpc-elsewhere", "/rpc", {"content-type": "application/json"}, SHELL, TOOL_REFUSED, None),
-    ("mcp-method-header", "/rpc", {"mcp-method": "tools/call"}, SHELL, TOOL_REFUSED, None),
+    # Mcp-Method makes it a 2026-07-28 request: refused on its headers, or held to them.
+    ("mcp-method-header", "/rpc", {"mcp-method": "tools/call", "mcp-name": "shell.exec"}, SHELL, TOOL_REFUSED, None),
+    ("mcp-method-header-unnamed", "/rpc", {"mcp-method": "tools/call"}, SHELL, (400, ["mcp_header_mismatch", "name"]), None),
+    ("mcp-method-header-lying", "/rpc", {"mcp-method": "tools/call", "mcp-name": "search"}, SHELL, (400, ["mcp_header_mismatch", "name"]), None),
     ("mcp-allowed", "/%6dcp", {"content-type": "application/json"}, SEARCH, (200, None), "/mcp"),
     ("mcp-encoded-slash", "/mcp%2F..%2Fadmin", {"content-type": "application/json"}, SHELL, None, None),
 ]

@@ -30,7 +30,7 @@ pub mod trail;
 pub mod value;
 pub mod wire;
 
-pub use flow::{Body, Early, JwksTarget, LocalReply, Pending, RequestOutcome, StateCall, StateFailure, Step, Warden};
+pub use flow::{Body, Early, Held, JwksTarget, LocalReply, Pending, RequestOutcome, StateCall, StateFailure, Step, Warden};
 
 #[cfg(test)]
 mod tests;

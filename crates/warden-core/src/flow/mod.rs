@@ -5,6 +5,7 @@
 //! cached mode's shared session snapshots live in `snapshot.rs`.
 
 mod decide;
+mod held;
 mod outcome;
 mod reply;
 mod request;
@@ -12,7 +13,7 @@ mod snapshot;
 
 use std::collections::{BTreeMap, HashMap};
 
-pub use outcome::{Body, Context, Early, LocalReply, Pending, RequestOutcome, StateCall, StateFailure, Step};
+pub use outcome::{Body, Context, Early, Held, LocalReply, Pending, RequestOutcome, StateCall, StateFailure, Step};
 
 use crate::config::{self, JwksUriConfig, PluginConfig};
 use crate::error::{ConfigError, PolicyError};

@@ -2,12 +2,14 @@
 //! and stamp, or a local reply, plus counters, a log line and the step's record), and the
 //! request waiting for the state service between the two halves of the flow.
 
+use super::decide::Counted;
 use crate::decision::Decision;
 use crate::host::Headers;
 use crate::identity::Identity;
+use crate::mcp::declared::{Declared, Disagreement};
 use crate::mcp::McpRequest;
 use crate::path::CanonicalPath;
-use crate::session::{Seen, SessionRef};
+use crate::session::{Seen, SessionRef, SessionState};
 use crate::wire::StepRecord;
 
 /// A local reply in place of the upstream's response.
@@ -42,6 +44,24 @@ pub struct RequestOutcome {
     /// An MCP `initialize` without a session: the session id the MCP server assigns in its
     /// response (`mcp-session-id`) becomes the governed session (see `Warden::adopt_session`).
     pub adopt_session: bool,
+    /// A 2026-07-28 MCP request allowed on what its headers declare: the headers go on (stamped)
+    /// and the body, once whole, is held to them and decided by `Warden::on_held_body`.
+    pub hold: Option<Box<Held>>,
+}
+
+/// A step taken on a request's headers, waiting for its body.
+pub struct Held {
+    pub(super) pending: Pending,
+    pub(super) declared: Declared,
+    pub(super) before: SessionState,
+    pub(super) step: u64,
+    pub(super) counted: Counted,
+}
+
+impl std::fmt::Debug for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Held").field("session", &self.pending.session.id).field("step", &self.step).finish()
+    }
 }
 
 /// What the headers phase of an MCP request fixed before the body is read: proxy-wasm hosts
@@ -60,6 +80,9 @@ pub enum Body<'a> {
     Absent,
     Complete(&'a [u8]),
     TooLarge,
+    /// Still to come, on a request that declares its MCP method in headers (2026-07-28): decide
+    /// on the headers, and hold the body to them when it comes.
+    Coming,
 }
 
 /// The result of the first half of the request flow. Returned once per request and matched at
@@ -115,6 +138,9 @@ pub struct Pending {
     pub(super) context: Context,
     /// The canonical `:path` (`path.rs`) the policy decides on; `None` without a `:path`.
     pub(super) path: Option<CanonicalPath>,
+    /// Deciding on what the headers declare (`Body::Coming`): the declaration, or why it cannot
+    /// be believed.
+    pub(super) declared: Option<Result<Declared, Disagreement>>,
 }
 
 /// Where the request comes from: the direct peer, and the region and device a trusted source

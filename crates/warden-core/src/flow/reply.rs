@@ -74,13 +74,11 @@ impl Warden {
             "decision_id": out.decision_id,
             "session_id": session.map(|s| s.id.as_str()),
         });
-        // MCP clients get refusals of what they asked as JSON-RPC errors (still with the 403, which
-        // MCP clients read the error from); step-up and throttle stay plain HTTP (401 / 429),
-        // where MCP clients handle authorization and back-off.
+        // MCP clients get refusals of what they asked as JSON-RPC errors (with the HTTP status,
+        // which MCP clients read the error from); step-up and throttle stay plain HTTP (401 /
+        // 429), where MCP clients handle authorization and back-off.
         let body = match mcp {
-            Some(m) if self.config.mcp.jsonrpc_errors && status == 403 => {
-                mcp::jsonrpc_error(m, -32001, &format!("refused by session policy: {}", d.reasons.join(", ")), body)
-            }
+            Some(m) if self.config.mcp.jsonrpc_errors => mcp::refusal(m, status, &d.reasons, &d.reasons.join(", "), body.clone()).unwrap_or(body),
             _ => body,
         };
         out.reply = Some(LocalReply { status, headers, body: body.to_string().into_bytes() });

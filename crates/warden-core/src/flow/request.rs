@@ -98,6 +98,13 @@ impl Warden {
         }
     }
 
+    /// Whether this request is decided on its headers before its body is read: a 2026-07-28 MCP
+    /// request, which declares its method (and tool, prompt or resource) in `Mcp-Method` and
+    /// `Mcp-Name`. Its body is then held to what the headers declared (`mcp::declared::agree`).
+    pub fn decides_at_headers(&self, headers: &Headers) -> bool {
+        mcp::declared::is_declared(headers) && self.wants_body(headers)
+    }
+
     pub fn max_body_bytes(&self) -> usize {
         self.config.mcp.max_body_bytes
     }
@@ -194,15 +201,32 @@ impl Warden {
 
         // MCP: what the JSON-RPC message asks for.
         let signal = self.mcp_signal(&headers, path.as_ref());
+        let declared = matches!((body, signal), (Body::Coming, Some(_))).then(|| mcp::declared::declared(&headers));
         let mcp = match (body, signal) {
+            (Body::Coming, Some(_)) => Some(match &declared {
+                Some(Ok(d)) => mcp::declared::to_request(d),
+                // Refused once the step is taken (so the trail has it), answered as what it said.
+                _ => mcp::declared::to_request(&mcp::declared::Declared {
+                    method: mcp::bounded(&String::from_utf8_lossy(headers.get(mcp::declared::METHOD_HEADER).unwrap_or_default())),
+                    name: None,
+                    protocol_version: None,
+                }),
+            }),
+            // A POST that declares an MCP method carries the message, or is no MCP request.
+            (Body::Absent, Some(_)) if mcp::declared::is_declared(&headers) => {
+                return Step::Done(self.refuse(out, Decision::internal(Action::Deny, "mcp_body_not_json"), None, 400, shadow, None));
+            }
             // Most requests: no body was read, nothing to check.
-            (Body::Absent, _) | (_, None) => None,
+            (Body::Absent | Body::Coming, _) | (_, None) => None,
             // Undecidable, so never passed on: it could be JSON-RPC.
             (Body::TooLarge, Some(_)) => {
                 return Step::Done(self.refuse(out, Decision::internal(Action::Deny, "mcp_body_too_large"), None, 413, shadow, None));
             }
             (Body::Complete(b), Some(signal)) => match mcp::parse(b) {
-                Ok(m) => Some(m),
+                Ok(mut m) => {
+                    m.version_from_header(headers.get_str(mcp::declared::VERSION_HEADER));
+                    Some(m)
+                }
                 Err(_) if signal == McpSignal::Json && !mentions_jsonrpc(b) => None,
                 Err(e) => return Step::Done(self.refuse(out, Decision::internal(Action::Deny, e.code()), None, 400, shadow, None)),
             },
@@ -227,9 +251,10 @@ impl Warden {
         }
         // An MCP `initialize` opens a session whose id the MCP server assigns in its answer: it is
         // decided as a new session here and adopted under that id when the answer comes.
-        let initialize =
-            session.source == SessionSource::Minted && mcp.as_ref().and_then(|m| m.first()).is_some_and(|c| c.method == "initialize");
-        let ctx = Pending { out, headers, identity, session, traceparent, now_ms, mcp, tools, context, path };
+        let initialize = declared.is_none()
+            && session.source == SessionSource::Minted
+            && mcp.as_ref().and_then(|m| m.first()).is_some_and(|c| c.method == "initialize");
+        let ctx = Pending { out, headers, identity, session, traceparent, now_ms, mcp, tools, context, path, declared };
 
         // A session this proxy knows to be revoked goes no further, whatever the mode.
         if self.sessions.is_revoked(&ctx.session.id) {

@@ -699,6 +699,7 @@ fn recorded_input_is_carried_as_recorded() {
 mod binding;
 mod bounds;
 mod callouts;
+mod mcp_modern;
 mod paths;
 
 #[test]
@@ -764,4 +765,28 @@ fn a_cached_step_writes_its_snapshot_once_and_carries_the_responses_since_the_la
     // Nothing counted twice: the next step of the first VM carries nothing more.
     let out = done(&mut w, headers(), &mut h);
     assert_eq!(input(&out)["session"]["bytes_out"].as_u64(), Some(5_700));
+}
+
+/// The input the flow builds has exactly the fields `policies/input.schema.json` documents,
+/// wherever the schema lists an object's properties.
+fn schema_matches(input: &serde_json::Value) {
+    let schema: serde_json::Value = serde_json::from_str(include_str!("../../../../policies/input.schema.json")).unwrap();
+    fn walk(root: &serde_json::Value, schema: &serde_json::Value, value: &serde_json::Value, at: &str) {
+        if let Some(name) = schema.get("$ref").and_then(|r| r.as_str()).and_then(|r| r.strip_prefix("#/$defs/")) {
+            return walk(root, &root["$defs"][name], value, at);
+        }
+        if let (Some(items), Some(values)) = (schema.get("items"), value.as_array()) {
+            for (i, v) in values.iter().enumerate() {
+                walk(root, items, v, &format!("{at}[{i}]"));
+            }
+        }
+        let (Some(props), Some(obj)) = (schema.get("properties").and_then(|p| p.as_object()), value.as_object()) else { return };
+        let documented: std::collections::BTreeSet<&String> = props.keys().collect();
+        let built: std::collections::BTreeSet<&String> = obj.keys().collect();
+        assert_eq!(built, documented, "input{at}: built vs documented fields");
+        for (k, sub) in props {
+            walk(root, sub, &obj[k], &format!("{at}.{k}"));
+        }
+    }
+    walk(&schema, &schema, input, "");
 }

@@ -12,6 +12,7 @@ decision := {"action": "allow", "reasons": [], "headers": {"x-policy-saw": input
 decision := {"action": "allow", "reasons": [], "headers": {"x-delegation": concat(",", input.identity.delegation)}} if input.request.path == "/delegation"
 decision := {"action": "deny", "reasons": ["state_unavailable"]} if input.session.unavailable
 decision := {"action": "deny", "reasons": ["tool_forbidden"]} if input.request.mcp.tool == "shell.exec"
+decision := {"action": "deny", "reasons": ["client_forbidden"]} if input.request.mcp.client.name == "old-agent"
 decision := {"action": "allow", "reasons": [], "risk": input.session.risk + 10, "flags": ["risky"]} if input.request.path == "/risky"
 decision := {"action": "allow", "reasons": [], "step_up_satisfied": true} if input.request.path == "/strong"
 decision := {"action": "allow", "reasons": [], "headers": {"x-last-step-up": sprintf("%v", [input.session.last_step_up])}} if input.request.path == "/check-step-up"

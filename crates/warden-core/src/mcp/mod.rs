@@ -1,6 +1,9 @@
 //! MCP (Model Context Protocol) over Streamable HTTP: JSON-RPC POSTs. What a session policy
-//! needs of a message: the method, the tool, resource or prompt it names, and a digest of the
-//! arguments (never the arguments themselves).
+//! needs of a message: the method, the tool, resource or prompt it names, a digest of the
+//! arguments (never the arguments themselves), and the protocol version and client the message
+//! says it comes from. What 2026-07-28 requests declare in headers is `declared.rs`.
+
+pub mod declared;
 
 use regorus::Value;
 use serde_json::Value as Json;
@@ -9,7 +12,7 @@ use crate::hash::{hex, sha256};
 use crate::value::{opt_s, s, Obj};
 
 /// One JSON-RPC message of an MCP request.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct McpCall {
     pub method: String,
     /// `id` as JSON text; `None` for a notification.
@@ -19,12 +22,53 @@ pub struct McpCall {
     pub prompt: Option<String>,
     /// `sha256:` + hex of the canonical JSON of `params.arguments` (keys sorted).
     pub arguments_digest: Option<String>,
+    /// `_meta`'s protocol version (2026-07-28), `initialize`'s, or the `MCP-Protocol-Version`
+    /// header of a handshake-era request.
+    pub protocol_version: Option<String>,
+    /// `_meta`'s client info (2026-07-28), or `initialize`'s.
+    pub client: Option<ClientInfo>,
+    /// The name parameter as the body carries it, uncut, for holding it to the `Mcp-Name` header.
+    pub named: Named,
+    /// `_meta`'s protocol version as the body carries it, for holding it to the header.
+    pub meta_version: Named,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ClientInfo {
+    pub name: Option<String>,
+    pub version: Option<String>,
+}
+
+/// A string parameter of the body: absent (or null), a string, or something else.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum Named {
+    #[default]
+    Absent,
+    Text(String),
+    Other,
+}
+
+/// What the policy decides on: the headers' declaration (2026-07-28, before the body), or the body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Headers,
+    Body,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Headers => "headers",
+            Self::Body => "body",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct McpRequest {
     pub calls: Vec<McpCall>,
     pub batch: bool,
+    pub phase: Phase,
 }
 
 impl McpRequest {
@@ -38,7 +82,25 @@ impl McpRequest {
     pub fn tools(&self) -> impl Iterator<Item = &str> {
         self.calls.iter().filter_map(|c| c.tool.as_deref())
     }
+
+    /// A handshake-era client names its protocol version in a header after `initialize`.
+    pub fn version_from_header(&mut self, header: Option<&str>) {
+        let Some(v) = header else { return };
+        for c in self.calls.iter_mut().filter(|c| c.protocol_version.is_none()) {
+            c.protocol_version = Some(bounded(v));
+        }
+    }
 }
+
+/// How much of a name, version or client string the policy and the trail get.
+const MAX_TEXT_CHARS: usize = 512;
+
+pub(crate) fn bounded(v: &str) -> String {
+    v.chars().take(MAX_TEXT_CHARS).collect()
+}
+
+const PROTOCOL_VERSION_META_KEY: &str = "io.modelcontextprotocol/protocolVersion";
+const CLIENT_INFO_META_KEY: &str = "io.modelcontextprotocol/clientInfo";
 
 /// Why an MCP body was not accepted (400 with this reason).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,9 +135,9 @@ pub fn parse(body: &[u8]) -> Result<McpRequest, McpError> {
                 return Err(McpError::TooManyItems);
             }
             let calls = items.iter().map(call).collect::<Result<Vec<_>, _>>()?;
-            Ok(McpRequest { calls, batch: true })
+            Ok(McpRequest { calls, batch: true, phase: Phase::Body })
         }
-        other => Ok(McpRequest { calls: vec![call(&other)?], batch: false }),
+        other => Ok(McpRequest { calls: vec![call(&other)?], batch: false, phase: Phase::Body }),
     }
 }
 
@@ -92,7 +154,7 @@ fn call(msg: &Json) -> Result<McpCall, McpError> {
     };
     let id = obj.get("id").map(Json::to_string);
     let params = obj.get("params");
-    let param = |name: &str| params.and_then(|p| p.get(name)).and_then(Json::as_str).map(|v| v.chars().take(512).collect::<String>());
+    let param = |name: &str| params.and_then(|p| p.get(name)).and_then(Json::as_str).map(bounded);
     let (tool, resource, prompt) = match method.as_str() {
         "tools/call" => (param("name"), None, None),
         "resources/read" | "resources/subscribe" | "resources/unsubscribe" => (None, param("uri"), None),
@@ -103,7 +165,40 @@ fn call(msg: &Json) -> Result<McpCall, McpError> {
         // serde_json's maps are ordered by key, so this text is canonical.
         format!("sha256:{}", hex(&sha256(a.to_string().as_bytes())))
     });
-    Ok(McpCall { method, id, tool, resource, prompt, arguments_digest })
+    // The name the 2026-07-28 `Mcp-Name` header mirrors (the SDK's NAME_BEARING_METHODS).
+    let named = match method.as_str() {
+        "tools/call" | "prompts/get" => string_param(params.and_then(|p| p.get("name"))),
+        "resources/read" => string_param(params.and_then(|p| p.get("uri"))),
+        _ => Named::Absent,
+    };
+    let meta = params.and_then(|p| p.get("_meta"));
+    let meta_version = string_param(meta.and_then(|m| m.get(PROTOCOL_VERSION_META_KEY)));
+    // A handshake-era client says who it is once, in `initialize`.
+    let handshake = (method == "initialize").then_some(params).flatten();
+    let protocol_version = match &meta_version {
+        Named::Text(v) => Some(bounded(v.as_str())),
+        _ => handshake.and_then(|p| p.get("protocolVersion")).and_then(Json::as_str).map(bounded),
+    };
+    let client = meta.and_then(|m| m.get(CLIENT_INFO_META_KEY)).or_else(|| handshake.and_then(|p| p.get("clientInfo"))).and_then(client_info);
+    Ok(McpCall { method, id, tool, resource, prompt, arguments_digest, protocol_version, client, named, meta_version })
+}
+
+/// Methods whose name (tool, prompt, resource URI) a 2026-07-28 client mirrors in `Mcp-Name`.
+pub fn is_name_bearing(method: &str) -> bool {
+    matches!(method, "tools/call" | "prompts/get" | "resources/read")
+}
+
+fn string_param(v: Option<&Json>) -> Named {
+    match v {
+        None | Some(Json::Null) => Named::Absent,
+        Some(Json::String(s)) => Named::Text(s.clone()),
+        Some(_) => Named::Other,
+    }
+}
+
+fn client_info(v: &Json) -> Option<ClientInfo> {
+    let text = |k: &str| v.get(k).and_then(Json::as_str).map(bounded);
+    v.is_object().then(|| ClientInfo { name: text("name"), version: text("version") })
 }
 
 fn call_value(c: &McpCall) -> Value {
@@ -113,6 +208,11 @@ fn call_value(c: &McpCall) -> Value {
         .set("resource", opt_s(c.resource.as_deref()))
         .set("prompt", opt_s(c.prompt.as_deref()))
         .set("arguments_digest", opt_s(c.arguments_digest.as_deref()))
+        .set("protocol_version", opt_s(c.protocol_version.as_deref()))
+        .set(
+            "client",
+            c.client.as_ref().map_or(Value::Null, |ci| Obj::new().set("name", opt_s(ci.name.as_deref())).set("version", opt_s(ci.version.as_deref())).build()),
+        )
         .build()
 }
 
@@ -126,8 +226,26 @@ pub fn to_value(req: &McpRequest) -> Value {
         None => Default::default(),
     };
     obj.insert(Value::from("batch"), Value::from(req.batch));
+    obj.insert(Value::from("phase"), Value::from(req.phase.as_str()));
     obj.insert(Value::from("calls"), Value::from(req.calls.iter().map(call_value).collect::<Vec<_>>()));
     Value::from(obj)
+}
+
+/// The JSON-RPC error a refusal is answered with, if it has one: a policy's refusal (403) as
+/// `-32001` to every call, a header/body mismatch as the code a 2026-07-28 server answers it
+/// with, to the one message (`id` null for a batch, as the SDK's server does). Other refusals
+/// (step-up, throttle, a body that is not JSON-RPC) stay plain HTTP.
+pub fn refusal(req: &McpRequest, status: u32, reasons: &[String], message: &str, data: Json) -> Option<Json> {
+    if status == 403 {
+        return Some(jsonrpc_error(req, -32001, &format!("refused by session policy: {message}"), data));
+    }
+    let (first, rule) = (reasons.first()?, reasons.get(1)?);
+    let why = declared::Disagreement::from_rule(rule).filter(|_| first == declared::MISMATCH)?;
+    let one = match why {
+        declared::Disagreement::Batch => McpRequest { calls: vec![McpCall::default()], batch: false, phase: req.phase },
+        _ => McpRequest { calls: req.calls.iter().take(1).cloned().collect(), batch: false, phase: req.phase },
+    };
+    Some(jsonrpc_error(&one, why.jsonrpc_code(), why.message(), data))
 }
 
 /// A JSON-RPC error answer for a refused MCP request, so MCP clients surface the refusal as an
