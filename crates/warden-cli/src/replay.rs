@@ -306,7 +306,7 @@ mod tests {
     #[test]
     fn replay_reports_exactly_the_steps_that_change() {
         let rego = "package p\nimport rego.v1\ndefault d := {\"action\": \"allow\"}\nd := {\"action\": \"deny\", \"reasons\": [\"no_reports\"]} if startswith(input.request.path, \"/reports\")";
-        let mut p = Policy::compile(&PolicySource { modules: vec![("p.rego", rego)], data: None, entrypoint: "data.p.d", max_instructions: 10_000 }).unwrap();
+        let p = Policy::compile(&PolicySource { modules: vec![("p.rego", rego)], data: None, entrypoint: "data.p.d", max_instructions: 10_000 }).unwrap();
         let mut v = view(&[("/tickets", "allow"), ("/reports/1", "allow"), ("/admin", "deny")]);
         v.timeline[2].record.input = None;
         let r = replay(&mut Deciders::Candidate(Box::new(p)), &[v]);
@@ -320,7 +320,7 @@ mod tests {
     #[test]
     fn a_step_whose_input_was_cut_is_skipped_not_reported_as_changed() {
         let rego = "package p\nimport rego.v1\ndefault d := {\"action\": \"deny\"}\nd := {\"action\": \"allow\"} if input.request.path";
-        let mut p = Policy::compile(&PolicySource { modules: vec![("p.rego", rego)], data: None, entrypoint: "data.p.d", max_instructions: 10_000 }).unwrap();
+        let p = Policy::compile(&PolicySource { modules: vec![("p.rego", rego)], data: None, entrypoint: "data.p.d", max_instructions: 10_000 }).unwrap();
         let mut v = view(&[("/tickets", "allow"), ("/big", "allow")]);
         let big = "x".repeat(warden_core::wire::limits::MAX_INPUT_BYTES);
         let mut cut = warden_core::wire::RecordedInput::new(&serde_json::json!({"request": {"path": big}})).unwrap();
@@ -340,7 +340,7 @@ mod tests {
         std::fs::write(dir.join("a.json"), config(deny_reports).to_string()).unwrap();
         std::fs::write(dir.join("b.json"), config(broken).to_string()).unwrap();
         std::fs::write(dir.join("notes.txt"), "not a configuration").unwrap();
-        let policies = proxies_policies(&[dir.clone()]).unwrap();
+        let policies = proxies_policies(std::slice::from_ref(&dir)).unwrap();
         assert_eq!(policies.len(), 2);
         let version_of = |rego: &str| {
             let (p, _) = Warden::from_json(config(rego).to_string().as_bytes()).unwrap().into_policies();
