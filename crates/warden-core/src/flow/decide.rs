@@ -124,7 +124,13 @@ impl Warden {
         let mode = self.mode_name();
         // Records only go somewhere when a state service is configured.
         let recording = self.config.state.is_some();
-        let recorded_input = if recording && self.config.policy.record_input { wire::RecordedInput::new(&input) } else { None };
+        // The recorded input is what the step was decided on: a step the filter refused itself
+        // (its body at odds with its headers, unreadable, too large) went to no policy, so it has
+        // none (its record still names what it asked: method, tool, arguments digest), and
+        // `warden replay` counts it as not replayable instead of re-deciding it.
+        let decided_by_policy = !matches!(verdict, Verdict::Refused(..));
+        let recorded_input =
+            if recording && self.config.policy.record_input && decided_by_policy { wire::RecordedInput::new(&input) } else { None };
         // The candidate sees the very same input (values are shared, not copied); a step the
         // filter refused itself went to no policy.
         let candidate_result = match &verdict {

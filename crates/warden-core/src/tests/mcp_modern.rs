@@ -116,6 +116,8 @@ fn headers_and_body_that_disagree_are_refused_as_the_sdk_answers_and_recorded() 
         assert_eq!((rec.action.as_str(), rec.reasons.clone()), ("deny", vec!["mcp_header_mismatch".to_string(), rule.to_string()]));
         // The trail shows what the body asked for, not what the headers said.
         assert_eq!(rec.tool.as_deref(), if rule == "batch" { Some("search") } else { Some("shell.exec") }, "{rule}");
+        // No policy decided it: no recorded input for `warden replay` to re-decide.
+        assert!(rec.input.is_none(), "{rule}");
     }
 }
 
