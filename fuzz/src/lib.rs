@@ -37,6 +37,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("state", state),
     ("path", path),
     ("ssf", ssf),
+    ("mcp_headers", mcp_headers),
 ];
 
 /// The issuer of the fuzzed provider.
@@ -507,5 +508,40 @@ pub fn ssf(data: &[u8]) {
         Err(refusal) => assert!(
             ["invalid_request", "invalid_key", "invalid_issuer", "invalid_audience"].contains(&refusal.err) && !refusal.description.is_empty()
         ),
+    }
+}
+
+/// MCP 2026-07-28: routing headers (`Mcp-Method`, `Mcp-Name`, `MCP-Protocol-Version`) and a body,
+/// through the whole flow: decided on the headers, and when held, on the body held to them
+/// (`mcp::declared::agree`, the one rule). `@state: local|cached|sync` picks the filter (a
+/// begin-step is answered `ok`). Nothing panics, and a held body the rule refuses is never let
+/// through.
+pub fn mcp_headers(data: &[u8]) {
+    let mut req = parse_request(data);
+    let headers = Headers::from_pairs(req.headers.clone());
+    let declared = warden_core::mcp::declared::declared(&headers);
+    let disagrees = match (&declared, req.body.map(warden_core::mcp::parse)) {
+        (Ok(d), Some(Ok(m))) => warden_core::mcp::declared::agree(d, &m).is_err(),
+        _ => false,
+    };
+    let mut w = match warden_for(req.setup("state")) {
+        Ok(w) => w,
+        Err(e) => unreachable!("the fuzz configurations compile: {e}"),
+    };
+    let ok = BeginResponse { outcome: BeginOutcome::Ok, step: 1, new: true, session: Default::default() };
+    let mut out = match w.on_request(headers, Body::Coming, &mut req.host) {
+        Step::Done(out) => out,
+        Step::Call { pending, .. } => w.resume(pending, Ok(ok), &mut req.host),
+    };
+    if let Some(held) = out.hold.take() {
+        let body = req.body.map(Body::Complete).unwrap_or(Body::Absent);
+        out = w.on_held_body(held, body, &mut req.host);
+        if disagrees {
+            assert!(out.reply.as_ref().is_some_and(|r| r.status == 400), "a body at odds with its headers went on");
+        }
+        assert!(out.hold.is_none(), "held twice");
+    }
+    if let Some(reply) = &out.reply {
+        assert!((200..600).contains(&reply.status), "status {}", reply.status);
     }
 }
