@@ -319,10 +319,11 @@ pub async fn begin(conn: &mut Conn, m: &Metrics, seen: &Seen, profiles: &Profile
     let mut cur = seen.get(sid).unwrap_or_else(absent);
     // The DPoP replay rule (as SQLite's `proof_unused`): a proof's use is taken once, atomically
     // (SET NX), and expires when no proxy would accept the proof any more. A replay changes
-    // nothing but the audit events of a session that exists.
-    if let Some(proof) = &req.proof {
-        let expires = proof.expires_at_ms.max(now_ms + 1);
-        let taken: Option<String> = redis::cmd("SET").arg(keys::proof(&proof.id)).arg(1).arg("NX").arg("PXAT").arg(expires).query_async(conn).await.map_err(backend)?;
+    // nothing but the audit events of a session that exists. A use already expired is pruned at
+    // once, as SQLite prunes it with the next step: it holds nothing (no proxy accepts the proof).
+    if let Some(proof) = req.proof.as_ref().filter(|p| p.expires_at_ms > now_ms) {
+        let taken: Option<String> =
+            redis::cmd("SET").arg(keys::proof(&proof.id)).arg(1).arg("NX").arg("PXAT").arg(proof.expires_at_ms).query_async(conn).await.map_err(backend)?;
         if taken.is_none() {
             let (loaded, _) = load(conn, sid, &[]).await?;
             if loaded.state.is_some() {
