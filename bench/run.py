@@ -903,19 +903,38 @@ def state_wrk(kind: str, urls: list[str], seconds: int, rate: float = 0) -> list
     return out
 
 
-def measure_state(state: "h.StateService | list[h.StateService]", seconds: int) -> dict:
+def measure_state(state: "h.StateService | list[h.StateService]", seconds: int, pids: dict[str, list[int]] | None = None) -> dict:
     """The state service alone (one replica or several sharing a store): begin-step requests/s
     and records/s (in batches of STATE_BATCH), each with wrk on the other CPU; steps/s = one
-    begin plus one record per step."""
-    urls = [s.url for s in (state if isinstance(state, list) else [state])]
+    begin plus one record per step. With `pids` (name → processes, e.g. the replicas and
+    redis-server), also each one's CPU time per operation (utime + stime over the run): what a
+    loaded machine distorts least."""
+    services = state if isinstance(state, list) else [state]
+    urls = [s.url for s in services]
+    pids = pids if pids is not None else {"service": [s.proc.pid for s in services if s.proc]}
     out = {}
     for kind in ("begin", "records"):
-        out[f"{kind}_rps"] = sum(r["rps"] for r in state_wrk(kind, urls, seconds))
+        c0 = {k: sum(cpu_seconds(p) for p in v) for k, v in pids.items()}
+        runs = state_wrk(kind, urls, seconds)
+        c1 = {k: sum(cpu_seconds(p) for p in v) for k, v in pids.items()}
+        out[f"{kind}_rps"] = sum(r["rps"] for r in runs)
+        n = sum(r["requests"] for r in runs)
+        per = 1 if kind == "begin" else STATE_BATCH
+        for k in pids:
+            out[f"{k}_cpu_us_per_{'begin' if kind == 'begin' else 'record'}"] = round(1e6 * (c1[k] - c0[k]) / max(1, n * per), 1)
     begin_s = 1 / out["begin_rps"]
     record_s = 1 / (out["records_rps"] * STATE_BATCH)
     out["records_per_s"] = out["records_rps"] * STATE_BATCH
     out["steps_per_s"] = 1 / (begin_s + record_s)
     return out
+
+
+def paced_begin(services: "list[h.StateService]", r: dict, seconds: int) -> None:
+    """Begin-steps paced at LATENCY_FRACTION of the begin-step rate just measured: p50, p99."""
+    paced = state_wrk("begin", [s.url for s in services], seconds, rate=LATENCY_FRACTION * r["begin_rps"])
+    r["begin_p50_us"] = max(p["lat_p50_us"] for p in paced)
+    r["begin_p99_us"] = max(p["lat_p99_us"] for p in paced)
+    r["paced_rps"] = sum(p["requests"] / (p["duration_us"] / 1e6) for p in paced)
 
 
 def steal_seconds() -> float:
@@ -942,6 +961,7 @@ def state_only() -> int:
                 t0, me0, b0, s0 = time.time(), sum(os.times()[:4]), machine_busy_seconds(), cpu_seconds(state.proc.pid)
                 st0 = steal_seconds()
                 r = measure_state(state, SECONDS)
+                paced_begin([state], r, SECONDS)
                 busy = (machine_busy_seconds() - b0) - (sum(os.times()[:4]) - me0) - (cpu_seconds(state.proc.pid) - s0)
                 r["foreign_cpu_pct"] = round(max(0.0, 100 * busy / (time.time() - t0)), 1)
                 # A virtual machine's CPUs taken by the host meanwhile (other guests): invisible
@@ -952,8 +972,10 @@ def state_only() -> int:
         runs.append(r)
         log(f"state service run {i + 1}/{ROUNDS}: {r['begin_rps']:.0f} begin-steps/s, {r['records_per_s']:.0f} records/s "
             f"-> {r['steps_per_s']:.0f} steps/s (other processes {r['foreign_cpu_pct']:.0f}% of a CPU, stolen by the host "
-            f"{r['steal_cpu_pct']:.0f}%)")
-    keys = ("begin_rps", "records_rps", "records_per_s", "steps_per_s", "foreign_cpu_pct", "steal_cpu_pct")
+            f"{r['steal_cpu_pct']:.0f}%); CPU per begin-step {r['service_cpu_us_per_begin']} µs, per record {r['service_cpu_us_per_record']} µs; "
+            f"begin-step at {r['paced_rps']:.0f}/s: p50 {r['begin_p50_us']} µs, p99 {r['begin_p99_us']} µs")
+    keys = ("begin_rps", "records_rps", "records_per_s", "steps_per_s", "foreign_cpu_pct", "steal_cpu_pct", "service_cpu_us_per_begin",
+            "service_cpu_us_per_record", "begin_p50_us", "begin_p99_us", "paced_rps")
     median = {k: med([r[k] for r in runs]) for k in keys}
     log(f"state service, median of {ROUNDS}: {median['begin_rps']:.0f} begin-steps/s, {median['records_per_s']:.0f} records/s "
         f"-> {median['steps_per_s']:.0f} steps/s")
@@ -968,7 +990,8 @@ def redis_runs(quiet: "Quiet", replicas: int) -> dict:
     second), each round on a fresh Redis: throughput as for SQLite, then begin-steps paced at
     half of that round's begin-step rate for their latency."""
     runs = []
-    keys = ("begin_rps", "records_rps", "records_per_s", "steps_per_s", "begin_p50_us", "begin_p99_us", "paced_rps")
+    keys = ("begin_rps", "records_rps", "records_per_s", "steps_per_s", "begin_p50_us", "begin_p99_us", "paced_rps",
+            "replica_cpu_us_per_begin", "redis_cpu_us_per_begin", "replica_cpu_us_per_record", "redis_cpu_us_per_record")
     for i in range(ROUNDS):
         quiet.wait(0.5)
         with tempfile.TemporaryDirectory(prefix="warden-bench-redis-") as d:
@@ -979,19 +1002,18 @@ def redis_runs(quiet: "Quiet", replicas: int) -> dict:
                 with affinity(CLIENT_CPUS):
                     for k in range(replicas):
                         services.append(h.StateService(Path(d) / f"replica{k}.db", store=redis.url, key=Path(d) / "log.key"))
-                r = measure_state(services, SECONDS)
-                rate = LATENCY_FRACTION * r["begin_rps"]
-                paced = state_wrk("begin", [s.url for s in services], SECONDS, rate=rate)
-                r["begin_p50_us"] = max(p["lat_p50_us"] for p in paced)
-                r["begin_p99_us"] = max(p["lat_p99_us"] for p in paced)
-                r["paced_rps"] = sum(p["requests"] / (p["duration_us"] / 1e6) for p in paced)
+                assert redis.proc is not None
+                r = measure_state(services, SECONDS, {"replica": [s.proc.pid for s in services if s.proc], "redis": [redis.proc.pid]})
+                paced_begin(services, r, SECONDS)
             finally:
                 for s in services:
                     s.stop()
                 redis.stop()
         runs.append(r)
         log(f"redis, {replicas} replica(s), run {i + 1}/{ROUNDS}: {r['begin_rps']:.0f} begin-steps/s, {r['records_per_s']:.0f} records/s "
-            f"-> {r['steps_per_s']:.0f} steps/s; begin-step at {r['paced_rps']:.0f}/s: p50 {r['begin_p50_us']} µs, p99 {r['begin_p99_us']} µs")
+            f"-> {r['steps_per_s']:.0f} steps/s; begin-step at {r['paced_rps']:.0f}/s: p50 {r['begin_p50_us']} µs, p99 {r['begin_p99_us']} µs; "
+            f"CPU per begin-step {r['replica_cpu_us_per_begin']} + {r['redis_cpu_us_per_begin']} µs (replicas + Redis), per record "
+            f"{r['replica_cpu_us_per_record']} + {r['redis_cpu_us_per_record']} µs")
     median = {k: med([r[k] for r in runs]) for k in keys}
     log(f"redis, {replicas} replica(s), median of {ROUNDS}: {median['steps_per_s']:.0f} steps/s, begin-step p99 {median['begin_p99_us']:.0f} µs "
         f"at {median['paced_rps']:.0f}/s")

@@ -39,6 +39,12 @@ struct Args {
     /// Sign a checkpoint this often (seconds) when the log has grown.
     #[arg(long, env = "WARDEN_CHECKPOINT_INTERVAL", default_value_t = 10)]
     checkpoint_interval: u64,
+    /// Threads serving requests: 0 runs everything on one thread (tokio's current-thread
+    /// runtime: requests that arrive together reach the store together, so the Redis store sends
+    /// them in one write); unset, one per CPU this process may use, and one thread when that is
+    /// a single CPU.
+    #[arg(long, env = "WARDEN_STATE_WORKERS")]
+    workers: Option<usize>,
     #[command(flatten)]
     ssf: SsfArgs,
     #[command(subcommand)]
@@ -175,15 +181,21 @@ fn log_signer(paths: &[PathBuf]) -> Result<Option<LogSigner>, String> {
 fn main() {
     // Warnings and errors by default (a store failure must never be silent); RUST_LOG=info for more.
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    if let Err(e) = run() {
+    let args = Args::parse();
+    let runtime = match args.workers {
+        Some(0) => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        Some(n) => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build(),
+        None if std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) == 1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        None => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+    };
+    let result = runtime.map_err(|e| format!("cannot start the runtime: {e}")).and_then(|rt| rt.block_on(run(args)));
+    if let Err(e) = result {
         eprintln!("warden-state: {e}");
         std::process::exit(1);
     }
 }
 
-#[tokio::main(flavor = "multi_thread")]
-async fn run() -> Result<(), String> {
-    let args = Args::parse();
+async fn run(args: Args) -> Result<(), String> {
     match &args.command {
         Some(Command::Keygen { name, out }) => return keygen(name, out),
         Some(Command::Migrate { from, to }) => return warden_state::migrate::run(from, to).await,

@@ -1001,6 +1001,11 @@ async fn replicas_append_concurrent_batches_into_one_chain_and_one_log(url: &str
     steps.sort_unstable();
     assert_eq!(steps, (1..=200).collect::<Vec<_>>());
     assert_eq!(assert_logged(&apis[1], &keys, &["chain", "other"]).await, 400);
+    // The subject's profile learned every appended record once, whichever replica appended it
+    // and however its learners' compare-and-swaps raced (duplicates teach nothing).
+    let (s, p) = apis[1].call("GET", "/v1/profiles/agent-7", Some(ADMIN), None).await;
+    assert_eq!(s, StatusCode::OK, "{p}");
+    assert!((p["steps"].as_f64().unwrap() - 400.0).abs() < 0.01, "{p}");
     // Consistency between two checkpoints signed by different replicas.
     let (_, first) = apis[0].call("GET", "/v1/log/checkpoint", Some(ADMIN), None).await;
     let first = keys.verify_checkpoint(first.as_str().unwrap()).unwrap();

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, Pipeline, RedisFuture, Value};
+use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
 
 use crate::store::StoreError;
 
@@ -41,6 +41,39 @@ impl ConnectionLike for Conn {
             Self::Single(c) => c.get_db(),
             Self::Cluster(c) => c.get_db(),
         }
+    }
+}
+
+impl Conn {
+    /// Commands sent in one round trip, grouped by hash slot: on one server every group goes
+    /// in one pipeline (one write, one read; Redis runs them in order, not atomically); on a
+    /// Cluster each group is a pipeline of its own, to its slot's node, all sent at once (a
+    /// pipeline there must stay in one slot). Each command's reply, in order; a command that
+    /// failed is an `Err` in its place (the others still ran).
+    pub fn pipelines(&self, groups: Vec<Vec<Cmd>>) -> Vec<Pipeline> {
+        let mut out: Vec<Pipeline> = Vec::new();
+        for g in groups.into_iter().filter(|g| !g.is_empty()) {
+            if out.is_empty() || matches!(self, Self::Cluster(_)) {
+                let mut p = redis::pipe();
+                p.ignore_errors();
+                out.push(p);
+            }
+            if let Some(p) = out.last_mut() {
+                for c in g {
+                    p.add_command(c);
+                }
+            }
+        }
+        out
+    }
+
+    /// Send `pipelines` (from `pipelines`) at once; every reply, in order.
+    pub async fn round_trip(&self, pipelines: &[Pipeline]) -> Result<Vec<RedisResult<Value>>, StoreError> {
+        let sends = pipelines.iter().map(|p| {
+            let mut c = self.clone();
+            async move { p.query_async::<Vec<RedisResult<Value>>>(&mut c).await.map_err(backend) }
+        });
+        Ok(futures_util::future::try_join_all(sends).await?.into_iter().flatten().collect())
     }
 }
 

@@ -54,6 +54,9 @@ pub struct RedisStore {
     metrics: Arc<Metrics>,
     /// This replica's last view of the sessions it began steps of.
     seen: session::Seen,
+    /// Profiles this replica read or wrote lately (`session::PROFILE_TTL`).
+    profiles: Arc<session::Profiles>,
+    learner: session::Learner,
 }
 
 impl RedisStore {
@@ -62,7 +65,9 @@ impl RedisStore {
         let conn = conn::connect(url).await?;
         let metrics = Arc::new(Metrics::default());
         let log = LogWriter::start(conn.clone(), metrics.clone());
-        Ok(Self { conn, log, metrics, seen: session::Seen::default() })
+        let profiles = Arc::new(session::Profiles::default());
+        let learner = session::Learner::start(conn.clone(), metrics.clone(), profiles.clone());
+        Ok(Self { conn, log, metrics, seen: session::Seen::default(), profiles, learner })
     }
 
     /// Run `f` on a connection, timed and counted as `op`.
@@ -134,19 +139,21 @@ impl RedisStore {
         let t = self.metrics.start(Op::LogAppend);
         t.done(self.log.enter(leaves).await)?;
         // 3. Revocations into the feed, and the search indexes (idempotent, after the sessions).
-        // Index and credential writes: each its own key (a Cluster routes each to its node), each
-        // once per batch, sent together on the multiplexed connection.
+        // Index and credential writes: each its own key, each once per batch, plain commands in
+        // one round trip (one pipeline on one server; on a Cluster, one per key, sent at once).
         let mut cmds: HashSet<(&'static str, String, String)> = HashSet::new();
-        let mut pipe = redis::pipe();
+        let mut writes: Vec<Vec<redis::Cmd>> = Vec::new();
         let mut subjects = HashSet::new();
         for (sid, a) in &results {
             self.feed(c.clone(), sid, a.unfed_revocation.clone()).await?;
             if let Some(new) = &a.index {
-                self.index_new(c.clone(), new).await?;
+                writes.extend(session::index_commands(new).into_iter().map(|c| vec![c]));
             }
             for (cred, subject) in &a.credentials {
                 if subjects.insert((cred.clone(), subject.clone())) {
-                    pipe.cmd("ZADD").arg(keys::credential_subjects(cred)).arg("NX").arg(now_ms).arg(subject).ignore();
+                    let mut add = redis::cmd("ZADD");
+                    add.arg(keys::credential_subjects(cred)).arg("NX").arg(now_ms).arg(subject);
+                    writes.push(vec![add]);
                 }
             }
             refused.extend(a.refused.iter().cloned());
@@ -161,26 +168,28 @@ impl RedisStore {
             }
         }
         for (cmd, key, member) in cmds {
-            pipe.cmd(cmd).arg(key).arg(member).ignore();
+            let mut add = redis::cmd(cmd);
+            add.arg(key).arg(member);
+            writes.push(vec![add]);
         }
-        let writes = pipe.cmd_iter().map(|cmd| {
-            let mut c = c.clone();
-            async move { cmd.query_async::<()>(&mut c).await.map_err(backend) }
-        });
-        futures_util::future::try_join_all(writes).await?;
+        for r in c.round_trip(&c.pipelines(writes)).await? {
+            r.map_err(backend)?;
+        }
         // Each subject's profile learns the records appended, after their sessions' writes.
-        let mut learning: std::collections::HashMap<&str, Vec<(&StepRecord, &warden_core::session::SessionState)>> = std::collections::HashMap::new();
+        // (one learner per replica merges every batch's lessons per subject: see `session::Learner`).
+        let mut learning: Vec<(String, Vec<(StepRecord, warden_core::session::SessionState)>)> = Vec::new();
         for (sid, a) in &results {
             let recs = groups.get(sid).map(Vec::as_slice).unwrap_or_default();
             for (i, state) in &a.observed {
                 if let Some(r) = recs.get(*i) {
-                    learning.entry(r.subject.as_str()).or_default().push((r, state));
+                    match learning.iter_mut().find(|(s, _)| *s == r.subject) {
+                        Some((_, v)) => v.push(((*r).clone(), state.clone())),
+                        None => learning.push((r.subject.clone(), vec![((*r).clone(), state.clone())])),
+                    }
                 }
             }
         }
-        for (subject, observed) in learning {
-            session::learn(&mut c, &self.metrics, subject, &observed).await?;
-        }
+        futures_util::future::try_join_all(learning.into_iter().map(|(subject, observed)| self.learner.learn(subject, observed))).await?;
         let appended = results.iter().map(|(_, a)| a.appended).sum();
         let duplicates = results.iter().map(|(_, a)| a.duplicates).sum();
         Ok(AppendResult { appended, duplicates, refused })
@@ -252,7 +261,7 @@ impl RedisStore {
 
 impl Store for RedisStore {
     fn begin_step(&self, req: BeginStep, now_ms: u64) -> StoreFuture<'_, BeginResponse> {
-        self.run(Op::BeginStep, move |mut c, st| async move { session::begin(&mut c, &st.metrics, &st.seen, &req, now_ms).await })
+        self.run(Op::BeginStep, move |mut c, st| async move { session::begin(&mut c, &st.metrics, &st.seen, &st.profiles, &req, now_ms).await })
     }
 
     fn append(&self, records: Vec<StepRecord>, now_ms: u64) -> StoreFuture<'_, AppendResult> {
@@ -312,10 +321,7 @@ impl Store for RedisStore {
     }
 
     fn reset_profile(&self, subject: String) -> StoreFuture<'_, bool> {
-        self.run(Op::Session, move |mut c, _| async move {
-            let n: u64 = c.del(keys::profile(&subject)).await.map_err(backend)?;
-            Ok(n > 0)
-        })
+        self.run(Op::Session, move |mut c, st| async move { session::reset_profile(&mut c, &st.profiles, &subject).await })
     }
 
     fn log_checkpoint(&self, signer: Arc<LogSigner>, now_ms: u64) -> StoreFuture<'_, (u64, String)> {

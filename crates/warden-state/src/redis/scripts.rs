@@ -25,8 +25,11 @@ if ver ~= tonumber(ARGV[1]) then
 end
 local i = 2
 local n = tonumber(ARGV[i]); i = i + 1
-if n > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, i, i + 2 * n - 1)); i = i + 2 * n end
-redis.call('HSET', KEYS[1], 'ver', ver + 1)
+if n > 0 then
+  redis.call('HSET', KEYS[1], 'ver', ver + 1, unpack(ARGV, i, i + 2 * n - 1)); i = i + 2 * n
+else
+  redis.call('HSET', KEYS[1], 'ver', ver + 1)
+end
 n = tonumber(ARGV[i]); i = i + 1
 if n > 0 then redis.call('RPUSH', KEYS[2], unpack(ARGV, i, i + n - 1)); i = i + n end
 n = tonumber(ARGV[i]); i = i + 1
@@ -122,17 +125,6 @@ return c
     )
 });
 
-/// Remember that a subject presented a credential (first time only) and list the first 16
-/// subjects that did, oldest first. KEYS: the credential's set. ARGV: now (ms), subject.
-pub static CREDENTIAL_SUBJECTS: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-redis.call('ZADD', KEYS[1], 'NX', ARGV[1], ARGV[2])
-return redis.call('ZRANGE', KEYS[1], 0, 15)
-",
-    )
-});
-
 /// Keep a signed checkpoint; the latest is the largest. KEYS: meta, checkpoints. ARGV: size, JSON.
 pub static CHECKPOINT_STORE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -157,14 +149,15 @@ return {s, redis.call('LRANGE', KEYS[2], 0, -1), redis.call('LRANGE', KEYS[3], 0
 });
 
 /// Write a subject's profile only if its version is still `ARGV[1]`. KEYS: the profile hash.
-/// ARGV: version, profile JSON. Returns 1, or 0 when another write came first.
+/// ARGV: version, profile JSON. Returns {new version, {}}, or {0, {profile, version}} as they
+/// are when another write came first (the caller recomputes from them).
 pub static PROFILE_CAS: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local ver = tonumber(redis.call('HGET', KEYS[1], 'ver') or '0')
-if ver ~= tonumber(ARGV[1]) then return 0 end
+if ver ~= tonumber(ARGV[1]) then return {0, redis.call('HMGET', KEYS[1], 'p', 'ver')} end
 redis.call('HSET', KEYS[1], 'p', ARGV[2], 'ver', ver + 1)
-return 1
+return {ver + 1, {}}
 ",
     )
 });

@@ -141,30 +141,8 @@ pub async fn cas(conn: &mut Conn, id: &str, ver: u64, w: &Write) -> Result<bool,
 
 /// Write `w` if the session is still at version `ver`; otherwise the session as it is now.
 pub async fn cas_or_current(conn: &mut Conn, id: &str, ver: u64, w: &Write) -> Result<Cas, StoreError> {
-    let mut inv = scripts::SESSION_CAS.prepare_invoke();
-    inv.key(keys::session(id)).key(keys::records(id)).key(keys::dedupe(id)).key(keys::audit(id));
-    inv.arg(ver).arg(w.fields.len());
-    for (k, v) in &w.fields {
-        inv.arg(*k).arg(v);
-    }
-    inv.arg(w.records.len());
-    for r in &w.records {
-        inv.arg(r);
-    }
-    inv.arg(w.dedupe.len());
-    for (f, v) in &w.dedupe {
-        inv.arg(f).arg(v);
-    }
-    inv.arg(w.audit.len());
-    for a in &w.audit {
-        inv.arg(a);
-    }
-    let (v, fields): (u64, Vec<Option<String>>) = inv.invoke_async(conn).await.map_err(backend)?;
-    if v > 0 {
-        Ok(Cas::Written(v))
-    } else {
-        Ok(Cas::Changed(Box::new(parse(fields)?)))
-    }
+    let v: redis::Value = cas_invocation(id, ver, w).invoke_async(conn).await.map_err(backend)?;
+    cas_reply(v)
 }
 
 /// A short, growing pause between attempts of a contended write.
@@ -190,31 +168,100 @@ pub struct NewSession {
 
 /// A replica's last view of the sessions it served: where a begin-step starts, so a session
 /// this replica served last costs one compare-and-swap and no read. Never trusted: a stale entry
-/// only loses its compare-and-swap, which answers with the session as it is. Bounded.
+/// only loses its compare-and-swap, which answers with the session as it is. Bounded: two
+/// generations of at most `SEEN_MAX / 2` entries each; the older is dropped whole when the newer
+/// fills, off the request's path (dropping ten thousand states takes milliseconds).
 #[derive(Default)]
 pub struct Seen {
-    sessions: std::sync::Mutex<HashMap<String, Loaded>>,
+    sessions: std::sync::Mutex<(HashMap<String, Loaded>, HashMap<String, Loaded>)>,
 }
 
 const SEEN_MAX: usize = 20_000;
 
+/// Drop a large value on a blocking thread (in a runtime), not on the request's.
+fn drop_aside<T: Send + 'static>(v: T) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) => drop(h.spawn_blocking(move || drop(v))),
+        Err(_) => drop(v),
+    }
+}
+
 impl Seen {
     fn get(&self, id: &str) -> Option<Loaded> {
-        self.sessions.lock().ok()?.get(id).cloned()
+        let m = self.sessions.lock().ok()?;
+        m.0.get(id).or_else(|| m.1.get(id)).cloned()
     }
 
     fn put(&self, id: &str, l: Loaded) {
-        if let Ok(mut m) = self.sessions.lock() {
-            if m.len() >= SEEN_MAX {
-                m.clear();
+        let old = match self.sessions.lock() {
+            Ok(mut m) => {
+                m.0.insert(id.to_string(), l);
+                if m.0.len() >= SEEN_MAX / 2 {
+                    let newer = std::mem::take(&mut m.0);
+                    Some(std::mem::replace(&mut m.1, newer))
+                } else {
+                    None
+                }
             }
-            m.insert(id.to_string(), l);
+            Err(_) => None,
+        };
+        if let Some(old) = old {
+            drop_aside(old);
         }
     }
 
     fn forget(&self, id: &str) {
         if let Ok(mut m) = self.sessions.lock() {
-            m.remove(id);
+            m.0.remove(id);
+            m.1.remove(id);
+        }
+    }
+}
+
+/// How long a replica hands out a subject's profile it read (or wrote) to its begin-steps
+/// without reading it again. Profiles are statistics learned after the records (eventually
+/// consistent in every store); this adds at most this much to their lag, and saves a read and
+/// a JSON parse of the profile per begin-step.
+pub const PROFILE_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+const PROFILES_MAX: usize = 10_000;
+
+/// A subject's profile as this replica last read or wrote it: (when, its version, the profile).
+type CachedProfile = (std::time::Instant, u64, Option<std::sync::Arc<Profile>>);
+
+/// The profiles this replica read or wrote lately (`PROFILE_TTL`); also where a profile's
+/// compare-and-swap starts (never trusted: a stale one loses its swap, which answers with the
+/// profile as it is).
+#[derive(Default)]
+pub struct Profiles {
+    m: std::sync::Mutex<HashMap<String, CachedProfile>>,
+}
+
+impl Profiles {
+    /// A profile read within `PROFILE_TTL`: `Some(profile or none)`; `None` when it must be read.
+    fn fresh(&self, subject: &str) -> Option<Option<std::sync::Arc<Profile>>> {
+        let m = self.m.lock().ok()?;
+        let (at, _, p) = m.get(subject)?;
+        (at.elapsed() < PROFILE_TTL).then(|| p.clone())
+    }
+
+    fn last(&self, subject: &str) -> Option<(u64, Option<std::sync::Arc<Profile>>)> {
+        let m = self.m.lock().ok()?;
+        m.get(subject).map(|(_, v, p)| (*v, p.clone()))
+    }
+
+    fn put(&self, subject: &str, ver: u64, p: Option<std::sync::Arc<Profile>>) {
+        if let Ok(mut m) = self.m.lock() {
+            if m.len() >= PROFILES_MAX && !m.contains_key(subject) {
+                let old = std::mem::take(&mut *m);
+                drop_aside(old);
+            }
+            m.insert(subject.to_string(), (std::time::Instant::now(), ver, p));
+        }
+    }
+
+    pub fn forget(&self, subject: &str) {
+        if let Ok(mut m) = self.m.lock() {
+            m.remove(subject);
         }
     }
 }
@@ -225,15 +272,58 @@ fn absent() -> Loaded {
     Loaded { ver: 0, state: None, records: 0, head: GENESIS.to_string(), revoked_at_ms: None, revoke_reason: None, fed: None }
 }
 
-pub async fn begin(conn: &mut Conn, m: &Metrics, seen: &Seen, req: &BeginStep, now_ms: u64) -> Result<BeginResponse, StoreError> {
+/// The command that writes `w` if the session is still at version `ver` (`SESSION_CAS`).
+fn cas_invocation<'a>(id: &str, ver: u64, w: &Write) -> redis::ScriptInvocation<'a> {
+    let mut inv = scripts::SESSION_CAS.prepare_invoke();
+    inv.key(keys::session(id)).key(keys::records(id)).key(keys::dedupe(id)).key(keys::audit(id));
+    inv.arg(ver).arg(w.fields.len());
+    for (k, v) in &w.fields {
+        inv.arg(*k).arg(v);
+    }
+    inv.arg(w.records.len());
+    for r in &w.records {
+        inv.arg(r);
+    }
+    inv.arg(w.dedupe.len());
+    for (f, v) in &w.dedupe {
+        inv.arg(f).arg(v);
+    }
+    inv.arg(w.audit.len());
+    for a in &w.audit {
+        inv.arg(a);
+    }
+    inv
+}
+
+fn cas_reply(v: redis::Value) -> Result<Cas, StoreError> {
+    let (v, fields): (u64, Vec<Option<String>>) = redis::from_redis_value(v).map_err(backend)?;
+    if v > 0 {
+        Ok(Cas::Written(v))
+    } else {
+        Ok(Cas::Changed(Box::new(parse(fields)?)))
+    }
+}
+
+fn reply<T: redis::FromRedisValue>(r: Option<redis::RedisResult<redis::Value>>) -> Result<T, StoreError> {
+    let v = r.ok_or_else(|| backend("a pipelined command got no reply"))?.map_err(backend)?;
+    redis::from_redis_value(v).map_err(backend)
+}
+
+/// A profile as `HMGET p ver` answers (one that no longer parses is relearned, not an error).
+fn profile_reply(p: Option<String>, ver: Option<u64>) -> (u64, Option<Profile>) {
+    (ver.unwrap_or(0), p.and_then(|t| serde_json::from_str(&t).ok()))
+}
+
+pub async fn begin(conn: &mut Conn, m: &Metrics, seen: &Seen, profiles: &Profiles, req: &BeginStep, now_ms: u64) -> Result<BeginResponse, StoreError> {
     let sid = &req.session_id;
     let mut cur = seen.get(sid).unwrap_or_else(absent);
     // The DPoP replay rule (as SQLite's `proof_unused`): a proof's use is taken once, atomically
     // (SET NX), and expires when no proxy would accept the proof any more. A replay changes
-    // nothing but the audit events of a session that exists.
-    if let Some(proof) = &req.proof {
-        let expires = proof.expires_at_ms.max(now_ms + 1);
-        let taken: Option<String> = redis::cmd("SET").arg(keys::proof(&proof.id)).arg(1).arg("NX").arg("PXAT").arg(expires).query_async(conn).await.map_err(backend)?;
+    // nothing but the audit events of a session that exists. A use already expired is pruned at
+    // once, as SQLite prunes it with the next step: it holds nothing (no proxy accepts the proof).
+    if let Some(proof) = req.proof.as_ref().filter(|p| p.expires_at_ms > now_ms) {
+        let taken: Option<String> =
+            redis::cmd("SET").arg(keys::proof(&proof.id)).arg(1).arg("NX").arg("PXAT").arg(proof.expires_at_ms).query_async(conn).await.map_err(backend)?;
         if taken.is_none() {
             let (loaded, _) = load(conn, sid, &[]).await?;
             if loaded.state.is_some() {
@@ -268,27 +358,61 @@ pub async fn begin(conn: &mut Conn, m: &Metrics, seen: &Seen, req: &BeginStep, n
                     w.fields.push(("records", "0".into()));
                     w.fields.push(("head", GENESIS.into()));
                 }
-                // The credential's subjects and (for a new session) its search entries are their
-                // own keys, written idempotently beside the session's compare-and-swap.
-                let (mut c2, mut c3) = (conn.clone(), conn.clone());
-                let index = async {
-                    match is_new {
-                        true => index(&mut c3, &NewSession { id: sid.clone(), subject: state.subject.clone(), started_at_ms: state.started_at_ms }).await,
-                        false => Ok(()),
+                // One round trip: the session's compare-and-swap, and beside it (their own keys,
+                // idempotent, plain commands) the credential's subjects, a new session's search
+                // entries and the subject's profile unless this replica read it lately.
+                let inv = cas_invocation(sid, cur.ver, &w);
+                let mut groups = vec![vec![redis::Cmd::invoke_script(&inv)]];
+                if let Some(cred) = req.credential.as_deref() {
+                    let key = keys::credential_subjects(cred);
+                    let mut add = redis::cmd("ZADD");
+                    add.arg(&key).arg("NX").arg(now_ms).arg(&req.subject);
+                    let mut list = redis::cmd("ZRANGE");
+                    list.arg(&key).arg(0).arg(CREDENTIAL_SUBJECTS_MAX - 1);
+                    groups.push(vec![add, list]);
+                }
+                if is_new {
+                    let new = NewSession { id: sid.clone(), subject: state.subject.clone(), started_at_ms: state.started_at_ms };
+                    groups.extend(index_commands(&new).into_iter().map(|c| vec![c]));
+                }
+                let cached = profiles.fresh(&req.subject);
+                if cached.is_none() {
+                    let mut get = redis::cmd("HMGET");
+                    get.arg(keys::profile(&req.subject)).arg("p").arg("ver");
+                    groups.push(vec![get]);
+                }
+                let pipes = conn.pipelines(groups);
+                let mut replies = conn.round_trip(&pipes).await?;
+                if matches!(replies.first(), Some(Err(e)) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)) {
+                    // Redis restarted or its scripts were flushed: load it, send all again (the
+                    // rest is idempotent).
+                    inv.load_async(conn).await.map_err(backend)?;
+                    replies = conn.round_trip(&pipes).await?;
+                }
+                let mut replies = replies.into_iter();
+                let written = cas_reply(replies.next().ok_or_else(|| backend("no reply"))?.map_err(backend)?)?;
+                let mut subjects = Vec::new();
+                if req.credential.is_some() {
+                    let _: redis::Value = reply(replies.next())?;
+                    subjects = reply(replies.next())?;
+                }
+                if is_new {
+                    let _: redis::Value = reply(replies.next())?;
+                    let _: redis::Value = reply(replies.next())?;
+                }
+                let profile = match cached {
+                    Some(p) => p,
+                    None => {
+                        let (p, ver): (Option<String>, Option<u64>) = reply(replies.next())?;
+                        let (ver, p) = profile_reply(p, ver);
+                        let p = p.map(std::sync::Arc::new);
+                        profiles.put(&req.subject, ver, p.clone());
+                        p
                     }
                 };
-                let mut c4 = conn.clone();
-                let (written, subjects, indexed, learned) = tokio::join!(
-                    cas_or_current(conn, sid, cur.ver, &w),
-                    credential_subjects(&mut c2, req.credential.as_deref(), &req.subject, now_ms),
-                    index,
-                    profile(&mut c4, &req.subject)
-                );
-                let written = written?;
                 if matches!(written, Cas::Written(_)) {
-                    before.credential_subjects = subjects?;
-                    before.profile = learned?.map(|(_, p)| Box::new(p));
-                    indexed?;
+                    before.credential_subjects = subjects;
+                    before.profile = profile.map(|p| Box::new((*p).clone()));
                 }
                 (written, BeginResponse { outcome: BeginOutcome::Ok, step: state.steps, new: is_new, session: before })
             }
@@ -312,50 +436,120 @@ pub async fn begin(conn: &mut Conn, m: &Metrics, seen: &Seen, req: &BeginStep, n
     Err(StoreError::Backend("unreachable".into()))
 }
 
+/// A credential's subjects handed to the policy: the first this many that presented it.
+const CREDENTIAL_SUBJECTS_MAX: usize = 16;
+
 /// A subject's profile (one that no longer parses is relearned rather than failing its steps).
 pub async fn profile(conn: &mut Conn, subject: &str) -> Result<Option<(u64, Profile)>, StoreError> {
     let (p, ver): (Option<String>, Option<u64>) = redis::cmd("HMGET").arg(keys::profile(subject)).arg("p").arg("ver").query_async(conn).await.map_err(backend)?;
-    Ok(p.and_then(|t| serde_json::from_str(&t).ok()).map(|p| (ver.unwrap_or(0), p)))
+    let (ver, p) = profile_reply(p, ver);
+    Ok(p.map(|p| (ver, p)))
 }
 
-/// Teach a subject's profile a batch's records of it, by compare-and-swap on the profile.
-pub async fn learn(conn: &mut Conn, m: &Metrics, subject: &str, observed: &[(&StepRecord, &SessionState)]) -> Result<(), StoreError> {
+/// Forget a subject's profile: its version moves on (so a replica's cached copy loses its next
+/// compare-and-swap) and its statistics go. True if there were any.
+pub async fn reset_profile(conn: &mut Conn, profiles: &Profiles, subject: &str) -> Result<bool, StoreError> {
+    let key = keys::profile(subject);
+    let (gone, _): (u64, u64) = redis::pipe().atomic().hdel(&key, "p").hincr(&key, "ver", 1).query_async(conn).await.map_err(backend)?;
+    profiles.forget(subject);
+    Ok(gone > 0)
+}
+
+/// Teach a subject's profile a batch's records of it, by compare-and-swap on the profile. It
+/// starts from this replica's last copy (none: an empty profile at version 0); a lost swap
+/// answers with the profile as it is, and the records are observed again from that.
+pub async fn learn(conn: &mut Conn, m: &Metrics, profiles: &Profiles, subject: &str, observed: &[(&StepRecord, &SessionState)]) -> Result<(), StoreError> {
+    let (mut ver, mut from) = profiles.last(subject).unwrap_or((0, None));
     for attempt in 0.. {
-        let (ver, mut p) = match profile(conn, subject).await? {
-            Some((v, p)) => (v, p),
-            None => {
-                let v: Option<u64> = conn.hget(keys::profile(subject), "ver").await.map_err(backend)?;
-                (v.unwrap_or(0), Profile::default())
-            }
-        };
+        let mut p = from.as_deref().cloned().unwrap_or_default();
         for (r, s) in observed {
             p.observe(r, s);
         }
         let text = json(&p)?;
-        let done: i64 = scripts::PROFILE_CAS.key(keys::profile(subject)).arg(ver).arg(text).invoke_async(conn).await.map_err(backend)?;
-        if done == 1 {
+        let (done, current): (u64, Vec<Option<String>>) =
+            scripts::PROFILE_CAS.key(keys::profile(subject)).arg(ver).arg(text).invoke_async(conn).await.map_err(backend)?;
+        if done > 0 {
+            profiles.put(subject, done, Some(std::sync::Arc::new(p)));
             return Ok(());
         }
+        let (v, p) = profile_reply(current.first().cloned().flatten(), current.get(1).cloned().flatten().and_then(|v| v.parse().ok()));
+        (ver, from) = (v, p.map(std::sync::Arc::new));
         backoff(m, attempt).await?;
     }
     Err(StoreError::Backend("unreachable".into()))
 }
 
-/// A session's search entries (idempotent).
-pub async fn index(conn: &mut Conn, s: &NewSession) -> Result<(), StoreError> {
-    let (mut a, mut b) = (conn.clone(), conn.clone());
-    let (x, y): (Result<(), _>, Result<(), _>) = tokio::join!(
-        a.zadd(keys::index::started(), &s.id, s.started_at_ms),
-        b.zadd(keys::index::subject(&s.subject), &s.id, s.started_at_ms)
-    );
-    x.map_err(backend)?;
-    y.map_err(backend)
+type Lesson = (String, Vec<(StepRecord, SessionState)>, tokio::sync::oneshot::Sender<Result<(), String>>);
+
+/// The replica's profile learner: one task that takes every batch's lessons waiting, merges
+/// them per subject (in the order they came) and teaches each subject's profile by one
+/// compare-and-swap, so the appends of one replica never race each other on a profile (one
+/// subject's records arrive from every proxy at once). `learn` resolves once its records are
+/// learned, as before.
+#[derive(Clone)]
+pub struct Learner {
+    tx: tokio::sync::mpsc::UnboundedSender<Lesson>,
 }
 
-/// Remember that `subject` presented `credential`; every subject that has (the first 16).
-pub async fn credential_subjects(conn: &mut Conn, credential: Option<&str>, subject: &str, now_ms: u64) -> Result<Vec<String>, StoreError> {
-    let Some(cred) = credential else { return Ok(Vec::new()) };
-    scripts::CREDENTIAL_SUBJECTS.key(keys::credential_subjects(cred)).arg(now_ms).arg(subject).invoke_async(conn).await.map_err(backend)
+impl Learner {
+    pub fn start(conn: Conn, metrics: std::sync::Arc<Metrics>, profiles: std::sync::Arc<Profiles>) -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Lesson>();
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut lessons = vec![first];
+                while let Ok(l) = rx.try_recv() {
+                    lessons.push(l);
+                }
+                let mut order: Vec<String> = Vec::new();
+                let mut by_subject: HashMap<String, Vec<(&StepRecord, &SessionState)>> = HashMap::new();
+                for (subject, observed, _) in &lessons {
+                    let e = by_subject.entry(subject.clone()).or_insert_with(|| {
+                        order.push(subject.clone());
+                        Vec::new()
+                    });
+                    e.extend(observed.iter().map(|(r, s)| (r, s)));
+                }
+                let results: HashMap<&str, Result<(), String>> = futures_util::future::join_all(order.iter().map(|subject| {
+                    let (mut c, m, profiles) = (conn.clone(), metrics.clone(), profiles.clone());
+                    let observed = by_subject.get(subject).map(Vec::as_slice).unwrap_or_default();
+                    async move { (subject.as_str(), learn(&mut c, &m, &profiles, subject, observed).await.map_err(|e| e.to_string())) }
+                }))
+                .await
+                .into_iter()
+                .collect();
+                for (subject, _, reply) in lessons {
+                    let r = results.get(subject.as_str()).cloned().unwrap_or(Ok(()));
+                    let _ = reply.send(r);
+                }
+            }
+        });
+        Self { tx }
+    }
+
+    /// Teach `subject`'s profile these records (each with its session's state after it).
+    pub async fn learn(&self, subject: String, observed: Vec<(StepRecord, SessionState)>) -> Result<(), StoreError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let stopped = || StoreError::Backend("redis: the profile learner has stopped".into());
+        self.tx.send((subject, observed, tx)).map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?.map_err(StoreError::Backend)
+    }
+}
+
+/// A session's search entries (idempotent).
+pub async fn index(conn: &mut Conn, s: &NewSession) -> Result<(), StoreError> {
+    for r in conn.round_trip(&conn.pipelines(index_commands(s).into_iter().map(|c| vec![c]).collect())).await? {
+        r.map_err(backend)?;
+    }
+    Ok(())
+}
+
+/// The commands that write a session's search entries (each its own key).
+pub fn index_commands(s: &NewSession) -> [redis::Cmd; 2] {
+    [keys::index::started(), keys::index::subject(&s.subject)].map(|key| {
+        let mut add = redis::cmd("ZADD");
+        add.arg(key).arg(s.started_at_ms).arg(&s.id);
+        add
+    })
 }
 
 /// A batch's records of one session, after its write.
