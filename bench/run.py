@@ -684,9 +684,10 @@ SOAK_BEGIN, SOAK_END = "<!-- soak:begin -->", "<!-- soak:end -->"
 
 
 # Sections other runs write into bench/README.md, between their markers: `make soak`'s (written by
-# bench/soak.py) and the latest `make fuzz` run's (written by hand). Kept when the bench rewrites
+# bench/soak.py), the latest `make fuzz` run's and the Redis store's `BENCH_ONLY=state` runs
+# (written by hand). Kept when the bench rewrites
 # the rest of the file.
-KEPT_SECTIONS = [(SOAK_BEGIN, SOAK_END), ("<!-- fuzz:begin -->", "<!-- fuzz:end -->")]
+KEPT_SECTIONS = [(SOAK_BEGIN, SOAK_END), ("<!-- fuzz:begin -->", "<!-- fuzz:end -->"), ("<!-- redis:begin -->", "<!-- redis:end -->")]
 
 
 def soak_section(readme: Path) -> str:
