@@ -1517,7 +1517,7 @@ variants with wrk (1 thread, 16 connections, {meth['seconds']} s each, on the ot
 and **{rep['state_service']['records_per_s']} attribution records/s** appended to their hash chains
 ({rep['state_service']['records_rps']} batches/s of {STATE_BATCH}). One step is one begin plus one
 record, so the service sustains **{rep['state_steps_per_s']} steps/s**
-(1 / (1/begin + 1/records)). The C and D variants use this same service.
+(1 / (1/begin + 1/records)). The C, C-allow and D variants each get a service of their own, started the same way.
 
 ### Native cost of one policy evaluation
 
