@@ -463,15 +463,22 @@ def wrk(url: str, seconds: int, token: str, rate: float = 0, dump: Path | None =
 def measured(v: Variant, seconds: int, ctx: Ctx, rate: float = 0, dump: Path | None = None) -> dict:
     env = v.envoy
     assert env is not None
+    # The variant's own state service works for it (every begin-step in sync mode, the record
+    # batches in cached mode): its CPU is the variant's, not another process's.
+    state_pid = v.state.proc.pid if v.state and v.state.proc else None
+    s0 = cpu_seconds(state_pid) if state_pid else 0.0
     c0, b0, t0 = cpu_seconds(env.proc.pid), machine_busy_seconds(), time.perf_counter()
     r = wrk(env.url("bench", PATH), seconds, ctx.token, rate, dump, session=v.session)
     c1, b1, t1 = cpu_seconds(env.proc.pid), machine_busy_seconds(), time.perf_counter()
+    s1 = cpu_seconds(state_pid) if state_pid else 0.0
     r["envoy_cpu_pct"] = 100 * (c1 - c0) / (t1 - t0)
+    r["state_cpu_pct"] = 100 * (s1 - s0) / (t1 - t0)
+    r["state_cpu_us_per_req"] = 1e6 * (s1 - s0) / max(1, r["requests"])
     # Envoy's CPU time per answered request: steadier than rps on a shared machine (another
     # process slows Envoy's clock time, much less the CPU each request takes).
     r["envoy_cpu_us_per_req"] = 1e6 * (c1 - c0) / max(1, r["requests"])
     # What neither this Envoy nor wrk used: other processes (and this script, which only waits).
-    r["foreign_cpu_pct"] = max(0.0, 100 * (b1 - b0) / (t1 - t0) - r["envoy_cpu_pct"] - r["wrk_cpu_pct"])
+    r["foreign_cpu_pct"] = max(0.0, 100 * (b1 - b0) / (t1 - t0) - r["envoy_cpu_pct"] - r["wrk_cpu_pct"] - r["state_cpu_pct"])
     return r
 
 
@@ -1190,6 +1197,7 @@ def run_variants(runtimes, module, src, keys, ctx, state_result, t_start) -> int
             "pct_of_a_rounds": [round(100 * r["rps"] / ra["rps"], 1) for r, ra in zip(v.rounds, variants["no_filter"].rounds)],
             "envoy_cpu_pct": round(med([r["envoy_cpu_pct"] for r in v.rounds]), 1),
             "envoy_cpu_us": round(med([r["envoy_cpu_us_per_req"] for r in v.rounds]), 1),
+            "state_cpu_us": round(med([r.get("state_cpu_us_per_req", 0.0) for r in v.rounds]), 1),
             "added_cpu_us": round(med([r["envoy_cpu_us_per_req"] for r in v.rounds])
                                   - med([r["envoy_cpu_us_per_req"] for r in variants["no_filter"].rounds]), 1),
             "wrk_cpu_pct": round(med([r["wrk_cpu_pct"] for r in v.rounds]), 1),
@@ -1341,10 +1349,11 @@ def render(rep: dict) -> str:
          f"{x['startup'].get('wasm_load_compile_ms', '')} |" for name, x in v.items()),
     )
     run_rows = md_table(
-        "| Variant | rps per round | % of A within each round | Envoy CPU | wrk CPU | other processes' CPU (max) | requests measured |",
-        "|---|---|---|---:|---:|---:|---:|",
+        "| Variant | rps per round | % of A within each round | Envoy CPU | wrk CPU | state service CPU µs/req | other processes' CPU (max) | requests measured |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
         (f"| `{name}` | {', '.join(map(str, x['rps_rounds']))} | {', '.join(f'{p:.0f}' for p in x['pct_of_a_rounds'])} | "
-         f"{x['envoy_cpu_pct']:.0f}% | {x['wrk_cpu_pct']:.0f}% | {x['foreign_cpu_pct_max']:.0f}% | {x['requests']} |" for name, x in v.items()),
+         f"{x['envoy_cpu_pct']:.0f}% | {x['wrk_cpu_pct']:.0f}% | {x.get('state_cpu_us', 0):.1f} | {x['foreign_cpu_pct_max']:.0f}% | {x['requests']} |"
+         for name, x in v.items()),
     )
     about = "\n".join(f"- `{n}` ({x['label']}): {x['about']}" for n, x in v.items())
     tgt = "\n".join(f"| {t['target']} | {t['value']} | {'met' if t['met'] else '**not met**'} |" for t in rep["targets"])
@@ -1470,7 +1479,8 @@ This run took {rep['duration_s']} s (after `make build`).
 - **Envoy CPU µs/req**: the Envoy process's CPU time over the requests it answered (median of the
   rounds), and in brackets what that adds to A's: steadier than rps when other processes share the
   machine. Each Session Warden variant has its own session and, in cached and sync mode, its own
-  state service, so no variant inherits another's steps, risk or queue.
+  state service, so no variant inherits another's steps, risk or queue; that service's CPU is
+  the variant's (Runs: "state service CPU"), not counted as other processes'.
 - **p50 / p99**: latency at a fixed, paced {rate} rps ({LATENCY_FRACTION:.0%} of A's capacity), the same rate for
   every variant. \\* = the variant cannot sustain that rate (saturated): its latency is then that of
   {meth['connections']} queued requests. The latency table below adds a rate every variant sustains.
