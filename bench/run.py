@@ -769,11 +769,24 @@ verified-token cache, resolving the session, ids and stamps the remaining ~47k. 
 evaluation itself: object lookups by key (`Object::get` and the `Value` comparisons under it)
 about 19%, resetting registers per rule body (`Vec::resize`) 7%.
 
+**What cached mode's own cost is made of** (measured after the run above, 2026-12-02, Envoy CPU
+per request with quick.py-style interleaved rounds, cached mode with the allow-all policy, each
+variant its own state service): proxy-local allow-all +71 µs; cached allow-all +144 µs, of which
+the recorded input is 28 µs in Envoy (serializing about 3 KB of JSON per step in wasm, and
+shipping it through Envoy's HTTP client in the record batches) and 33 µs more in the state
+service (68 → 34 µs per step without it); without the recorded input cached mode still costs
++45 µs over proxy-local (the shared-data cycle with its JSON, the record itself, the batch
+callouts, the revocation polls).
+
 Levers measured and not taken:
-- **Lever 3 (records without the whole input).** The recorded input is what `warden replay` and
-  the replay-equality check re-decide; a digest plus "what is not in the session's state" would
-  make replay depend on reconstructing the state the proxy saw (cached snapshots, degraded
-  steps), which the trail cannot prove. Kept whole (`policy.record_input: false` still drops it).
+- **Lever 3 (records without the whole input).** Measured above: the recorded input is the
+  largest single part of cached mode's cost (28 µs of Envoy CPU and 33 µs of the service's per
+  step). It is what `warden replay` and the replay-equality check re-decide; a digest plus "what
+  is not in the session's state" would make replay depend on reconstructing the state the proxy
+  saw (cached snapshots, degraded steps), which the trail cannot prove. Kept whole this round
+  (`policy.record_input: false` drops it, at the cost of replay); the next lever to try is
+  sending each session's unchanging parts (identity, credential, token claims) once per batch
+  instead of once per record, with the service expanding them before it hashes the record.
 - **Lever 4 (only the paths the policy reads).** The library reads nearly every path of the
   input; pruning pays only for small policies, and a pruned recorded input could not replay a
   candidate that reads more. The token-derived parts are cached instead (above).
