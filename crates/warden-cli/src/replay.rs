@@ -80,12 +80,19 @@ fn expand(paths: &[PathBuf], ext: &str) -> Result<Vec<PathBuf>, String> {
 }
 
 /// The policies (and candidates) of plugin configurations, compiled by the proxy's own
-/// `Warden::from_json`, by version.
+/// `Warden::from_json`, by version. A configuration the proxy refuses decided no step: it is
+/// named on stderr and left out.
 fn proxies_policies(configs: &[PathBuf]) -> Result<BTreeMap<String, Policy>, String> {
     let mut out = BTreeMap::new();
     for c in expand(configs, "json")? {
         let bytes = std::fs::read(&c).map_err(|e| format!("cannot read {}: {e}", c.display()))?;
-        let warden = Warden::from_json(&bytes).map_err(|e| format!("{}: {e}", c.display()))?;
+        let warden = match Warden::from_json(&bytes) {
+            Ok(w) => w,
+            Err(e) => {
+                eprintln!("warden replay: {} is left out: the proxy refuses it ({}: {})", c.display(), e.field, e.message.trim());
+                continue;
+            }
+        };
         let (policy, candidate) = warden.into_policies();
         for p in std::iter::once(policy).chain(candidate) {
             out.entry(p.version.clone()).or_insert(p);
@@ -340,6 +347,8 @@ mod tests {
         std::fs::write(dir.join("a.json"), config(deny_reports).to_string()).unwrap();
         std::fs::write(dir.join("b.json"), config(broken).to_string()).unwrap();
         std::fs::write(dir.join("notes.txt"), "not a configuration").unwrap();
+        // A configuration the proxy refuses (as a test of a broken policy starts one) decided nothing.
+        std::fs::write(dir.join("c.json"), config("package p\nthis is not rego {").to_string()).unwrap();
         let policies = proxies_policies(std::slice::from_ref(&dir)).unwrap();
         assert_eq!(policies.len(), 2);
         let version_of = |rego: &str| {
